@@ -1,0 +1,115 @@
+"""Argument checks shared by ops, layers and the model.
+
+Every public entry point validates its inputs with these helpers so that bad input
+fails early with a message naming the argument and what was expected, never deep
+inside a kernel or, worse, with a silently wrong certificate.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+__all__ = [
+    "check_tensor",
+    "check_finite",
+    "check_epsilon",
+    "check_labels",
+    "check_positive_int",
+    "check_same_device",
+]
+
+
+def _is_compiling() -> bool:
+    return torch.compiler.is_compiling()
+
+
+def check_tensor(
+    name: str,
+    value,
+    *,
+    ndim: Optional[int] = None,
+    min_ndim: Optional[int] = None,
+    floating: bool = False,
+    dtype: Optional[torch.dtype] = None,
+    shape: Optional[Sequence[Optional[int]]] = None,
+) -> torch.Tensor:
+    """Check that ``value`` is a tensor of the expected rank, dtype kind and shape.
+
+    ``shape`` entries that are ``None`` match any size.
+    """
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if ndim is not None and value.dim() != ndim:
+        raise ValueError(f"{name} must have {ndim} dimensions, got shape {tuple(value.shape)}")
+    if min_ndim is not None and value.dim() < min_ndim:
+        raise ValueError(
+            f"{name} must have at least {min_ndim} dimensions, got shape {tuple(value.shape)}"
+        )
+    if floating and not value.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {value.dtype}")
+    if dtype is not None and value.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype}, got {value.dtype}")
+    if shape is not None:
+        if value.dim() != len(shape) or any(
+            s is not None and s != v for s, v in zip(shape, value.shape)
+        ):
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise ValueError(f"{name} must have shape {want}, got {tuple(value.shape)}")
+    return value
+
+
+def check_finite(name: str, value: torch.Tensor) -> torch.Tensor:
+    """Reject NaN/Inf entries (skipped while tracing under torch.compile)."""
+    if not _is_compiling() and value.numel() > 0 and not bool(torch.isfinite(value).all()):
+        raise ValueError(f"{name} contains NaN or Inf values")
+    return value
+
+
+def check_epsilon(epsilon, name: str = "epsilon") -> float:
+    """ε must be a finite, non-negative real number."""
+    if isinstance(epsilon, torch.Tensor):
+        if epsilon.numel() != 1:
+            raise ValueError(f"{name} must be a scalar, got shape {tuple(epsilon.shape)}")
+        epsilon = epsilon.item()
+    if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
+        raise TypeError(f"{name} must be a real number, got {type(epsilon).__name__}")
+    epsilon = float(epsilon)
+    if not math.isfinite(epsilon) or epsilon < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {epsilon}")
+    return epsilon
+
+
+def check_labels(name: str, labels, batch: int, num_classes: int, device=None) -> torch.Tensor:
+    """Labels: an integer tensor of shape (batch,) with values in [0, num_classes)."""
+    check_tensor(name, labels, ndim=1)
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise TypeError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
+    if labels.shape[0] != batch:
+        raise ValueError(f"{name} must have shape ({batch},), got {tuple(labels.shape)}")
+    if device is not None and labels.device != torch.device(device):
+        raise ValueError(f"{name} must be on device {device}, got {labels.device}")
+    if not _is_compiling() and labels.numel() > 0:
+        lo, hi = int(labels.min()), int(labels.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(
+                f"{name} must be in [0, {num_classes}), got values in [{lo}, {hi}]"
+            )
+    return labels.long()
+
+
+def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else ">= 1"
+        raise ValueError(f"{name} must be {bound}, got {value}")
+    return value
+
+
+def check_same_device(**tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
+    if len(set(devices.values())) > 1:
+        desc = ", ".join(f"{n} on {d}" for n, d in devices.items())
+        raise ValueError(f"tensors must be on the same device, got {desc}")

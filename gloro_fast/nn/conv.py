@@ -1,0 +1,140 @@
+"""Convolutions with power-iterated operator-norm bounds: Conv2d and LiResBlock."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from ..ops import power_iteration_conv
+from ..ops.power_iteration_conv import _pads, conv_operator
+from .base import PowerIterationModule
+
+__all__ = ["Conv2d", "LiResBlock", "same_padding"]
+
+
+def same_padding(input_hw, kernel_size, stride, dilation) -> Tuple[int, int, int, int]:
+    """TensorFlow "same" zero padding (top, bottom, left, right): output size ⌈H/s⌉,
+    the odd pixel of an uneven total on the bottom/right (as torch does for stride 1)."""
+    pads = []
+    for size, k, s, d in zip(input_hw, kernel_size, stride, dilation):
+        out = -(-size // s)
+        total = max((out - 1) * s + d * (k - 1) + 1 - size, 0)
+        pads += [total // 2, total - total // 2]
+    return tuple(pads)
+
+
+class Conv2d(nn.Conv2d, PowerIterationModule):
+    """``torch.nn.Conv2d`` whose bound is σ̂ of the real convolution operator.
+
+    The operator is the zero-padded, strided, dilated, grouped convolution on the actual
+    input size (C_in, H, W), which the layer learns at its first forward or from
+    ``input_shape=(C_in, H, W)``; a later input of another size is an error, since the
+    bound would not hold for it. ``padding`` accepts what torch does plus ``"same"`` with
+    any stride (TensorFlow convention) and explicit (top, bottom, left, right) tuples.
+    Only ``padding_mode="zeros"`` is supported.
+    """
+
+    residual = False
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0,
+                 dilation=1, groups: int = 1, bias: bool = True, padding_mode: str = "zeros",
+                 device=None, dtype=None, input_shape: Optional[Sequence[int]] = None,
+                 init: str = "orthogonal") -> None:
+        if padding_mode != "zeros":
+            raise ValueError(
+                f"padding_mode must be 'zeros' (the bound is derived for zero padding), got {padding_mode!r}"
+            )
+        if init not in ("orthogonal", "default"):
+            raise ValueError(f"init must be 'orthogonal' or 'default', got {init!r}")
+        self.init = init
+        explicit4 = isinstance(padding, (tuple, list)) and len(padding) == 4
+        torch_padding = 0 if isinstance(padding, str) or explicit4 else padding
+        super().__init__(in_channels, out_channels, kernel_size, stride, torch_padding, dilation,
+                         groups, bias, padding_mode, device=device, dtype=dtype)
+        if isinstance(padding, str):
+            if padding not in ("same", "valid"):
+                raise ValueError(f"padding must be 'same', 'valid', an int or a tuple, got {padding!r}")
+            self.padding = padding
+        elif explicit4:
+            self.padding = _pads(padding)
+        self._init_iterate(None, device=self.weight.device, dtype=self.weight.dtype)
+        if input_shape is not None:
+            self.set_input_shape(input_shape)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.init == "orthogonal":
+            nn.init.orthogonal_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
+
+    # -- geometry -----------------------------------------------------------------
+    def pads_for(self, input_hw) -> Tuple[int, int, int, int]:
+        """Zero padding (top, bottom, left, right) applied to inputs of size input_hw."""
+        if self.padding == "same":
+            return same_padding(input_hw, self.kernel_size, self.stride, self.dilation)
+        if self.padding == "valid":
+            return (0, 0, 0, 0)
+        return _pads(tuple(self.padding))
+
+    @property
+    def input_shape(self) -> Optional[Tuple[int, int, int]]:
+        return tuple(self.power_iterate.shape[1:]) if self.iterate_initialized else None
+
+    def set_input_shape(self, input_shape: Sequence[int]) -> None:
+        """Fix the input size (C_in, H, W) the operator acts on, initialising the iterate."""
+        input_shape = tuple(int(s) for s in input_shape)
+        if len(input_shape) != 3 or input_shape[0] != self.in_channels or min(input_shape) < 1:
+            raise ValueError(
+                f"input_shape must be ({self.in_channels}, H, W) with H, W >= 1, got {input_shape}"
+            )
+        if self.input_shape is not None and self.input_shape != input_shape:
+            raise ValueError(
+                f"{type(self).__name__} is bound for inputs of shape {self.input_shape}, got "
+                f"{input_shape}; its Lipschitz bound would not hold for another size"
+            )
+        if self.input_shape is None:
+            self._init_iterate((1,) + input_shape, device=self.weight.device, dtype=self.weight.dtype)
+
+    # -- forward and bound --------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4:
+            raise ValueError(
+                f"input must have shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
+            )
+        self.set_input_shape(x.shape[1:])
+        out = conv_operator(x, self.weight, self.stride, self.pads_for(x.shape[2:]), self.dilation,
+                            self.groups, residual=self.residual)
+        if self.bias is not None:
+            out = out + self.bias.view(1, -1, 1, 1)
+        return out
+
+    def _power_step(self, n_iter: int):
+        return power_iteration_conv(
+            self.weight, self.power_iterate, n_iter, stride=self.stride,
+            padding=self.pads_for(self.power_iterate.shape[2:]), dilation=self.dilation,
+            groups=self.groups, residual=self.residual,
+        )
+
+    def extra_repr(self) -> str:
+        text = super().extra_repr()
+        return text + (f", input_shape={self.input_shape}" if self.input_shape else "")
+
+
+class LiResBlock(Conv2d):
+    """LiResNet block y = x + conv(x) (Hu et al. 2023): a linear map, so its bound is
+    σ̂(I + conv) by power iteration on the sum, tighter than 1 + ‖conv‖.
+
+    The convolution keeps the shape: ``channels`` in and out, stride 1, "same" padding.
+    """
+
+    residual = True
+
+    def __init__(self, channels: int, kernel_size=3, bias: bool = True, dilation=1,
+                 device=None, dtype=None, input_shape: Optional[Sequence[int]] = None,
+                 init: str = "orthogonal") -> None:
+        super().__init__(channels, channels, kernel_size, stride=1, padding="same",
+                         dilation=dilation, bias=bias, device=device, dtype=dtype,
+                         input_shape=input_shape, init=init)

@@ -1,0 +1,46 @@
+"""``class_distances(W)``: pairwise l2 distances between the rows of the head weight.
+
+D ∈ R^{C×C}, D_ji = ‖w_j − w_i‖₂ for W ∈ R^{C×d}. With the body's Lipschitz bound K,
+K·D_ji bounds the Lipschitz constant of the margin f_j − f_i (DESIGN.md, "margin").
+
+Backward: ∂D_ji/∂w_j = (w_j − w_i)/D_ji, taken as 0 where D_ji = 0 (the diagonal).
+"""
+from __future__ import annotations
+
+import torch
+
+from .._validation import check_finite, check_tensor
+from ._backend import resolve_backend
+
+__all__ = ["class_distances", "class_distances_reference"]
+
+
+def class_distances_reference(weight: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    """Reference: ``torch.cdist`` of the rows with themselves.
+
+    ``exact=True`` takes direct differences (no cancellation, for certification);
+    otherwise the Gram form ‖w_j‖² + ‖w_i‖² − 2 w_j·w_i (one GEMM) may be used.
+    Neither materialises a C×C×d tensor.
+    """
+    mode = "donot_use_mm_for_euclid_dist" if exact else "use_mm_for_euclid_dist_if_necessary"
+    dist = torch.cdist(weight.unsqueeze(0), weight.unsqueeze(0), compute_mode=mode)[0]
+    # The Gram form can leave tiny non-zeros on the diagonal; D_jj is exactly 0.
+    eye = torch.eye(weight.shape[0], dtype=torch.bool, device=weight.device)
+    return dist.masked_fill(eye, 0.0)
+
+
+def class_distances(weight: torch.Tensor, exact: bool = False) -> torch.Tensor:
+    """Pairwise row distances of ``weight`` (C, d) → (C, C), differentiable.
+
+    Args:
+        weight: head weight, floating point, shape (C, d), C ≥ 1, d ≥ 1.
+        exact: use direct differences instead of the Gram form (slower, no cancellation).
+    """
+    check_tensor("weight", weight, ndim=2, floating=True)
+    if weight.shape[0] < 1 or weight.shape[1] < 1:
+        raise ValueError(f"weight must have shape (C, d) with C, d >= 1, got {tuple(weight.shape)}")
+    check_finite("weight", weight)
+    backend = resolve_backend(weight.device)
+    if backend == "reference":
+        return class_distances_reference(weight, exact=exact)
+    raise RuntimeError(f"unknown backend {backend!r}")  # pragma: no cover - guarded by set_backend

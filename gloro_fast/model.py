@@ -58,7 +58,8 @@ class GloroNet(nn.Module):
         epsilon: certification radius ε ≥ 0 (l2).
         bound: ``"margin"`` (default) or ``"global"``.
         input_shape: shape of one input (e.g. (1, 28, 28)); fixes the convolution
-            operators' input size at construction. Otherwise learnt at the first forward.
+            operators' input size at construction. Otherwise learnt at the first forward
+            (later inputs of another shape are a ValueError naming x).
         n_iter: power iterations per training forward (no autograd) before σ̂.
         tol, max_iter: convergence of the bounds used by eval, ``certify`` and
             ``certified_radius`` (relative change of σ̂ ≤ tol; warns if max_iter is hit).
@@ -147,7 +148,11 @@ class GloroNet(nn.Module):
     @torch.no_grad()
     def _converged_bounds(self):
         key = self._weights_key()
-        if self._cache is not None and self._cache[0] == key:
+        # The version counters miss in-place edits through ``p.data`` (a separate counter),
+        # so the cache also holds a copy of the weights and checks their values.
+        params = [p.detach() for p in self.parameters()]
+        if (self._cache is not None and self._cache[0] == key
+                and all(torch.equal(a, b) for a, b in zip(self._cache[3], params))):
             return self._cache[1], self._cache[2]
         for layer in self._power_layers():
             if not layer.iterate_initialized:
@@ -169,7 +174,7 @@ class GloroNet(nn.Module):
         else:
             distances = self._global_distances(self.head.lipschitz_bound(0)).detach()
         # the iterate buffers changed but no parameter did, so the key still holds
-        self._cache = (key, lipschitz, distances)
+        self._cache = (key, lipschitz, distances, [p.clone() for p in params])
         return lipschitz, distances
 
     def lipschitz_constant(self) -> torch.Tensor:
@@ -203,6 +208,8 @@ class GloroNet(nn.Module):
         """
         self._check_input(x)
         logits = self.head(self.body(x))
+        if self.input_shape is None:  # learnt at the first forward: later inputs must match
+            self.input_shape = tuple(x.shape[1:])
         if converged is None:
             converged = not self.training
         lipschitz, distances = self._converged_bounds() if converged else self._training_bounds()
@@ -229,6 +236,8 @@ class GloroNet(nn.Module):
         A pair with K_ji = 0 never limits the radius unless f_i = f_j."""
         self._check_input(x)
         logits = self.head(self.body(x))
+        if self.input_shape is None:  # learnt at the first forward: later inputs must match
+            self.input_shape = tuple(x.shape[1:])
         lipschitz, distances = self._converged_bounds()
         top = logits.argmax(dim=1)
         gaps = logits.gather(1, top.unsqueeze(1)) - logits

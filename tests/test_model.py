@@ -1,0 +1,664 @@
+"""GloroNet against independent references: exact norms (SVD of explicit matrices), a
+per-sample brute-force ⊥ / certificate / radius loop, and the power-iteration formulas."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gloro_fast import GloroNet, GloroOutput
+from gloro_fast import nn as gnn
+from gloro_fast.losses import gloro_cross_entropy
+
+DT = torch.float64
+TIGHT = dict(tol=1e-13, max_iter=20000)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: a thread pool only adds contention (and is very slow when the
+    machine is busy)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ----------------------------------------------------------------------------- builders
+def dense_net(seed=0, d_in=6, hidden=8, classes=4, eps=0.3, bound="margin", head_scale=3.0,
+              dtype=DT, **kw):
+    """Linear → MinMax → Linear → MinMax body, Kaiming-uniform weights (distinct singular
+    values, so the power iteration has real work to do)."""
+    torch.manual_seed(seed)
+    body = gnn.Sequential(gnn.Linear(d_in, hidden, init="default"), gnn.MinMax(),
+                          gnn.Linear(hidden, hidden, init="default"), gnn.MinMax())
+    head = gnn.Linear(hidden, classes, init="default")
+    with torch.no_grad():
+        head.weight.mul_(head_scale)
+        head.bias.normal_()
+    args = dict(TIGHT)
+    args.update(kw)
+    return GloroNet(body, head, eps, bound=bound, **args).to(dtype)
+
+
+CONV_SHAPE = (2, 6, 6)
+
+
+def conv_net(seed=0, classes=3, eps=0.2, bound="margin", **kw):
+    """Tiny conv body: k3 s1 same, k4 s2 same (6→3), k2 s1 same (asymmetric pad), dense."""
+    torch.manual_seed(seed)
+    body = gnn.Sequential(
+        gnn.Conv2d(2, 4, 3, padding="same", init="default"), gnn.MinMax(),
+        gnn.Conv2d(4, 4, 4, stride=2, padding="same", init="default"), gnn.MinMax(),
+        gnn.Conv2d(4, 2, 2, padding="same", init="default"), gnn.MinMax(),
+        gnn.Flatten(), gnn.Linear(18, 6, init="default"), gnn.MinMax(),
+    )
+    head = gnn.Linear(6, classes, init="default")
+    with torch.no_grad():
+        head.weight.mul_(3.0)
+    args = dict(TIGHT)
+    args.update(kw)
+    return GloroNet(body, head, eps, bound=bound, input_shape=CONV_SHAPE, **args).to(DT)
+
+
+# ---------------------------------------------------------------- independent references
+def tf_same_pads(size, k, s):
+    out = -(-size // s)
+    total = max((out - 1) * s + k - size, 0)
+    return total // 2, total - total // 2
+
+
+def ref_conv(layer, x):
+    """Zero-padded conv from first principles of "same" padding (+ x for LiResBlock)."""
+    kh, kw = layer.weight.shape[2:]
+    top, bottom = tf_same_pads(x.shape[2], kh, layer.stride[0])
+    left, right = tf_same_pads(x.shape[3], kw, layer.stride[1])
+    out = F.conv2d(F.pad(x, (left, right, top, bottom)), layer.weight, None, layer.stride)
+    return out + x if isinstance(layer, gnn.LiResBlock) else out
+
+
+def ref_logits(net, x):
+    h = x
+    with torch.no_grad():
+        for layer in net.body:
+            if isinstance(layer, gnn.Linear):
+                h = h @ layer.weight.t() + layer.bias
+            elif isinstance(layer, gnn.Conv2d):
+                h = ref_conv(layer, h) + layer.bias.view(1, -1, 1, 1)
+            elif isinstance(layer, gnn.MinMax):
+                a, b = h.chunk(2, dim=1)
+                h = torch.cat([torch.minimum(a, b), torch.maximum(a, b)], dim=1)
+            elif isinstance(layer, gnn.ReLU):
+                h = h.clamp_min(0)
+            elif isinstance(layer, gnn.Flatten):
+                h = h.reshape(h.shape[0], -1)
+            else:  # pragma: no cover
+                raise AssertionError(f"no reference for {layer}")
+        return h @ net.head.weight.t() + net.head.bias
+
+
+def explicit_matrix(op, in_shape):
+    n = math.prod(in_shape)
+    basis = torch.eye(n, dtype=DT).reshape(n, *in_shape)
+    with torch.no_grad():
+        out = op(basis)
+    return out.reshape(n, -1).t()
+
+
+def exact_layer_norms(net, input_shape=None):
+    """Exact operator norm of every linear layer of the body, in order (float64 SVD)."""
+    norms = []
+    shape = tuple(input_shape) if input_shape is not None else None
+    for layer in net.body:
+        if isinstance(layer, gnn.Linear):
+            norms.append(float(torch.linalg.matrix_norm(layer.weight.detach().to(DT), ord=2)))
+        elif isinstance(layer, gnn.Conv2d):
+            w = layer.weight.detach().to(DT)
+
+            def op(u, layer=layer, w=w):
+                kh, kw = w.shape[2:]
+                top, bottom = tf_same_pads(u.shape[2], kh, layer.stride[0])
+                left, right = tf_same_pads(u.shape[3], kw, layer.stride[1])
+                out = F.conv2d(F.pad(u, (left, right, top, bottom)), w, None, layer.stride)
+                return out + u if isinstance(layer, gnn.LiResBlock) else out
+
+            norms.append(float(torch.linalg.matrix_norm(explicit_matrix(op, shape), ord=2)))
+        if shape is not None and isinstance(layer, gnn.Conv2d):
+            with torch.no_grad():
+                shape = tuple(layer(torch.zeros((1,) + shape, dtype=layer.weight.dtype)).shape[1:])
+    return norms
+
+
+def exact_K(net, input_shape=None):
+    return math.prod(exact_layer_norms(net, input_shape))
+
+
+def pair_constants(net, K, bound):
+    """K_ji (C, C) as python floats, from the head weight directly."""
+    w = net.head.weight.detach().to(DT)
+    c = w.shape[0]
+    if bound == "global":
+        g = math.sqrt(2.0) * K * float(torch.linalg.matrix_norm(w, ord=2))
+        return [[0.0 if i == j else g for i in range(c)] for j in range(c)]
+    return [[K * float(torch.linalg.vector_norm(w[j] - w[i])) for i in range(c)] for j in range(c)]
+
+
+def brute(f, kji, eps):
+    """Per-sample loop: (j, f_⊥, certified prediction, radius) with python floats."""
+    c = f.shape[1]
+    js, bottoms, preds, radii = [], [], [], []
+    for row in f.tolist():
+        top = max(row)
+        j = row.index(top)  # lowest index on ties
+        rivals = [i for i in range(c) if i != j]
+        bottoms.append(max(row[i] + eps * kji[j][i] for i in rivals))
+        ok = all(row[j] - row[i] > eps * kji[j][i] for i in rivals)
+        preds.append(j if ok else c)
+        ratios = []
+        for i in rivals:
+            gap = row[j] - row[i]
+            if kji[j][i] > 0:
+                ratios.append(gap / kji[j][i])
+            else:
+                ratios.append(math.inf if gap > 0 else 0.0)
+        radii.append(max(0.0, min(ratios)))
+        js.append(j)
+    return js, bottoms, preds, radii
+
+
+def eps_between_radii(radii, lo_frac=0.3, hi_frac=0.7):
+    """An ε in the widest gap between sorted finite radii, in the middle of their range,
+    so no sample sits on the certification threshold."""
+    finite = sorted(r for r in radii if math.isfinite(r) and r > 0)
+    lo, hi = int(lo_frac * len(finite)), int(hi_frac * len(finite))
+    best = max(range(max(lo, 1), hi), key=lambda k: finite[k] - finite[k - 1])
+    assert finite[best] - finite[best - 1] > 1e-6
+    return 0.5 * (finite[best] + finite[best - 1])
+
+
+def buffers(net):
+    return {n: b.clone() for n, b in net.named_buffers()}
+
+
+# ------------------------------------------------------------------------------ forward
+@pytest.mark.parametrize("bound", ["margin", "global"])
+@pytest.mark.parametrize("classes", [2, 5])
+def test_forward_eval_matches_brute_force(bound, classes):
+    net = dense_net(seed=classes, classes=classes, eps=0.4, bound=bound).eval()
+    x = torch.randn(40, 6, dtype=DT)
+    out = net(x)
+    assert out.shape == (40, classes + 1) and out.dtype == DT
+    f = ref_logits(net, x)
+    torch.testing.assert_close(out[:, :classes], f, rtol=1e-12, atol=1e-12)
+    K = exact_K(net)
+    js, bottoms, _, _ = brute(f, pair_constants(net, K, bound), 0.4)
+    torch.testing.assert_close(out[:, classes], torch.tensor(bottoms, dtype=DT), rtol=1e-9, atol=1e-9)
+    # forward_parts exposes the same pieces
+    parts = net.forward_parts(x)
+    assert isinstance(parts, GloroOutput)
+    torch.testing.assert_close(parts.augmented, out, rtol=0, atol=0)
+    assert abs(float(parts.lipschitz) / K - 1) < 1e-9
+
+
+def test_forward_conv_body_matches_brute_force():
+    net = conv_net().eval()
+    x = torch.randn(16, *CONV_SHAPE, dtype=DT)
+    out = net(x)
+    f = ref_logits(net, x)
+    torch.testing.assert_close(out[:, :3], f, rtol=1e-10, atol=1e-12)
+    K = exact_K(net, CONV_SHAPE)
+    assert abs(float(net.lipschitz_constant()) / K - 1) < 1e-8
+    _, bottoms, preds, radii = brute(f, pair_constants(net, K, "margin"), 0.2)
+    torch.testing.assert_close(out[:, 3], torch.tensor(bottoms, dtype=DT), rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(net.certified_radius(x), torch.tensor(radii, dtype=DT), rtol=1e-7, atol=1e-9)
+
+
+def test_forward_tie_uses_lowest_index_and_is_bottom():
+    """f_0 == f_1 exactly with different head rows (they differ only on a dead unit):
+    j must be 0, f_⊥ uses D_0i, and the tie can never be certified."""
+    torch.manual_seed(3)
+    first = gnn.Linear(6, 8, init="default")
+    with torch.no_grad():
+        first.bias[0] = -1e3  # unit 0 is dead after the ReLU: h_0 == 0 exactly
+    body = gnn.Sequential(first, gnn.ReLU())
+    head = gnn.Linear(8, 4, init="default")
+    with torch.no_grad():
+        head.weight[1] = head.weight[0]
+        head.weight[1, 0] += 1.0  # rows 0 and 1 differ only where h is 0
+        # row 2: close to row 0 on the live units, far along the dead one, so that
+        # D_02 ≈ 3 and D_12 ≈ 4 (j = 0 and j = 1 give different ⊥ logits)
+        head.weight[2] = head.weight[0] + 0.01 * torch.randn(8)
+        head.weight[2, 0] = head.weight[0, 0] - 3.0
+        head.bias[:2] = 10.0  # classes 0 and 1 always on top
+        head.bias[2] = 9.5
+    net = GloroNet(body, head, 0.5, **TIGHT).to(DT).eval()
+    x = torch.randn(20, 6, dtype=DT)
+    out = net(x)
+    assert torch.equal(out[:, 0], out[:, 1])
+    f = ref_logits(net, x)
+    K = exact_K(net)
+    kji = pair_constants(net, K, "margin")
+    js, bottoms, preds, radii = brute(f, kji, 0.5)
+    assert set(js) == {0}
+    torch.testing.assert_close(out[:, 4], torch.tensor(bottoms, dtype=DT), rtol=1e-9, atol=1e-9)
+    # with j = 1 instead, f_⊥ would use row D_1·: make sure that differs (the test can fail)
+    alt = [max(row[i] + 0.5 * kji[1][i] for i in range(4) if i != 1) for row in f.tolist()]
+    assert max(abs(a - b) for a, b in zip(alt, bottoms)) > 1e-3
+    assert net.certify(x).tolist() == [4] * 20
+    assert net.certified_radius(x).tolist() == [0.0] * 20
+
+
+# ---------------------------------------------------------------------------- certify
+@pytest.mark.parametrize("bound", ["margin", "global"])
+@pytest.mark.parametrize("classes", [2, 6])
+def test_certify_and_radius_match_brute_force(bound, classes):
+    net = dense_net(seed=10 + classes, classes=classes, bound=bound).eval()
+    x = torch.randn(200, 6, dtype=DT)
+    f = ref_logits(net, x)
+    K = exact_K(net)
+    kji = pair_constants(net, K, bound)
+    _, _, _, radii = brute(f, kji, 0.0)
+    eps = eps_between_radii(radii)
+    net.epsilon = eps
+    _, _, preds, radii = brute(f, kji, eps)
+    got = net.certify(x)
+    assert got.dtype == torch.int64 and got.shape == (200,)
+    assert got.tolist() == preds
+    assert 0 < sum(p == classes for p in preds) < 200  # both outcomes present
+    radius = net.certified_radius(x)
+    torch.testing.assert_close(radius, torch.tensor(radii, dtype=DT), rtol=1e-9, atol=1e-12)
+    # consistency: certified at ε iff radius > ε, and then the prediction is argmax f
+    top = f.argmax(dim=1)
+    expect = torch.where(radius > eps, top, torch.full_like(top, classes))
+    assert torch.equal(got, expect)
+    # forward's augmented argmax agrees with certify (no exact ties here)
+    assert torch.equal(net(x).argmax(dim=1), got)
+
+
+def test_certify_exact_tie_is_bottom_and_eps_zero():
+    torch.manual_seed(5)
+    body = gnn.Sequential(gnn.Linear(6, 8, init="default"), gnn.MinMax())
+    head = gnn.Linear(8, 4, init="default")
+    with torch.no_grad():
+        head.weight[2] = head.weight[1]
+        head.bias[1] = head.bias[2] = 0.3  # the tied pair is on top about half of the time
+    for eps in (0.3, 0.0):
+        net = GloroNet(body, head, eps, **TIGHT).to(DT).eval()
+        x = torch.randn(300, 6, dtype=DT)
+        f = ref_logits(net, x)
+        logits = net.forward_parts(x).logits
+        assert torch.equal(logits[:, 1], logits[:, 2])  # exact ties in the logits
+        tied = logits.argmax(dim=1) == 1
+        assert 0 < int(tied.sum()) < 300
+        got = net.certify(x)
+        assert (got[tied] == 4).all()
+        assert (net.certified_radius(x)[tied] == 0).all()
+        _, _, preds, _ = brute(f, pair_constants(net, exact_K(net), "margin"), eps)
+        if eps == 0.0:
+            # everything is certified except the exact ties
+            assert torch.equal(got, torch.where(tied, torch.full_like(got, 4), f.argmax(dim=1)))
+            assert got.tolist() == preds
+        else:
+            # away from the threshold the brute force decides the rest
+            radius = net.certified_radius(x)
+            far = (radius - eps).abs() > 1e-6
+            assert torch.equal(got[far], torch.tensor(preds)[far])
+
+
+def test_certified_points_resist_random_perturbations():
+    net = dense_net(seed=7, classes=3).eval()
+    x = torch.randn(64, 6, dtype=DT)
+    radius = net.certified_radius(x)
+    top = net(x)[:, :3].argmax(dim=1)
+    ok = radius > 0
+    assert ok.any()
+    for _ in range(20):
+        d = torch.randn_like(x)
+        d = d / d.norm(dim=1, keepdim=True) * (0.999 * radius.clamp(max=1e3)).unsqueeze(1)
+        moved = ref_logits(net, x + d).argmax(dim=1)
+        assert torch.equal(moved[ok], top[ok])
+
+
+# ------------------------------------------------------------------------------ bounds
+@pytest.mark.parametrize("bound", ["margin", "global"])
+def test_lipschitz_constant_and_margin_lipschitz_exact(bound):
+    net = dense_net(seed=2, classes=5, bound=bound)
+    K = exact_K(net)
+    got = net.lipschitz_constant()
+    assert got.dim() == 0 and got.dtype == DT and not got.requires_grad
+    assert abs(float(got) / K - 1) < 1e-5
+    assert abs(float(got) / K - 1) < 1e-10  # tight tol really converges
+    ml = net.margin_lipschitz()
+    expect = torch.tensor(pair_constants(net, K, bound), dtype=DT)
+    assert ml.shape == (5, 5)
+    torch.testing.assert_close(ml, expect, rtol=1e-9, atol=0)
+    assert torch.equal(torch.diagonal(ml), torch.zeros(5, dtype=DT))
+
+
+def test_lipschitz_constant_matches_layer_bound_products():
+    # each converged layer σ̂ is a lower bound converging to the exact norm
+    net = conv_net(seed=4)
+    net.lipschitz_constant()
+    exact = exact_layer_norms(net, CONV_SHAPE)
+    layers = [m for m in net.body if isinstance(m, gnn.PowerIterationModule)]
+    for layer, norm in zip(layers, exact):
+        with torch.no_grad():
+            sigma = float(layer.lipschitz_bound(0))
+        assert sigma <= norm * (1 + 1e-12)
+        assert abs(sigma / norm - 1) < 1e-8
+
+
+def test_unconverged_bound_warns():
+    net = dense_net(seed=2, tol=1e-15, max_iter=2)
+    with pytest.warns(RuntimeWarning, match="did not reach"):
+        net.lipschitz_constant()
+
+
+# ------------------------------------------------------------------------- training mode
+def power_step_reference(w, u, n):
+    for _ in range(n):
+        v = w.t() @ (w @ u)
+        u = v / v.norm()
+    return u
+
+
+@pytest.mark.parametrize("bound", ["margin", "global"])
+@pytest.mark.parametrize("n_iter", [0, 1, 3])
+def test_training_forward_uses_sigma_hat_and_iterates(bound, n_iter):
+    net = dense_net(seed=1, classes=4, bound=bound, n_iter=n_iter, eps=0.5).train()
+    linears = [net.body[0], net.body[2]]
+    before = [m.power_iterate.clone() for m in linears]
+    head_before = net.head.power_iterate.clone()
+    x = torch.randn(12, 6, dtype=DT)
+    parts = net.forward_parts(x)
+    sigmas = []
+    for m, u0 in zip(linears, before):
+        w = m.weight.detach()
+        u = power_step_reference(w, u0, n_iter)
+        torch.testing.assert_close(m.power_iterate, u, rtol=1e-12, atol=1e-14)
+        assert torch.equal(m.power_iterate, u0) == (n_iter == 0)
+        sigmas.append(float((w @ u).norm()))
+    K_hat = math.prod(sigmas)
+    assert abs(float(parts.lipschitz.detach()) / K_hat - 1) < 1e-12
+    assert parts.lipschitz.requires_grad
+    if bound == "global":
+        u = power_step_reference(net.head.weight.detach(), head_before, n_iter)
+        torch.testing.assert_close(net.head.power_iterate, u, rtol=1e-12, atol=1e-14)
+        s_head = float((net.head.weight.detach() @ u).norm())
+        kji = [[0.0 if i == j else math.sqrt(2) * K_hat * s_head for i in range(4)] for j in range(4)]
+    else:
+        assert torch.equal(net.head.power_iterate, head_before)  # the head is not iterated
+        kji = pair_constants(net, K_hat, "margin")
+    if n_iter > 0:
+        # σ̂ after a few steps from a random start is not yet the exact norm
+        assert abs(K_hat / exact_K(net) - 1) > 1e-6
+    f = ref_logits(net, x)
+    _, bottoms, _, _ = brute(f, kji, 0.5)
+    torch.testing.assert_close(parts.bottom, torch.tensor(bottoms, dtype=DT), rtol=1e-9, atol=1e-10)
+    torch.testing.assert_close(net(x)[:, :4], f, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("bound", ["margin", "global"])
+def test_training_output_differentiable_through_K(bound):
+    net = dense_net(seed=1, classes=4, bound=bound, eps=0.5).train()
+    x = torch.randn(12, 6, dtype=DT)
+    y = torch.randint(0, 4, (12,))
+    loss = gloro_cross_entropy(net(x), y)
+    loss.backward()
+    for name, p in net.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    # dK/dW_l = (K/σ_l) (W_l u_l) u_lᵀ / σ_l, with u_l the stored iterate
+    net.zero_grad()
+    parts = net.forward_parts(x)
+    linears = [net.body[0], net.body[2]]
+    grads = torch.autograd.grad(parts.lipschitz, [m.weight for m in linears], retain_graph=True)
+    sigmas = [float((m.weight.detach() @ m.power_iterate).norm()) for m in linears]
+    K = math.prod(sigmas)
+    for m, s, g in zip(linears, sigmas, grads):
+        u = m.power_iterate
+        expect = (K / s) * torch.outer(m.weight.detach() @ u, u) / s
+        torch.testing.assert_close(g, expect, rtol=1e-10, atol=1e-12)
+    # the ⊥ logit's gradient w.r.t. a body weight includes the K path: it differs from the
+    # gradient with K held constant
+    g_full = torch.autograd.grad(parts.bottom.sum(), net.body[0].weight, retain_graph=True)[0]
+    from gloro_fast.ops import bottom_logit
+    b_const, _ = bottom_logit(parts.logits, parts.distances, parts.lipschitz.detach(), net.epsilon)
+    g_const = torch.autograd.grad(b_const.sum(), net.body[0].weight)[0]
+    assert (g_full - g_const).abs().max() > 1e-6
+
+
+def test_eval_forward_uses_converged_bounds():
+    net = dense_net(seed=8).eval()
+    parts = net.forward_parts(torch.randn(3, 6, dtype=DT))
+    assert abs(float(parts.lipschitz) / exact_K(net) - 1) < 1e-9
+    # converged= overrides the mode
+    net.train()
+    parts = net.forward_parts(torch.randn(3, 6, dtype=DT), converged=True)
+    assert abs(float(parts.lipschitz) / exact_K(net) - 1) < 1e-9
+
+
+# ------------------------------------------------------------------------------- cache
+def assert_bound_fresh(net, input_shape=None, rtol=1e-9):
+    K = exact_K(net, input_shape)
+    got = net.lipschitz_constant()
+    assert got.dtype == net.head.weight.dtype
+    assert abs(float(got) / K - 1) < rtol, (float(got), K)
+    expect = torch.tensor(pair_constants(net, K, net.bound), dtype=DT)
+    torch.testing.assert_close(net.margin_lipschitz().to(DT), expect, rtol=rtol * 10, atol=0)
+    return K
+
+
+@pytest.mark.parametrize("opt", ["sgd", "adam"])
+@pytest.mark.parametrize("bound", ["margin", "global"])
+def test_cache_refreshes_after_optimizer_step(opt, bound):
+    net = dense_net(seed=3, bound=bound)
+    K0 = assert_bound_fresh(net)
+    ml0 = net.margin_lipschitz().clone()
+    optim = (torch.optim.SGD(net.parameters(), lr=0.5) if opt == "sgd"
+             else torch.optim.Adam(net.parameters(), lr=0.05))
+    net.train()
+    x, y = torch.randn(16, 6, dtype=DT), torch.randint(0, 4, (16,))
+    gloro_cross_entropy(net(x), y).backward()
+    optim.step()
+    K1 = assert_bound_fresh(net)
+    assert abs(K1 / K0 - 1) > 1e-3
+    assert (net.margin_lipschitz() - ml0).abs().max() > 1e-3
+
+
+def test_cache_refreshes_after_load_state_dict():
+    a, b = dense_net(seed=1), dense_net(seed=2)
+    Ka = assert_bound_fresh(a)
+    a.load_state_dict(b.state_dict())
+    Kb = assert_bound_fresh(a)
+    assert abs(Kb / Ka - 1) > 1e-3
+
+
+@pytest.mark.parametrize("how", ["no_grad", "data", "head", "set_data"])
+def test_cache_refreshes_after_inplace_edit(how):
+    net = dense_net(seed=4)
+    K0 = assert_bound_fresh(net)
+    ml0 = net.margin_lipschitz().clone()
+    w = net.body[0].weight
+    if how == "no_grad":
+        with torch.no_grad():
+            w.mul_(1.7)
+    elif how == "data":
+        w.data.mul_(1.7)  # bypasses the version counter
+    elif how == "head":
+        with torch.no_grad():
+            net.head.weight[0].add_(1.0)
+    else:
+        w.data = w.data * 1.7
+    assert_bound_fresh(net)
+    if how == "head":
+        assert (net.margin_lipschitz() - ml0).abs().max() > 1e-3
+    else:
+        assert abs(float(net.lipschitz_constant()) / K0 - 1.7) < 1e-6
+
+
+def test_cache_refreshes_after_double():
+    net = dense_net(seed=6, dtype=torch.float32, tol=1e-5, max_iter=1000)
+    k32 = net.lipschitz_constant()
+    assert k32.dtype == torch.float32
+    net.double()
+    net.tol = 1e-13
+    net.max_iter = 20000
+    assert_bound_fresh(net, rtol=1e-10)
+    assert net(torch.randn(2, 6, dtype=DT)).dtype == DT
+
+
+def test_certify_twice_does_not_iterate_again(monkeypatch):
+    net = dense_net(seed=9).eval()
+    x = torch.randn(10, 6, dtype=DT)
+    first = net.certify(x)
+    radius = net.certified_radius(x)
+    state = buffers(net)
+    calls = []
+    for m in net.modules():
+        if isinstance(m, gnn.PowerIterationModule):
+            orig = m.converge
+            monkeypatch.setattr(m, "converge", lambda *a, _o=orig, **k: calls.append(1) or _o(*a, **k))
+    assert torch.equal(net.certify(x), first)
+    assert torch.equal(net.certified_radius(x), radius)
+    net(x)
+    net.lipschitz_constant()
+    assert calls == []
+    for name, b in net.named_buffers():
+        assert torch.equal(b, state[name]), name
+    # ... but after a change it does iterate again
+    with torch.no_grad():
+        net.body[2].weight.mul_(0.9)
+    net.certify(x)
+    assert len(calls) > 0
+
+
+# -------------------------------------------------------------------------- state dict
+def test_state_dict_round_trip_dense():
+    a = dense_net(seed=11, classes=5, eps=0.2)
+    x = torch.randn(50, 6, dtype=DT)
+    sd = a.state_dict()
+    assert any(k.endswith("power_iterate") for k in sd)
+    b = dense_net(seed=12, classes=5, eps=0.2)
+    b.load_state_dict(sd)
+    assert torch.equal(a.certify(x), b.certify(x))
+    assert torch.equal(a.certified_radius(x), b.certified_radius(x))
+    assert torch.equal(a.eval()(x), b.eval()(x))
+    # saving after certification: the loaded model agrees to within the tolerance
+    c = dense_net(seed=13, classes=5, eps=0.2)
+    c.load_state_dict(a.state_dict())
+    torch.testing.assert_close(c.certified_radius(x), a.certified_radius(x), rtol=1e-10, atol=1e-12)
+
+
+def test_state_dict_round_trip_cnn_2C2F():
+    from gloro_fast import models
+    torch.manual_seed(0)
+    a = models.cnn_2C2F(tol=1e-5)
+    torch.manual_seed(1)
+    b = models.cnn_2C2F(tol=1e-5)
+    x = torch.rand(4, 1, 28, 28)
+    sd = a.state_dict()
+    b.load_state_dict(sd)
+    for k, v in a.state_dict().items():
+        assert torch.equal(v, b.state_dict()[k]), k
+    ca, cb = a.certify(x), b.certify(x)
+    assert torch.equal(ca, cb)
+    assert torch.equal(a.certified_radius(x), b.certified_radius(x))
+    assert float(a.certified_radius(x).max()) >= 0
+
+
+# -------------------------------------------------------------------------- bad inputs
+def small_body():
+    return gnn.Sequential(gnn.Linear(6, 8), gnn.MinMax())
+
+
+@pytest.mark.parametrize("method", ["forward", "certify", "certified_radius"])
+def test_bad_x(method):
+    net = dense_net(seed=0).eval()
+    call = getattr(net, method) if method != "forward" else net
+    call(torch.randn(2, 6, dtype=DT))  # learns the input shape
+    bad = [
+        (torch.randn(2, 7, dtype=DT), ValueError),
+        (torch.randn(2, 6, 1, dtype=DT), ValueError),
+        (torch.randn(6, dtype=DT), ValueError),
+        (torch.ones(2, 6, dtype=torch.int64), TypeError),
+        (torch.randn(2, 6, dtype=torch.float32), TypeError),
+        (torch.tensor([[0.0] * 5 + [math.nan]] * 2, dtype=DT), ValueError),
+        (torch.tensor([[0.0] * 5 + [math.inf]] * 2, dtype=DT), ValueError),
+        ([[0.0] * 6], TypeError),
+    ]
+    for x, exc in bad:
+        with pytest.raises(exc, match=r"\bx\b"):
+            call(x)
+
+
+def test_bad_x_shape_with_input_shape():
+    net = conv_net()
+    with pytest.raises(ValueError, match=r"\bx\b"):
+        net(torch.randn(2, 2, 6, 5, dtype=DT))
+    with pytest.raises(ValueError, match=r"\bx\b"):
+        net.certify(torch.randn(2, 3, 6, 6, dtype=DT))
+
+
+@pytest.mark.parametrize("eps,exc", [(-0.1, ValueError), (math.nan, ValueError), (math.inf, ValueError),
+                                     ("0.3", TypeError), (None, TypeError), (True, TypeError)])
+def test_bad_epsilon(eps, exc):
+    with pytest.raises(exc, match="epsilon"):
+        GloroNet(small_body(), gnn.Linear(8, 3), eps)
+
+
+@pytest.mark.parametrize("kw,exc,name", [
+    (dict(bound="foo"), ValueError, "bound"),
+    (dict(tol=0.0), ValueError, "tol"),
+    (dict(tol=1.0), ValueError, "tol"),
+    (dict(tol=-1e-3), ValueError, "tol"),
+    (dict(tol=math.nan), ValueError, "tol"),
+    (dict(n_iter=-1), ValueError, "n_iter"),
+    (dict(n_iter=1.5), TypeError, "n_iter"),
+    (dict(max_iter=0), ValueError, "max_iter"),
+    (dict(input_shape=(2, 6)), ValueError, "input_shape"),
+])
+def test_bad_constructor_args(kw, exc, name):
+    with pytest.raises(exc, match=name):
+        GloroNet(small_body(), gnn.Linear(8, 3), 0.1, **kw)
+
+
+def test_bad_body_and_head():
+    with pytest.raises(ValueError, match="head"):
+        GloroNet(small_body(), gnn.Linear(8, 1), 0.1)
+    with pytest.raises(ValueError, match="head"):
+        GloroNet(small_body(), torch.nn.Linear(8, 1), 0.1)
+    with pytest.raises(TypeError, match="head"):
+        GloroNet(small_body(), torch.nn.Conv2d(8, 3, 1), 0.1)
+    with pytest.raises(TypeError, match="BatchNorm1d"):
+        GloroNet(torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.BatchNorm1d(8)), gnn.Linear(8, 3), 0.1)
+    with pytest.raises(TypeError, match="BatchNorm1d"):
+        GloroNet(gnn.Sequential(gnn.Linear(6, 8), torch.nn.BatchNorm1d(8)), gnn.Linear(8, 3), 0.1)
+    with pytest.raises(TypeError, match="body"):
+        GloroNet("not a module", gnn.Linear(8, 3), 0.1)
+
+
+def test_torch_layers_are_converted():
+    torch.manual_seed(0)
+    tb = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU())
+    th = torch.nn.Linear(8, 3)
+    net = GloroNet(tb, th, 0.1, **TIGHT).to(DT).eval()
+    assert isinstance(net.head, gnn.Linear) and isinstance(net.body, gnn.Sequential)
+    torch.testing.assert_close(net.head.weight, th.weight.to(DT))
+    x = torch.randn(5, 6, dtype=DT)
+    expect = F.linear(torch.relu(F.linear(x, tb[0].weight.to(DT), tb[0].bias.to(DT))), th.weight.to(DT), th.bias.to(DT))
+    torch.testing.assert_close(net(x)[:, :3], expect)
+    assert abs(float(net.lipschitz_constant()) / exact_K(net) - 1) < 1e-9
+
+
+def test_empty_batch():
+    net = dense_net(seed=0).eval()
+    x = torch.zeros(0, 6, dtype=DT)
+    assert net(x).shape == (0, 5)
+    c = net.certify(x)
+    assert c.shape == (0,) and c.dtype == torch.int64
+    assert net.certified_radius(x).shape == (0,)
+    net.train()
+    assert net(x).shape == (0, 5)

@@ -1,0 +1,42 @@
+"""Shared test helpers: a seeded generator and explicit matrices of linear operators."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+
+def _explicit_matrix(op, in_shape, dtype=torch.float64):
+    """The matrix M (m × n) of the linear map ``op`` on inputs of shape ``in_shape``.
+
+    ``op`` takes a batch (n, *in_shape) and returns (n, *out_shape); column k of M is
+    ``op`` applied to the k-th standard basis vector, flattened.
+    """
+    n = math.prod(in_shape)
+    basis = torch.eye(n, dtype=dtype).reshape(n, *in_shape)
+    with torch.no_grad():
+        out = op(basis)
+    return out.reshape(n, -1).t().contiguous()
+
+
+@pytest.fixture
+def explicit_matrix():
+    return _explicit_matrix
+
+
+@pytest.fixture
+def gen():
+    """A fixed-seed generator (tests stay deterministic and independent of order)."""
+    torch.manual_seed(0)
+    return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture
+def single_thread():
+    """Run tiny ops on one thread: on a busy machine, intra-op threads of microsecond-sized
+    convolutions wait on each other and slow them down by orders of magnitude."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -61,13 +61,19 @@ def bottom_logit(
     if num_classes < 2:
         raise ValueError(f"logits must have at least 2 classes (shape (B, C>=2)), got {tuple(logits.shape)}")
     check_tensor("distances", distances, shape=(num_classes, num_classes), floating=True)
-    if distances.device != logits.device:
-        raise ValueError(f"distances must be on {logits.device}, got {distances.device}")
+    if distances.device != logits.device or distances.dtype != logits.dtype:
+        raise ValueError(
+            f"distances must match logits in dtype and device ({logits.dtype} on {logits.device}), "
+            f"got {distances.dtype} on {distances.device}"
+        )
     if not isinstance(lipschitz, torch.Tensor):
         lipschitz = torch.tensor(float(lipschitz), dtype=logits.dtype, device=logits.device)
     check_tensor("lipschitz", lipschitz, ndim=0, floating=True)
-    if lipschitz.device != logits.device:
-        raise ValueError(f"lipschitz must be on {logits.device}, got {lipschitz.device}")
+    if lipschitz.device != logits.device or lipschitz.dtype != logits.dtype:
+        raise ValueError(
+            f"lipschitz must match logits in dtype and device ({logits.dtype} on {logits.device}), "
+            f"got {lipschitz.dtype} on {lipschitz.device}"
+        )
     epsilon = check_epsilon(epsilon)
     check_finite("logits", logits)
     check_finite("distances", distances)

@@ -38,11 +38,11 @@ class TrainConfig:
     arch: str = "2C2F"
     epsilon: float = 0.3            # certification radius
     train_epsilon: Optional[float] = None  # radius trained at (default: 1.5 × epsilon)
-    epochs: int = 40
+    epochs: int = 100
     batch_size: int = 256
     lr: float = 1e-3
     lr_final: float = 1e-6
-    warmup: int = 10                # epochs of ε and λ ramp-up
+    warmup: int = 20                # epochs of ε and λ ramp-up
     loss: str = "trades"
     lam: float = 1.0                # final TRADES λ
     bound: str = "margin"

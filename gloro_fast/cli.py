@@ -82,7 +82,10 @@ def _train(args) -> int:
     start = time.perf_counter()
     metrics = train(config)
     seconds = time.perf_counter() - start
-    print(f"{config.arch} on {config.dataset}, {config.epochs} epochs, {metrics['device']}")
+    if metrics["rank"] != 0:
+        return 0
+    print(f"{config.arch} on {config.dataset}, {config.epochs} epochs, {metrics['device']}"
+          + (f" × {metrics['world_size']} processes" if metrics["world_size"] > 1 else ""))
     _report(metrics, seconds)
     print(f"checkpoint     : {config.output_dir}/model.pt")
     return 0
@@ -111,6 +114,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as exc:
         print(f"gloro-fast: error: {exc}", file=sys.stderr)
         return 2
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -216,9 +216,11 @@ class GloroNet(nn.Module):
         bottom, _ = bottom_logit(logits, distances, lipschitz, self.epsilon)
         return GloroOutput(logits, bottom, lipschitz, distances)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, C + 1) logits [f, f_⊥]."""
-        return self.forward_parts(x).augmented
+    def forward(self, x: torch.Tensor, parts: bool = False):
+        """(B, C + 1) logits [f, f_⊥]; with ``parts=True`` the :class:`GloroOutput` (so that
+        wrappers that hook ``forward``, such as DistributedDataParallel, see the full step)."""
+        out = self.forward_parts(x)
+        return out if parts else out.augmented
 
     # -- certification --------------------------------------------------------------
     @torch.no_grad()

@@ -17,6 +17,10 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from . import losses, models
@@ -190,25 +194,57 @@ def load_checkpoint(path, map_location="cpu") -> GloroNet:
     return model.to(map_location) if map_location is not None else model
 
 
+def _init_distributed(device: torch.device):
+    """Join the process group when launched by ``torchrun`` (WORLD_SIZE > 1).
+
+    Returns (rank, world_size, device); each rank takes its own GPU (LOCAL_RANK).
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
 def train(config: TrainConfig, log=print) -> Dict:
     """Train ``config.arch`` on ``config.dataset``, evaluate, save ``model.pt`` and
-    ``metrics.json`` in ``config.output_dir``. Returns the metrics with the model."""
+    ``metrics.json`` in ``config.output_dir``. Returns the metrics with the model.
+
+    Under ``torchrun --nproc_per_node N`` the batch is split over N DistributedDataParallel
+    processes (``batch_size`` per process); buffers, the power-iteration iterates among
+    them, are broadcast from rank 0 at every step, so all ranks share one bound. Rank 0
+    evaluates and writes the files.
+    """
     config.validate()
-    device = resolve_device(config.device)
+    rank, world, device = _init_distributed(resolve_device(config.device))
     torch.manual_seed(config.seed)
     train_set, test_set, info = load_dataset(config.dataset, config.data_dir, seed=config.seed)
     train_loader, test_loader = make_loaders(train_set, test_set, config.batch_size, seed=config.seed)
+    sampler = None
+    if world > 1:
+        sampler = DistributedSampler(train_set, world, rank, shuffle=True, seed=config.seed)
+        train_loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler)
     model = models.build(config.arch, info["input_shape"], info["num_classes"], config.epsilon,
                          bound=config.bound, n_iter=config.n_iter, **config.arch_kwargs).to(device)
+    step_model = model
+    if world > 1:
+        step_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     train_eps = config.effective_train_epsilon
     steps_per_epoch = len(train_loader)
     start = time.perf_counter()
+    progress_shown = config.progress and rank == 0
     for epoch in range(config.epochs):
         model.train()
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         running, seen = 0.0, 0
         bar = tqdm(train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", leave=False,
-                   disable=not config.progress)
+                   disable=not progress_shown)
         for step, (x, y) in enumerate(bar):
             progress = epoch + step / steps_per_epoch
             ramp = _ramp(progress, config.warmup)
@@ -216,7 +252,7 @@ def train(config: TrainConfig, log=print) -> Dict:
                 group["lr"] = _lr_at(progress, config)
             model.epsilon = train_eps * ramp
             x, y = x.to(device), y.to(device)
-            out = model.forward_parts(x)
+            out = step_model(x, parts=True)
             loss = compute_loss(config.loss, out, y, model.epsilon, config.lam * ramp)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -224,17 +260,22 @@ def train(config: TrainConfig, log=print) -> Dict:
             running += float(loss.detach()) * y.numel()
             seen += y.numel()
             bar.set_postfix(loss=f"{running / seen:.4f}")
-        if config.progress or epoch + 1 == config.epochs:
+        if progress_shown or (rank == 0 and epoch + 1 == config.epochs):
             log(f"epoch {epoch + 1:3d}/{config.epochs}  loss {running / seen:.4f}  "
                 f"train ε {model.epsilon:.3f}  lr {optimizer.param_groups[0]['lr']:.2e}")
     train_seconds = time.perf_counter() - start
     model.epsilon = config.epsilon
     metrics = evaluate(model, test_loader)
     metrics.update(train_seconds=train_seconds, device=str(device), epochs=config.epochs,
-                   dataset=config.dataset, arch=config.arch, train_epsilon=train_eps)
-    out_dir = Path(config.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    save_checkpoint(out_dir / "model.pt", model, config, info, metrics)
-    (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+                   dataset=config.dataset, arch=config.arch, train_epsilon=train_eps,
+                   world_size=world)
+    if rank == 0:
+        out_dir = Path(config.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_checkpoint(out_dir / "model.pt", model, config, info, metrics)
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if world > 1:
+        dist.barrier()
     metrics["model"] = model
+    metrics["rank"] = rank
     return metrics

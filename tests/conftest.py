@@ -20,6 +20,17 @@ def _explicit_matrix(op, in_shape, dtype=torch.float64):
     return out.reshape(n, -1).t().contiguous()
 
 
+def planted_matrix(m, n, gen, top, rest, dtype=torch.float64):
+    """W = U diag(s) Vᵀ (m × n) with s_1 = top and the others in [0, rest): a clear
+    spectral gap, so power iteration converges in few steps."""
+    r = min(m, n)
+    q1, _ = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=dtype))
+    q2, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=dtype))
+    s = torch.rand(r, generator=gen, dtype=dtype) * rest
+    s[0] = top
+    return q1[:, :r] @ torch.diag(s) @ q2[:, :r].t()
+
+
 @pytest.fixture
 def explicit_matrix():
     return _explicit_matrix

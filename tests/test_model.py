@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from conftest import _explicit_matrix as explicit_matrix
 import torch.nn.functional as F
 
 from gloro_fast import GloroNet, GloroOutput
@@ -100,12 +101,6 @@ def ref_logits(net, x):
         return h @ net.head.weight.t() + net.head.bias
 
 
-def explicit_matrix(op, in_shape):
-    n = math.prod(in_shape)
-    basis = torch.eye(n, dtype=DT).reshape(n, *in_shape)
-    with torch.no_grad():
-        out = op(basis)
-    return out.reshape(n, -1).t()
 
 
 def exact_layer_norms(net, input_shape=None):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import _explicit_matrix as explicit_matrix
 import torch.nn.functional as F
 
 from gloro_fast import GloroNet, models
@@ -193,12 +194,6 @@ def test_activation_relu():
 
 
 # ------------------------------------------------------------- exact bounds, tiny inputs
-def explicit_matrix(op, in_shape):
-    n = math.prod(in_shape)
-    basis = torch.eye(n, dtype=DT).reshape(n, *in_shape)
-    with torch.no_grad():
-        out = op(basis)
-    return out.reshape(n, -1).t()
 
 
 def exact_body_norm(net):

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from conftest import planted_matrix
 import torch.nn.functional as F
 from torch import nn
 
@@ -30,12 +31,7 @@ def conv_matrix(weight, in_shape, stride, pads, dilation=(1, 1), groups=1, expli
 
 
 def planted(m, n, gen, top=2.0, rest=1.0):
-    r = min(m, n)
-    q1, _ = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=F64))
-    q2, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64))
-    s = torch.rand(r, generator=gen, dtype=F64) * rest
-    s[0] = top
-    return q1[:, :r] @ torch.diag(s) @ q2[:, :r].t()
+    return planted_matrix(m, n, gen, top, rest)
 
 
 def converged(layer):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import planted_matrix
 
 from gloro_fast.ops import power_iteration_linear, power_iteration_linear_reference
 
@@ -16,13 +17,7 @@ def unit(n, gen, dtype=F64):
 
 
 def planted(m, n, gen, top=3.0, rest=1.5):
-    """W = U diag(s) Vᵀ with s_1 = top and the others in [0, rest): a clear spectral gap."""
-    r = min(m, n)
-    q1, _ = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=F64))
-    q2, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=F64))
-    s = torch.rand(r, generator=gen, dtype=F64) * rest
-    s[0] = top
-    return q1[:, :r] @ torch.diag(s) @ q2[:, :r].t()
+    return planted_matrix(m, n, gen, top, rest)
 
 
 def converge(weight, u, chunk=1, tol=1e-12, max_calls=20000):

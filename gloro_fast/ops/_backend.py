@@ -1,8 +1,10 @@
 """Backend selection for the gloro_fast ops.
 
-``auto`` (default) picks the fastest available implementation for the tensors' device;
-today only the pure-PyTorch ``reference`` backend exists, so ``auto`` resolves to it.
-The choice is read from ``GLORO_FAST_BACKEND`` when first needed, never at import.
+``auto`` (default): the compiled kernels (``cpp``: C++ on CPU, CUDA on GPU) when the
+extension provides one for the tensors' device, else ``reference``. ``cpp`` asks for the
+compiled kernels explicitly (falling back to reference, with the extension's one
+warning, where there are none). The choice comes from :func:`set_backend`, else from
+``GLORO_FAST_BACKEND``, read when first needed, never at import.
 """
 from __future__ import annotations
 
@@ -11,7 +13,9 @@ from typing import Optional
 
 import torch
 
-BACKENDS = ("auto", "reference")
+from ._extension import has_kernel
+
+BACKENDS = ("auto", "reference", "cpp")
 _state = {"backend": None}
 
 
@@ -21,9 +25,10 @@ def _validate(name: str) -> str:
     return name.lower()
 
 
-def set_backend(name: str) -> None:
-    """Select the implementation used by every op: one of ``BACKENDS``."""
-    _state["backend"] = _validate(name)
+def set_backend(name: Optional[str]) -> None:
+    """Select the implementation used by every op (one of ``BACKENDS``); ``None`` returns
+    to ``GLORO_FAST_BACKEND`` / ``"auto"``."""
+    _state["backend"] = None if name is None else _validate(name)
 
 
 def get_backend() -> str:
@@ -33,9 +38,9 @@ def get_backend() -> str:
     return _state["backend"]
 
 
-def resolve_backend(device: Optional[torch.device] = None) -> str:
-    """The concrete backend that will run for tensors on ``device``."""
+def resolve_backend(device: Optional[torch.device] = None, op: Optional[str] = None) -> str:
+    """The concrete backend (``"cpp"`` or ``"reference"``) that runs ``op`` on ``device``."""
     name = get_backend()
-    if name == "auto":
+    if name == "reference" or op is None or device is None:
         return "reference"
-    return name
+    return "cpp" if has_kernel(op, torch.device(device)) else "reference"

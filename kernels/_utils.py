@@ -1,0 +1,77 @@
+"""Helpers shared by the Triton kernels of gloro_fast (installed as ``gloro_fast.kernels``).
+
+Triton decides at ``@triton.jit`` time whether a kernel is compiled for the GPU or run by
+its CPU interpreter (``TRITON_INTERPRET=1``, read from the environment when the kernel
+modules are imported). :data:`INTERPRET` records that choice for this process; under the
+interpreter the kernels run on CPU tensors, and autotuning is reduced to one config
+(benchmarking configs through the interpreter is slow and pointless).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+import triton
+
+try:  # triton >= 3.2
+    from triton import knobs as _knobs
+
+    INTERPRET = bool(_knobs.runtime.interpret)
+except (ImportError, AttributeError):  # pragma: no cover - older triton
+    import os
+
+    INTERPRET = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+__all__ = [
+    "INTERPRET",
+    "SUPPORTED_DTYPES",
+    "acc_dtype",
+    "check_device",
+    "check_dtype",
+    "configs",
+    "contiguous",
+    "is_interpreted",
+]
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def configs(candidates: Sequence[triton.Config]) -> List[triton.Config]:
+    """Autotuning configs: all of them on a GPU, only the first under the interpreter."""
+    candidates = list(candidates)
+    return candidates[:1] if INTERPRET else candidates
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype of a kernel: float64 for float64 inputs, float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def contiguous(t: torch.Tensor) -> torch.Tensor:
+    """Contiguous memory for a raw-pointer kernel. Gradients often arrive expanded
+    (stride 0, e.g. the gradient of ``.sum()``): ``.contiguous()`` materialises them."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    """Triton kernels need CUDA tensors, or CPU tensors under the interpreter."""
+    for t in tensors:
+        if t.device.type == "cuda" or (INTERPRET and t.device.type == "cpu"):
+            continue
+        raise ValueError(
+            "gloro_fast Triton kernels need CUDA tensors (CPU tensors only under "
+            f"TRITON_INTERPRET=1, set before triton is imported), got a tensor on {t.device}"
+        )
+
+
+def check_dtype(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
+
+
+def is_interpreted(kernel) -> bool:
+    """Whether a (possibly autotuned) kernel object runs under the Triton interpreter."""
+    fn = getattr(kernel, "fn", kernel)
+    while hasattr(fn, "fn") and not type(fn).__name__ == "InterpretedFunction":
+        fn = fn.fn
+    return type(fn).__name__ == "InterpretedFunction"

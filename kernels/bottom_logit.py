@@ -1,0 +1,262 @@
+"""Triton kernels for ``bottom_logit(f, D, K, eps, classes)``: the ⊥ logit of a GloRo net.
+
+For each row b, with j = classes[b] (default: argmax f_b, lowest index on ties):
+
+    f_⊥ = max_{i ≠ j} (f_i + ε·K·D_ji),   i* = the maximising i (lowest index on ties).
+
+Forward: one program per block of BLOCK_B rows, walking the classes in BLOCK_C chunks
+(a running max/argmax carries across chunks, so any C works): pass 1 finds j (skipped when
+classes are given), pass 2 gathers D[j], adds ε·K·D, masks index j only and reduces.
+Writes f_⊥, i* and j; nothing B×C is materialised.
+
+Backward (for an upstream gradient g of f_⊥): grad_f = g at [b, i*] (rows written once,
+zeros elsewhere), grad_D[j, i*] += ε·K·g (float atomics into an fp32/fp64 buffer: the
+summation order of rows sharing a (j, i*) pair is not deterministic), grad_K =
+ε Σ_b g_b D[j_b, i*_b] (per-program partial sums, then one deterministic sum).
+
+Public entry: :func:`bottom_logit` (same signature as ``gloro_fast.ops.bottom_logit``),
+backed by ``gloro_fast::bottom_logit_triton`` with ``register_autograd``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Union
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import acc_dtype, check_device, check_dtype, configs, contiguous
+
+__all__ = ["bottom_logit", "bottom_logit_forward", "bottom_logit_backward"]
+
+_MAX_BLOCK_C = 256  # classes per chunk; larger C loops over chunks
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.autotune(
+    configs=configs(
+        [
+            triton.Config({"BLOCK_B": 16}, num_warps=4),
+            triton.Config({"BLOCK_B": 4}, num_warps=2),
+            triton.Config({"BLOCK_B": 8}, num_warps=4),
+            triton.Config({"BLOCK_B": 32}, num_warps=4),
+            triton.Config({"BLOCK_B": 64}, num_warps=8),
+        ]
+    ),
+    key=["B", "C", "HAS_CLASSES", "FP64"],
+)
+@triton.jit
+def _bottom_logit_fwd_kernel(
+    f_ptr, d_ptr, ek_ptr, cls_ptr, fbot_ptr, istar_ptr, j_ptr, B, C,
+    HAS_CLASSES: tl.constexpr, FP64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    acc_t = tl.float64 if FP64 else tl.float32
+    rb = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = rb < B
+    rc = tl.arange(0, BLOCK_C)
+    row = rb.to(tl.int64) * C
+    ek = tl.load(ek_ptr).to(acc_t)
+
+    if HAS_CLASSES:
+        j = tl.load(cls_ptr + rb, mask=mask_b, other=0).to(tl.int32)
+    else:
+        best = tl.full((BLOCK_B,), float("-inf"), acc_t)
+        j = tl.zeros((BLOCK_B,), dtype=tl.int32)
+        for c0 in range(0, C, BLOCK_C):
+            cc = c0 + rc
+            m = mask_b[:, None] & (cc < C)[None, :]
+            f = tl.load(f_ptr + row[:, None] + cc[None, :], mask=m, other=float("-inf")).to(acc_t)
+            cmax, carg = tl.max(f, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            take = cmax > best  # strict: an earlier chunk keeps its (lower) index on ties
+            j = tl.where(take, carg.to(tl.int32) + c0, j)
+            best = tl.where(take, cmax, best)
+
+    bottom = tl.full((BLOCK_B,), float("-inf"), acc_t)
+    i_star = tl.zeros((BLOCK_B,), dtype=tl.int32)
+    drow = j.to(tl.int64) * C
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + rc
+        m = mask_b[:, None] & (cc < C)[None, :]
+        f = tl.load(f_ptr + row[:, None] + cc[None, :], mask=m, other=0.0).to(acc_t)
+        dj = tl.load(d_ptr + drow[:, None] + cc[None, :], mask=m, other=0.0).to(acc_t)
+        extra = f + ek * dj
+        extra = tl.where(m & (cc[None, :] != j[:, None]), extra, float("-inf"))
+        cmax, carg = tl.max(extra, axis=1, return_indices=True, return_indices_tie_break_left=True)
+        take = cmax > bottom
+        i_star = tl.where(take, carg.to(tl.int32) + c0, i_star)
+        bottom = tl.where(take, cmax, bottom)
+
+    tl.store(fbot_ptr + rb, bottom.to(fbot_ptr.dtype.element_ty), mask=mask_b)
+    tl.store(istar_ptr + rb, i_star.to(tl.int64), mask=mask_b)
+    tl.store(j_ptr + rb, j.to(tl.int64), mask=mask_b)
+
+
+@triton.jit
+def _bottom_logit_bwd_kernel(
+    g_ptr, istar_ptr, j_ptr, d_ptr, ek_ptr, gf_ptr, gd_ptr, gk_part_ptr, B, C,
+    FP64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    acc_t = tl.float64 if FP64 else tl.float32
+    rb = pid * BLOCK_B + tl.arange(0, BLOCK_B)
+    mask_b = rb < B
+    rc = tl.arange(0, BLOCK_C)
+    row = rb.to(tl.int64) * C
+    g = tl.load(g_ptr + rb, mask=mask_b, other=0.0).to(acc_t)
+    i_star = tl.load(istar_ptr + rb, mask=mask_b, other=0)
+    j = tl.load(j_ptr + rb, mask=mask_b, other=0)
+    # grad wrt the logits: g at i*, 0 elsewhere; every element written exactly once
+    for c0 in range(0, C, BLOCK_C):
+        cc = c0 + rc
+        m = mask_b[:, None] & (cc < C)[None, :]
+        val = tl.where(cc[None, :] == i_star[:, None], g[:, None], 0.0)
+        tl.store(gf_ptr + row[:, None] + cc[None, :], val.to(gf_ptr.dtype.element_ty), mask=m)
+    # grad wrt D: ε·K·g at [j, i*] (rows may share a pair: atomics)
+    ek = tl.load(ek_ptr).to(acc_t)
+    pair = j * C + i_star
+    tl.atomic_add(gd_ptr + pair, ek * g, mask=mask_b)
+    # grad wrt K (without the factor ε, applied by the launcher): Σ g·D[j, i*]
+    dji = tl.load(d_ptr + pair, mask=mask_b, other=0.0).to(acc_t)
+    tl.store(gk_part_ptr + pid, tl.sum(g * dji, axis=0))
+
+
+# ----------------------------------------------------------------------------- launchers
+def _block_c(C: int) -> int:
+    return min(triton.next_power_of_2(C), _MAX_BLOCK_C)
+
+
+def _scaled_lipschitz(lipschitz: torch.Tensor, epsilon: float, acc: torch.dtype) -> torch.Tensor:
+    # ε·K on the device (no host sync), in the accumulation dtype (ε keeps double precision
+    # for float64; a Python float kernel argument would be rounded to fp32)
+    return (lipschitz.detach().to(acc) * epsilon).reshape(1)
+
+
+@torch.library.triton_op("gloro_fast::bottom_logit_triton", mutates_args=())
+def bottom_logit_forward(
+    logits: torch.Tensor,
+    distances: torch.Tensor,
+    lipschitz: torch.Tensor,
+    epsilon: float,
+    classes: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(f_⊥, i*, j): f_⊥ (B,) in the logits' dtype, i* and j (B,) int64."""
+    logits = contiguous(logits)
+    distances = contiguous(distances)
+    B, C = logits.shape
+    acc = acc_dtype(logits.dtype)
+    ek = _scaled_lipschitz(lipschitz, epsilon, acc)
+    f_bot = torch.empty((B,), dtype=logits.dtype, device=logits.device)
+    i_star = torch.empty((B,), dtype=torch.int64, device=logits.device)
+    j = torch.empty((B,), dtype=torch.int64, device=logits.device)
+    has_classes = classes is not None
+    cls = contiguous(classes) if has_classes else j  # placeholder pointer, never read
+    torch.library.wrap_triton(_bottom_logit_fwd_kernel)[
+        lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)
+    ](
+        logits, distances, ek, cls, f_bot, i_star, j, B, C,
+        HAS_CLASSES=has_classes, FP64=acc == torch.float64, BLOCK_C=_block_c(C),
+    )
+    return f_bot, i_star, j
+
+
+_BWD_BLOCK_B = 32
+
+
+@torch.library.triton_op("gloro_fast::bottom_logit_backward_triton", mutates_args=())
+def bottom_logit_backward(
+    grad: torch.Tensor,
+    i_star: torch.Tensor,
+    j: torch.Tensor,
+    distances: torch.Tensor,
+    lipschitz: torch.Tensor,
+    epsilon: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_logits, grad_distances, grad_lipschitz) for the upstream gradient of f_⊥."""
+    grad = contiguous(grad)
+    i_star = contiguous(i_star)
+    j = contiguous(j)
+    distances = contiguous(distances)
+    (B,) = grad.shape
+    C = distances.shape[0]
+    acc = acc_dtype(distances.dtype)
+    ek = _scaled_lipschitz(lipschitz, epsilon, acc)
+    n_prog = triton.cdiv(B, _BWD_BLOCK_B)
+    grad_logits = torch.empty((B, C), dtype=distances.dtype, device=distances.device)
+    grad_d = torch.zeros((C, C), dtype=acc, device=distances.device)
+    gk_part = torch.empty((n_prog,), dtype=acc, device=distances.device)
+    torch.library.wrap_triton(_bottom_logit_bwd_kernel)[(n_prog,)](
+        grad, i_star, j, distances, ek, grad_logits, grad_d, gk_part, B, C,
+        FP64=acc == torch.float64, BLOCK_B=_BWD_BLOCK_B, BLOCK_C=_block_c(C), num_warps=4,
+    )
+    grad_k = (gk_part.sum() * epsilon).to(lipschitz.dtype)
+    return grad_logits, grad_d.to(distances.dtype), grad_k
+
+
+def _setup_context(ctx, inputs, output):
+    _logits, distances, lipschitz, epsilon, _classes = inputs
+    _f_bot, i_star, j = output
+    ctx.save_for_backward(i_star, j, distances, lipschitz)
+    ctx.epsilon = epsilon
+    ctx.batch = _logits.shape[0]
+
+
+def _backward(ctx, grad_f_bot, _grad_i_star, _grad_j):
+    i_star, j, distances, lipschitz = ctx.saved_tensors
+    if grad_f_bot is None:  # pragma: no cover - autograd passes zeros for unused outputs
+        grad_f_bot = torch.zeros((ctx.batch,), dtype=distances.dtype, device=distances.device)
+    grad_logits, grad_d, grad_k = torch.ops.gloro_fast.bottom_logit_backward_triton(
+        grad_f_bot, i_star, j, distances, lipschitz, ctx.epsilon
+    )
+    needs = ctx.needs_input_grad
+    return (
+        grad_logits if needs[0] else None,
+        grad_d if needs[1] else None,
+        grad_k if needs[2] else None,
+        None,
+        None,
+    )
+
+
+bottom_logit_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------- public entry
+def bottom_logit(
+    logits: torch.Tensor,
+    distances: torch.Tensor,
+    lipschitz: Union[torch.Tensor, float],
+    epsilon: float,
+    classes: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """⊥ logit and its maximising class (Triton), differentiable w.r.t. f, D and K.
+
+    Same contract as :func:`gloro_fast.ops.bottom_logit` (which validates values; this
+    entry checks only what the kernels need: shapes, dtypes and devices).
+
+    Returns:
+        ``(f_bot, i_star)``: shapes (B,) (dtype of f) and (B,) int64.
+    """
+    if logits.ndim != 2 or logits.shape[1] < 2:
+        raise ValueError(f"logits must have shape (B, C>=2), got {tuple(logits.shape)}")
+    C = logits.shape[1]
+    if tuple(distances.shape) != (C, C):
+        raise ValueError(f"distances must have shape ({C}, {C}), got {tuple(distances.shape)}")
+    check_dtype("logits", logits)
+    if distances.dtype != logits.dtype:
+        raise ValueError(f"distances must have the logits' dtype {logits.dtype}, got {distances.dtype}")
+    if not isinstance(lipschitz, torch.Tensor):
+        lipschitz = torch.tensor(float(lipschitz), dtype=logits.dtype, device=logits.device)
+    if lipschitz.ndim != 0:
+        raise ValueError(f"lipschitz must be a 0-dim tensor or a float, got shape {tuple(lipschitz.shape)}")
+    if lipschitz.dtype != logits.dtype:
+        raise ValueError(f"lipschitz must have the logits' dtype {logits.dtype}, got {lipschitz.dtype}")
+    if classes is not None:
+        if classes.shape != (logits.shape[0],) or classes.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"classes must be an integer tensor of shape ({logits.shape[0]},)")
+        check_device(classes)
+    check_device(logits, distances, lipschitz)
+    f_bot, i_star, _j = torch.ops.gloro_fast.bottom_logit_triton(
+        logits, distances, lipschitz, float(epsilon), classes
+    )
+    return f_bot, i_star

@@ -7,20 +7,36 @@ restores H×W, followed by a crop when the zero padding is asymmetric.
 
     repeat n_iter times (no autograd):  u ← Aᵀ A u / ‖Aᵀ A u‖
     σ̂ = ‖A u‖                           (autograd w.r.t. the kernel only)
+
+Layers of one configuration (kernel shape, stride, padding, dilation, groups, residual,
+iterate shape — e.g. the blocks of a LiResNet) can run together with
+:func:`power_iteration_conv_batched`: their iterates stacked on the channel axis and their
+kernels on the output axis make ONE grouped convolution (groups × layers), normalised per
+layer.
+
+Backends: ``reference`` (below) and ``cpp``: the compiled custom ops
+``torch.ops.gloro_fast.power_iteration_conv`` / ``power_iteration_conv_backward`` (library
+convolutions with fused normalisation/norm epilogues, csrc/cpu and csrc/cuda), made
+differentiable and traceable here with ``register_autograd`` and ``register_fake``. The
+compiled op takes the iterate as (N, C_in, H, W) for N layers whose kernels are stacked in
+the weight (N·C_out, C_in/groups, kh, kw), and returns σ̂ of shape (N,).
 """
 from __future__ import annotations
 
-from typing import Sequence, Tuple, Union
+from typing import List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 from .._validation import check_positive_int, check_tensor
 from ._backend import resolve_backend
+from ._extension import extension_loaded
 from ._power_iteration_common import normalize_iterate
 
 __all__ = [
     "power_iteration_conv",
+    "power_iteration_conv_batched",
+    "power_iteration_conv_batched_reference",
     "power_iteration_conv_reference",
     "conv_operator",
     "conv_operator_adjoint",
@@ -104,6 +120,48 @@ def power_iteration_conv_reference(
     return u, sigma
 
 
+def _check_conv(weight, iterate, n_iter, stride, padding, dilation, groups, residual,
+                wname="weight", uname="iterate"):
+    """Validate one layer's arguments; returns (n_iter, stride, pads, dilation, groups)."""
+    check_tensor(wname, weight, ndim=4, floating=True)
+    check_tensor(uname, iterate, ndim=4, floating=True)
+    n_iter = check_positive_int("n_iter", n_iter, allow_zero=True)
+    groups = check_positive_int("groups", groups)
+    stride, dilation, pads = _pair(stride, "stride"), _pair(dilation, "dilation"), _pads(padding)
+    c_out, c_in_g = weight.shape[:2]
+    if iterate.shape[0] != 1 or iterate.shape[1] != c_in_g * groups:
+        raise ValueError(
+            f"{uname} must have shape (1, {c_in_g * groups}, H, W) for {wname} {tuple(weight.shape)} "
+            f"and groups={groups}, got {tuple(iterate.shape)}"
+        )
+    if c_out % groups:
+        raise ValueError(f"groups={groups} must divide the {c_out} output channels of {wname}")
+    if iterate.device != weight.device or iterate.dtype != weight.dtype:
+        raise ValueError(
+            f"{uname} must match {wname} in dtype and device, got {iterate.dtype}/{iterate.device} "
+            f"vs {weight.dtype}/{weight.device}"
+        )
+    for axis, name in enumerate(("height", "width")):
+        size = iterate.shape[2 + axis] + pads[2 * axis] + pads[2 * axis + 1]
+        if size < dilation[axis] * (weight.shape[2 + axis] - 1) + 1:
+            raise ValueError(
+                f"padded input {name} {size} is smaller than the dilated kernel of {wname} "
+                f"{tuple(weight.shape)}"
+            )
+    if residual:
+        out = [
+            (iterate.shape[2 + a] + pads[2 * a] + pads[2 * a + 1] - dilation[a] * (weight.shape[2 + a] - 1) - 1)
+            // stride[a] + 1
+            for a in range(2)
+        ]
+        if c_out != iterate.shape[1] or tuple(out) != tuple(iterate.shape[2:]):
+            raise ValueError(
+                "residual=True needs a convolution whose output shape equals its input shape "
+                f"{tuple(iterate.shape[1:])}, got ({c_out}, {out[0]}, {out[1]})"
+            )
+    return n_iter, stride, pads, dilation, groups
+
+
 def power_iteration_conv(
     weight: torch.Tensor,
     iterate: torch.Tensor,
@@ -130,45 +188,169 @@ def power_iteration_conv(
     Returns:
         ``(u_new, sigma)``: u_new detached, sigma 0-dim, differentiable w.r.t. weight.
     """
-    check_tensor("weight", weight, ndim=4, floating=True)
-    check_tensor("iterate", iterate, ndim=4, floating=True)
-    n_iter = check_positive_int("n_iter", n_iter, allow_zero=True)
-    groups = check_positive_int("groups", groups)
-    stride, dilation, pads = _pair(stride, "stride"), _pair(dilation, "dilation"), _pads(padding)
-    c_out, c_in_g = weight.shape[:2]
-    if iterate.shape[0] != 1 or iterate.shape[1] != c_in_g * groups:
-        raise ValueError(
-            f"iterate must have shape (1, {c_in_g * groups}, H, W) for weight {tuple(weight.shape)} "
-            f"and groups={groups}, got {tuple(iterate.shape)}"
-        )
-    if c_out % groups:
-        raise ValueError(f"groups={groups} must divide the {c_out} output channels of weight")
-    if iterate.device != weight.device or iterate.dtype != weight.dtype:
-        raise ValueError(
-            f"iterate must match weight in dtype and device, got {iterate.dtype}/{iterate.device} "
-            f"vs {weight.dtype}/{weight.device}"
-        )
-    for axis, name in enumerate(("height", "width")):
-        size = iterate.shape[2 + axis] + pads[2 * axis] + pads[2 * axis + 1]
-        if size < dilation[axis] * (weight.shape[2 + axis] - 1) + 1:
-            raise ValueError(
-                f"padded input {name} {size} is smaller than the dilated kernel of weight "
-                f"{tuple(weight.shape)}"
-            )
-    if residual:
-        out = [
-            (iterate.shape[2 + a] + pads[2 * a] + pads[2 * a + 1] - dilation[a] * (weight.shape[2 + a] - 1) - 1)
-            // stride[a] + 1
-            for a in range(2)
-        ]
-        if c_out != iterate.shape[1] or tuple(out) != tuple(iterate.shape[2:]):
-            raise ValueError(
-                "residual=True needs a convolution whose output shape equals its input shape "
-                f"{tuple(iterate.shape[1:])}, got ({c_out}, {out[0]}, {out[1]})"
-            )
-    backend = resolve_backend(weight.device)
-    if backend != "reference":  # pragma: no cover
-        raise RuntimeError(f"unknown backend {backend!r}")
-    return power_iteration_conv_reference(
-        weight, iterate, n_iter, stride, pads, dilation, groups, residual
+    n_iter, stride, pads, dilation, groups = _check_conv(
+        weight, iterate, n_iter, stride, padding, dilation, groups, residual
     )
+    residual = bool(residual)
+    backend = resolve_backend(weight.device, op="power_iteration_conv")
+    if backend == "reference":
+        return power_iteration_conv_reference(
+            weight, iterate, n_iter, stride, pads, dilation, groups, residual
+        )
+    if backend == "cpp":
+        u, sigma = torch.ops.gloro_fast.power_iteration_conv(
+            weight, iterate, n_iter, list(stride), list(pads), list(dilation), groups, residual
+        )
+        return u, sigma.reshape(())
+    raise RuntimeError(f"unknown backend {backend!r}")  # pragma: no cover - guarded by set_backend
+
+
+def _normalize_blocks(new: torch.Tensor, old: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Per-layer :func:`normalize_iterate` of (1, blocks·C, H, W) channel-stacked iterates."""
+    flat_new, flat_old = new.reshape(blocks, -1), old.reshape(blocks, -1)
+    norm = torch.linalg.vector_norm(flat_new, dim=1, keepdim=True)
+    out = torch.where(norm > 0, flat_new / norm.clamp_min(torch.finfo(new.dtype).tiny), flat_old)
+    return out.reshape(new.shape)
+
+
+def power_iteration_conv_batched_reference(
+    weight, iterate, n_iter, stride, pads, dilation, groups, residual
+):
+    """Reference of the batched op: ``iterate`` (N, C_in, H, W) holds N layers' iterates,
+    ``weight`` (N·C_out, C_in/groups, kh, kw) their kernels stacked on the output axis.
+    One grouped convolution (groups·N) on the channel-stacked iterate, normalised per
+    layer. Returns (u_new (N, C_in, H, W), sigma (N,))."""
+    blocks, c_in, height, width = iterate.shape
+    args = (stride, pads, dilation, groups * blocks)
+    u = iterate.reshape(1, blocks * c_in, height, width)
+    with torch.no_grad():
+        w = weight.detach()
+        for _ in range(n_iter):
+            v = conv_operator(u, w, *args, residual=residual)
+            x = conv_operator_adjoint(v, w, *args, (height, width), residual=residual)
+            u = _normalize_blocks(x, u, blocks)
+    out = conv_operator(u, weight, *args, residual=residual)
+    sigma = torch.linalg.vector_norm(out.reshape(blocks, -1), dim=1)
+    return u.reshape(blocks, c_in, height, width), sigma
+
+
+def power_iteration_conv_batched(
+    weights: Sequence[torch.Tensor],
+    iterates: Sequence[torch.Tensor],
+    n_iter: int = 1,
+    *,
+    stride: Union[int, Sequence[int]] = 1,
+    padding: Union[int, Sequence[int]] = 0,
+    dilation: Union[int, Sequence[int]] = 1,
+    groups: int = 1,
+    residual: bool = False,
+) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """:func:`power_iteration_conv` on several layers of ONE configuration at once.
+
+    All ``weights`` share one shape, dtype and device, all ``iterates`` one shape (1, C_in,
+    H, W), and the convolution arguments apply to every layer. The layers run as one
+    grouped convolution (kernels stacked on the output axis, iterates on the channel axis,
+    groups × layers) with per-layer normalisation: the same result as one call per layer.
+
+    Returns:
+        ``(list of u_new, list of sigma)``: as :func:`power_iteration_conv` per layer.
+    """
+    weights, iterates = list(weights), list(iterates)
+    if len(weights) != len(iterates):
+        raise ValueError(
+            f"weights and iterates must have the same length, got {len(weights)} and {len(iterates)}"
+        )
+    checked = None
+    for k, (w, u) in enumerate(zip(weights, iterates)):
+        checked = _check_conv(w, u, n_iter, stride, padding, dilation, groups, residual,
+                              wname=f"weights[{k}]", uname=f"iterates[{k}]")
+        if k and (w.shape != weights[0].shape or w.dtype != weights[0].dtype or w.device != weights[0].device):
+            raise ValueError(
+                f"weights[{k}] must match weights[0] in shape, dtype and device, got "
+                f"{tuple(w.shape)}/{w.dtype}/{w.device} vs "
+                f"{tuple(weights[0].shape)}/{weights[0].dtype}/{weights[0].device}"
+            )
+        if k and u.shape != iterates[0].shape:
+            raise ValueError(
+                f"iterates[{k}] must match iterates[0] in shape, got {tuple(u.shape)} vs "
+                f"{tuple(iterates[0].shape)}"
+            )
+    if not weights:
+        check_positive_int("n_iter", n_iter, allow_zero=True)
+        return [], []
+    n_iter, stride, pads, dilation, groups = checked
+    residual = bool(residual)
+    weight = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
+    iterate = iterates[0] if len(iterates) == 1 else torch.cat(iterates, dim=0)
+    backend = resolve_backend(weight.device, op="power_iteration_conv")
+    if backend == "reference":
+        u, sigma = power_iteration_conv_batched_reference(
+            weight, iterate, n_iter, stride, pads, dilation, groups, residual
+        )
+    elif backend == "cpp":
+        u, sigma = torch.ops.gloro_fast.power_iteration_conv(
+            weight, iterate, n_iter, list(stride), list(pads), list(dilation), groups, residual
+        )
+    else:  # pragma: no cover - guarded by set_backend
+        raise RuntimeError(f"unknown backend {backend!r}")
+    return list(u.split(1, dim=0)), list(sigma.unbind(0))
+
+
+# ---- registration of the compiled ops (only when gloro_fast._C loaded, only once) ----
+
+_OP = "gloro_fast::power_iteration_conv"
+_OP_BACKWARD = "gloro_fast::power_iteration_conv_backward"
+
+
+def _fake_power_iteration_conv(weight, iterate, n_iter, stride, padding, dilation, groups, residual):
+    return iterate.new_empty(iterate.shape), iterate.new_empty((iterate.shape[0],))
+
+
+def _fake_power_iteration_conv_backward(grad_sigma, weight, iterate, sigma, stride, padding, dilation,
+                                        groups, residual):
+    return weight.new_empty(weight.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    weight, _iterate, _n_iter, stride, padding, dilation, groups, residual = inputs
+    u, sigma = output
+    ctx.mark_non_differentiable(u)
+    ctx.conv_args = (stride, padding, dilation, groups, residual)
+    ctx.save_for_backward(weight, u, sigma)
+
+
+def _backward(ctx, grad_u, grad_sigma):
+    weight, u, sigma = ctx.saved_tensors
+    grad_weight = None
+    if ctx.needs_input_grad[0]:
+        if grad_sigma is None:
+            grad_sigma = torch.zeros_like(sigma)
+        grad_weight = torch.ops.gloro_fast.power_iteration_conv_backward(
+            grad_sigma, weight, u, sigma, *ctx.conv_args
+        )
+    return grad_weight, None, None, None, None, None, None, None
+
+
+def _already_registered(qualname: str) -> bool:
+    try:  # survives importlib.reload of this module
+        from torch._library.simple_registry import singleton
+
+        return singleton.find(qualname).fake_impl.kernel is not None
+    except Exception:  # pragma: no cover - private API moved
+        return False
+
+
+def _register() -> bool:
+    if _state["registered"] or _already_registered(_OP):
+        _state["registered"] = True
+        return True
+    torch.library.register_fake(_OP)(_fake_power_iteration_conv)
+    torch.library.register_fake(_OP_BACKWARD)(_fake_power_iteration_conv_backward)
+    torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
+    _state["registered"] = True
+    return True
+
+
+_state = {"registered": False}
+if extension_loaded():
+    _register()

@@ -6,6 +6,12 @@ For each layer, with W ∈ R^{m×n} and a unit iterate u ∈ R^n:
     σ̂ = ‖W u‖                           (autograd w.r.t. W only: ∂σ̂/∂W = (W u) uᵀ / σ̂)
 
 σ̂ ≤ ‖W‖₂ always, and converges to it from below.
+
+Backends: ``reference`` (below, one layer at a time) and ``cpp``: the compiled custom ops
+``torch.ops.gloro_fast.power_iteration_linear`` / ``power_iteration_linear_backward``
+(csrc/cpu, csrc/cuda), which treat all layers of a call together (one parallel region or
+kernel launch per elementary step). They are made differentiable and traceable here with
+``register_autograd`` and ``register_fake``.
 """
 from __future__ import annotations
 
@@ -15,6 +21,7 @@ import torch
 
 from .._validation import check_positive_int, check_tensor
 from ._backend import resolve_backend
+from ._extension import extension_loaded
 from ._power_iteration_common import normalize_iterate
 
 __all__ = ["power_iteration_linear", "power_iteration_linear_reference"]
@@ -67,10 +74,76 @@ def power_iteration_linear(
                 f"iterates[{k}] must match weights[{k}] in dtype and device, got "
                 f"{u.dtype}/{u.device} vs {w.dtype}/{w.device}"
             )
-    backend = resolve_backend(weights[0].device if weights else None)
-    if backend != "reference":  # pragma: no cover
+    backend = resolve_backend(weights[0].device if weights else None, op="power_iteration_linear")
+    if backend == "cpp" and any(w.device != weights[0].device for w in weights):
+        backend = "reference"  # one call of the compiled op runs on one device
+    if backend == "reference":
+        new_iterates, sigmas = power_iteration_linear_reference(weights, iterates, n_iter)
+    elif backend == "cpp":
+        new_iterates, sigmas = torch.ops.gloro_fast.power_iteration_linear(weights, iterates, n_iter)
+    else:  # pragma: no cover - guarded by set_backend
         raise RuntimeError(f"unknown backend {backend!r}")
-    new_iterates, sigmas = power_iteration_linear_reference(weights, iterates, n_iter)
     if single:
         return new_iterates[0], sigmas[0]
     return new_iterates, sigmas
+
+
+# ---- registration of the compiled ops (only when gloro_fast._C loaded, only once) ----
+
+_OP = "gloro_fast::power_iteration_linear"
+_OP_BACKWARD = "gloro_fast::power_iteration_linear_backward"
+
+
+def _fake_power_iteration_linear(weights, iterates, n_iter):
+    return [u.new_empty(u.shape) for u in iterates], [w.new_empty(()) for w in weights]
+
+
+def _fake_power_iteration_linear_backward(grad_sigmas, weights, iterates, sigmas):
+    return [w.new_empty(w.shape) for w in weights]
+
+
+def _setup_context(ctx, inputs, output):
+    weights, _iterates, _n_iter = inputs
+    new_iterates, sigmas = output
+    ctx.mark_non_differentiable(*new_iterates)
+    ctx.num_layers = len(weights)
+    ctx.save_for_backward(*weights, *new_iterates, *sigmas)
+
+
+def _backward(ctx, grad_iterates, grad_sigmas):
+    count = ctx.num_layers
+    saved = ctx.saved_tensors
+    weights, iterates, sigmas = saved[:count], saved[count : 2 * count], saved[2 * count :]
+    grad_weights = [None] * count
+    if any(ctx.needs_input_grad[0]):
+        grads = [torch.zeros_like(s) if g is None else g for g, s in zip(grad_sigmas, sigmas)]
+        grad_weights = list(
+            torch.ops.gloro_fast.power_iteration_linear_backward(grads, weights, iterates, sigmas)
+        )
+        grad_weights = [g if need else None for g, need in zip(grad_weights, ctx.needs_input_grad[0])]
+    return grad_weights, [None] * count, None
+
+
+def _already_registered(qualname: str) -> bool:
+    try:  # survives importlib.reload of this module
+        from torch._library.simple_registry import singleton
+
+        return singleton.find(qualname).fake_impl.kernel is not None
+    except Exception:  # pragma: no cover - private API moved
+        return False
+
+
+def _register() -> bool:
+    if _state["registered"] or _already_registered(_OP):
+        _state["registered"] = True
+        return True
+    torch.library.register_fake(_OP)(_fake_power_iteration_linear)
+    torch.library.register_fake(_OP_BACKWARD)(_fake_power_iteration_linear_backward)
+    torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
+    _state["registered"] = True
+    return True
+
+
+_state = {"registered": False}
+if extension_loaded():
+    _register()

@@ -1,12 +1,15 @@
 // CPU kernels of gloro_fast::class_distances and gloro_fast::class_distances_backward.
 //
 // D (C, C), D_ji = ||w_j - w_i||_2 for W (C, d).
-//   Gram mode (exact=false, C > 25, like torch.cdist's "use_mm_if_necessary"): G = W W^T by
-//     at::mm (BLAS), then one fused parallel epilogue: D_ji = sqrt(max(0, G_jj + G_ii - G_ji - G_ij)),
+//   Gram mode (exact=false, C > 25, like torch.cdist's "use_mm_if_necessary"): G = V V^T by
+//     at::mm (BLAS) with V = W - mean row (D is translation invariant), then one fused parallel epilogue: D_ji = sqrt(max(0, G_jj + G_ii - G_ji - G_ij)),
 //     zero diagonal (symmetric by construction). For C <= 25 the direct form is used (cheap, exact).
 //   exact mode: direct differences sum_k (w_jk - w_ik)^2, parallel over pairs of rows
 //     (row p with row C-1-p, so every task does about the same work), no C x C x d temporaries.
-// Backward: M = G/D (0 where D == 0), S = M + M^T, grad_W = diag(S 1) W - S W (S W by at::mm).
+// Backward: M = G/D (0 where D == 0), S = M + M^T, grad_W = diag(S 1) W - S W (S W by at::mm),
+//   evaluated on the centred rows V (the expression is translation invariant). Its rounding
+//   error on a pair is ~ ulp * ||v|| / D_ji relative, so near-duplicate rows (D_ji << ||v||)
+//   get a less accurate gradient than direct differences would give.
 // float32/float64 natively; bfloat16/float16 compute in float32 (at::opmath_type) and cast back.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -99,7 +102,12 @@ at::Tensor distances_impl(const at::Tensor& weight, bool exact) {
   at::Tensor out = at::empty({C, C}, weight.options());
   const bool gram = !exact && C >= kGramMinClasses;
   at::Tensor gram_matrix;
-  if (gram) gram_matrix = at::mm(weight, weight.t()).contiguous();
+  if (gram) {
+    // D is translation invariant: centring the rows first shrinks ||w||^2 and with it the
+    // cancellation in G_jj + G_ii - 2 G_ji (rows far from the origin lose nothing)
+    const at::Tensor centred = weight - weight.mean(0, /*keepdim=*/true);
+    gram_matrix = at::mm(centred, centred.t()).contiguous();
+  }
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "class_distances_cpu", [&] {
     if (gram) {
       gram_epilogue<scalar_t>(gram_matrix.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), C);
@@ -170,10 +178,13 @@ at::Tensor distances_backward_impl(const at::Tensor& grad, const at::Tensor& wei
       }
     });
   });
-  at::Tensor sw = at::mm(sym, weight).contiguous();
+  // diag(S 1) W - S W is invariant under W -> W - 1 mu^T: use centred rows, whose smaller
+  // norms keep the cancellation between the two terms small
+  const at::Tensor centred = (weight - weight.mean(0, /*keepdim=*/true)).contiguous();
+  at::Tensor sw = at::mm(sym, centred).contiguous();
   at::Tensor out = at::empty({C, d}, weight.options());
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "class_distances_backward_cpu_w", [&] {
-    scale_rows_minus<scalar_t>(weight.const_data_ptr<scalar_t>(), sw.const_data_ptr<scalar_t>(),
+    scale_rows_minus<scalar_t>(centred.const_data_ptr<scalar_t>(), sw.const_data_ptr<scalar_t>(),
                                rowsum.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(), C, d);
   });
   return out;

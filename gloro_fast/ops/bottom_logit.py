@@ -87,13 +87,21 @@ def bottom_logit(
         raise ValueError(f"lipschitz must be >= 0, got {float(lipschitz.detach())}")
     if classes is not None:
         classes = check_labels("classes", classes, logits.shape[0], num_classes, logits.device)
-    backend = resolve_backend(logits.device, op="bottom_logit")
+    backend = _resolve(logits.device.type)
     if backend == "reference":
         return bottom_logit_reference(logits, distances, lipschitz, epsilon, classes)
     if backend == "cpp":
         bottom, i_star, _ = torch.ops.gloro_fast.bottom_logit(logits, distances, lipschitz, epsilon, classes)
         return bottom, i_star
     raise RuntimeError(f"unknown backend {backend!r}")  # pragma: no cover
+
+
+@torch.compiler.assume_constant_result
+def _resolve(device_type: str) -> str:
+    """The backend for this op on ``device_type``. Under torch.compile the answer is taken
+    as a constant of the traced graph (the kernel lookup itself cannot be traced; changing
+    the backend afterwards takes effect on the next compilation)."""
+    return resolve_backend(torch.device(device_type), op="bottom_logit")
 
 
 # ---- registration of the compiled ops (only when gloro_fast._C loaded, only once) ----

@@ -45,12 +45,20 @@ def class_distances(weight: torch.Tensor, exact: bool = False) -> torch.Tensor:
     if weight.shape[0] < 1 or weight.shape[1] < 1:
         raise ValueError(f"weight must have shape (C, d) with C, d >= 1, got {tuple(weight.shape)}")
     check_finite("weight", weight)
-    backend = resolve_backend(weight.device, op="class_distances")
+    backend = _resolve(weight.device.type)
     if backend == "reference":
         return class_distances_reference(weight, exact=exact)
     if backend == "cpp":
         return torch.ops.gloro_fast.class_distances(weight, bool(exact))
     raise RuntimeError(f"unknown backend {backend!r}")  # pragma: no cover - guarded by set_backend
+
+
+@torch.compiler.assume_constant_result
+def _resolve(device_type: str) -> str:
+    """The backend for this op on ``device_type``. Under torch.compile the answer is taken
+    as a constant of the traced graph (the kernel lookup itself cannot be traced; changing
+    the backend afterwards takes effect on the next compilation)."""
+    return resolve_backend(torch.device(device_type), op="class_distances")
 
 
 # ---- registration of the compiled ops (only when gloro_fast._C loaded, only once) ----

@@ -1,0 +1,174 @@
+// CUDA binding of gloro_fast::power_iteration_linear and power_iteration_linear_backward: checks,
+// dtype groups, workspace allocation (caching allocator), then the launchers of
+// csrc/cuda/power_iteration_linear.cu on the current stream. float/double run natively;
+// bfloat16/float16 layers are converted to float32 and their results cast back.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <map>
+#include <vector>
+
+namespace gloro_fast {
+namespace cuda {
+// Defined in power_iteration_linear.cu.
+size_t power_iteration_linear_workspace_bytes(const int64_t* m, const int64_t* n, int64_t L, size_t elem_size);
+void power_iteration_linear_launch(const float* const* w, float* const* u, float* const* sigma, const int64_t* m,
+                                   const int64_t* n, int64_t L, int64_t n_iter, void* workspace,
+                                   cudaStream_t stream);
+void power_iteration_linear_launch(const double* const* w, double* const* u, double* const* sigma,
+                                   const int64_t* m, const int64_t* n, int64_t L, int64_t n_iter, void* workspace,
+                                   cudaStream_t stream);
+void power_iteration_linear_backward_launch(const float* const* grad_sigma, const float* const* w,
+                                            const float* const* u, const float* const* sigma, float* const* grad_w,
+                                            const int64_t* m, const int64_t* n, int64_t L, void* workspace,
+                                            cudaStream_t stream);
+void power_iteration_linear_backward_launch(const double* const* grad_sigma, const double* const* w,
+                                            const double* const* u, const double* const* sigma,
+                                            double* const* grad_w, const int64_t* m, const int64_t* n, int64_t L,
+                                            void* workspace, cudaStream_t stream);
+}  // namespace cuda
+
+namespace {
+
+using at::Tensor;
+
+void check_lists(const char* op, at::TensorList weights, at::TensorList iterates) {
+  TORCH_CHECK(weights.size() == iterates.size(), op, ": weights and iterates must have the same length");
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const Tensor& w = weights[l];
+    const Tensor& u = iterates[l];
+    TORCH_CHECK(w.dim() == 2, op, ": weights[", l, "] must be 2-D, got ", w.sizes());
+    TORCH_CHECK(u.dim() == 1 && u.size(0) == w.size(1), op, ": iterates[", l, "] must have shape (", w.size(1),
+                "), got ", u.sizes());
+    TORCH_CHECK(at::isFloatingType(w.scalar_type()) && u.scalar_type() == w.scalar_type(), op,
+                ": weights[", l, "] and iterates[", l, "] must share one floating dtype");
+    TORCH_CHECK(w.is_cuda() && u.device() == w.device() && w.device() == weights[0].device(), op,
+                " (CUDA kernel): every tensor must be on one CUDA device");
+  }
+}
+
+at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+
+std::map<at::ScalarType, std::vector<size_t>> by_dtype(at::TensorList weights) {
+  std::map<at::ScalarType, std::vector<size_t>> groups;
+  for (size_t l = 0; l < weights.size(); ++l) groups[weights[l].scalar_type()].push_back(l);
+  return groups;
+}
+
+Tensor as_compute(const Tensor& t, at::ScalarType ct) { return t.to(ct).contiguous(); }
+
+template <typename T>
+void forward_group(at::TensorList weights, at::TensorList iterates, const std::vector<size_t>& idx, int64_t n_iter,
+                   std::vector<Tensor>& u_out, std::vector<Tensor>& s_out) {
+  const at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
+  const int64_t L = static_cast<int64_t>(idx.size());
+  std::vector<Tensor> w(L), u(L), s(L);
+  std::vector<const T*> wp(L);
+  std::vector<T*> up(L), sp(L);
+  std::vector<int64_t> m(L), n(L);
+  for (int64_t k = 0; k < L; ++k) {
+    const size_t l = idx[k];
+    w[k] = as_compute(weights[l], ct);
+    u[k] = at::empty({weights[l].size(1)}, w[k].options()).copy_(iterates[l]);  // fresh: updated in place
+    s[k] = at::empty({}, w[k].options());
+    wp[k] = w[k].data_ptr<T>();
+    up[k] = u[k].data_ptr<T>();
+    sp[k] = s[k].data_ptr<T>();
+    m[k] = w[k].size(0);
+    n[k] = w[k].size(1);
+  }
+  const size_t bytes = cuda::power_iteration_linear_workspace_bytes(m.data(), n.data(), L, sizeof(T));
+  Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, w[0].options().dtype(at::kByte));
+  cuda::power_iteration_linear_launch(wp.data(), up.data(), sp.data(), m.data(), n.data(), L, n_iter,
+                                      workspace.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for (int64_t k = 0; k < L; ++k) {
+    const at::ScalarType out_type = weights[idx[k]].scalar_type();
+    u_out[idx[k]] = u[k].to(out_type);
+    s_out[idx[k]] = s[k].to(out_type);
+  }
+}
+
+std::tuple<std::vector<Tensor>, std::vector<Tensor>> power_iteration_linear_cuda(at::TensorList weights,
+                                                                                 at::TensorList iterates,
+                                                                                 int64_t n_iter) {
+  check_lists("power_iteration_linear", weights, iterates);
+  TORCH_CHECK(n_iter >= 0, "power_iteration_linear: n_iter must be >= 0, got ", n_iter);
+  std::vector<Tensor> u_out(weights.size()), s_out(weights.size());
+  if (weights.empty()) return {u_out, s_out};
+  const c10::cuda::CUDAGuard guard(weights[0].device());
+  for (const auto& [dtype, idx] : by_dtype(weights)) {
+    if (compute_type(dtype) == at::kDouble) {
+      forward_group<double>(weights, iterates, idx, n_iter, u_out, s_out);
+    } else {
+      forward_group<float>(weights, iterates, idx, n_iter, u_out, s_out);
+    }
+  }
+  return {u_out, s_out};
+}
+
+template <typename T>
+void backward_group(at::TensorList grad_sigmas, at::TensorList weights, at::TensorList iterates,
+                    at::TensorList sigmas, const std::vector<size_t>& idx, std::vector<Tensor>& grads) {
+  const at::ScalarType ct = c10::CppTypeToScalarType<T>::value;
+  const int64_t L = static_cast<int64_t>(idx.size());
+  std::vector<Tensor> g(L), w(L), u(L), s(L), out(L);
+  std::vector<const T*> gp(L), wp(L), upt(L), sp(L);
+  std::vector<T*> op(L);
+  std::vector<int64_t> m(L), n(L);
+  for (int64_t k = 0; k < L; ++k) {
+    const size_t l = idx[k];
+    // an incoming gradient may be an expanded (stride-0) view: materialise it
+    g[k] = as_compute(grad_sigmas[l].reshape({}), ct);
+    w[k] = as_compute(weights[l], ct);
+    u[k] = as_compute(iterates[l], ct);
+    s[k] = as_compute(sigmas[l].reshape({}), ct);
+    out[k] = at::empty({w[k].size(0), w[k].size(1)}, w[k].options());
+    gp[k] = g[k].data_ptr<T>();
+    wp[k] = w[k].data_ptr<T>();
+    upt[k] = u[k].data_ptr<T>();
+    sp[k] = s[k].data_ptr<T>();
+    op[k] = out[k].data_ptr<T>();
+    m[k] = w[k].size(0);
+    n[k] = w[k].size(1);
+  }
+  const size_t bytes = cuda::power_iteration_linear_workspace_bytes(m.data(), n.data(), L, sizeof(T));
+  Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, w[0].options().dtype(at::kByte));
+  cuda::power_iteration_linear_backward_launch(gp.data(), wp.data(), upt.data(), sp.data(), op.data(), m.data(),
+                                               n.data(), L, workspace.data_ptr(), c10::cuda::getCurrentCUDAStream().stream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  for (int64_t k = 0; k < L; ++k) grads[idx[k]] = out[k].to(weights[idx[k]].scalar_type());
+}
+
+std::vector<Tensor> power_iteration_linear_backward_cuda(at::TensorList grad_sigmas, at::TensorList weights,
+                                                         at::TensorList iterates, at::TensorList sigmas) {
+  check_lists("power_iteration_linear_backward", weights, iterates);
+  TORCH_CHECK(grad_sigmas.size() == weights.size() && sigmas.size() == weights.size(),
+              "power_iteration_linear_backward: grad_sigmas, weights, iterates and sigmas must have the same length");
+  for (size_t l = 0; l < weights.size(); ++l) {
+    TORCH_CHECK(grad_sigmas[l].numel() == 1 && sigmas[l].numel() == 1, "power_iteration_linear_backward: ",
+                "grad_sigmas[", l, "] and sigmas[", l, "] must hold one value each");
+  }
+  std::vector<Tensor> grads(weights.size());
+  if (weights.empty()) return grads;
+  const c10::cuda::CUDAGuard guard(weights[0].device());
+  for (const auto& [dtype, idx] : by_dtype(weights)) {
+    if (compute_type(dtype) == at::kDouble) {
+      backward_group<double>(grad_sigmas, weights, iterates, sigmas, idx, grads);
+    } else {
+      backward_group<float>(grad_sigmas, weights, iterates, sigmas, idx, grads);
+    }
+  }
+  return grads;
+}
+
+}  // namespace
+}  // namespace gloro_fast
+
+TORCH_LIBRARY_IMPL(gloro_fast, CUDA, m) {
+  m.impl("power_iteration_linear", &gloro_fast::power_iteration_linear_cuda);
+  m.impl("power_iteration_linear_backward", &gloro_fast::power_iteration_linear_backward_cuda);
+}

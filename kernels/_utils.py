@@ -31,6 +31,7 @@ __all__ = [
     "configs",
     "contiguous",
     "is_interpreted",
+    "unusable_reason",
 ]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -75,3 +76,29 @@ def is_interpreted(kernel) -> bool:
     while hasattr(fn, "fn") and not type(fn).__name__ == "InterpretedFunction":
         fn = fn.fn
     return type(fn).__name__ == "InterpretedFunction"
+
+
+def unusable_reason(device: torch.device) -> "str | None":
+    """Why the kernels cannot run on ``device`` in this process (None when they can).
+
+    CUDA needs a GPU; CPU needs the interpreter, which must have been on when *triton itself*
+    was imported (triton.language's own jit helpers are decorated then) and when these
+    kernel modules were imported.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return None if torch.cuda.is_available() else "no CUDA device"
+    from triton.language import standard
+
+    language_interpreted = type(standard.zeros_like).__name__ == "InterpretedFunction"
+    if not INTERPRET:
+        return (
+            "gloro_fast.kernels was imported without TRITON_INTERPRET=1 (triton reads it when "
+            "kernels are decorated), so the kernels cannot run on CPU in this process"
+        )
+    if not language_interpreted:
+        return (
+            "triton was imported before TRITON_INTERPRET=1 was set, so triton.language is not in "
+            "interpreter mode; run the kernel tests in a process that sets it first"
+        )
+    return None

@@ -1,0 +1,144 @@
+"""Triton-epilogue power_iteration_conv (single and batched layers) against the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from gloro_fast.kernels.power_iteration_conv import (  # noqa: E402
+    normalize_segments,
+    power_iteration_conv,
+    power_iteration_conv_backward,
+    power_iteration_conv_batched,
+    power_iteration_conv_forward,
+    segment_norms,
+)
+from gloro_fast.ops import power_iteration_conv_reference  # noqa: E402
+
+F64 = torch.float64
+
+# weight shape, input (c_in, H, W), stride, pads (top, bottom, left, right), dilation, groups, residual
+CASES = [
+    ((4, 3, 3, 3), (3, 7, 6), (1, 1), (1, 1, 1, 1), (1, 1), 1, False),
+    ((6, 2, 4, 4), (4, 8, 9), (2, 2), (1, 2, 0, 1), (1, 1), 2, False),  # asymmetric, grouped, strided
+    ((3, 3, 3, 3), (3, 5, 5), (1, 1), (2, 2, 2, 2), (2, 2), 1, True),  # dilated LiResNet block
+    ((2, 1, 1, 1), (1, 1, 1), (1, 1), (0, 0, 0, 0), (1, 1), 1, False),  # 1×1 everything
+    ((5, 2, 2, 3), (2, 7, 8), (1, 2), (0, 1, 1, 1), (1, 1), 1, False),
+]
+
+
+def _unit(shape, dtype, device, gen):
+    u = torch.randn(1, *shape, generator=gen, dtype=F64)
+    return (u / u.norm()).to(dtype=dtype, device=device)
+
+
+def _check(case, n_iter, dtype, tol, device, gen):
+    wshape, ushape, stride, pads, dilation, groups, residual = case
+    w = torch.randn(*wshape, generator=gen, dtype=F64).to(dtype=dtype, device=device).requires_grad_()
+    u0 = _unit(ushape, dtype, device, gen)
+    w_ref = w.detach().double().cpu().requires_grad_()
+    u, sigma = power_iteration_conv(w, u0, n_iter, stride, pads, dilation, groups, residual)
+    ru, rs = power_iteration_conv_reference(
+        w_ref, u0.double().cpu(), n_iter, stride, pads, dilation, groups, residual
+    )
+    sigma.backward()
+    rs.backward()
+    assert u.shape == u0.shape and u.dtype == dtype and not u.requires_grad
+    assert sigma.shape == () and sigma.dtype == dtype
+    torch.testing.assert_close(u.double().cpu(), ru, rtol=tol, atol=tol)
+    torch.testing.assert_close(sigma.double().cpu(), rs, rtol=tol, atol=tol)
+    torch.testing.assert_close(w.grad.double().cpu(), w_ref.grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("n_iter", [0, 2])
+@pytest.mark.parametrize("case", CASES)
+def test_float64_matches_reference(case, n_iter, device, gen):
+    _check(case, n_iter, F64, 1e-10, device, gen)
+
+
+def test_float32(device, gen):
+    _check(CASES[1], 3, torch.float32, 1e-5, device, gen)
+
+
+def test_batched_equal_shapes(device, gen):
+    wshape, ushape, stride, pads, dilation, groups, residual = CASES[1]
+    ws = [torch.randn(*wshape, generator=gen, dtype=F64).to(device).requires_grad_() for _ in range(3)]
+    us0 = [_unit(ushape, F64, device, gen) for _ in range(3)]
+    us, sigmas = power_iteration_conv_batched(ws, us0, 2, stride, pads, dilation, groups, residual)
+    (sigmas[0] + 2.0 * sigmas[2]).backward()  # layer 1 gets no gradient
+    for k, coeff in enumerate((1.0, 0.0, 2.0)):
+        w_ref = ws[k].detach().cpu().requires_grad_()
+        ru, rs = power_iteration_conv_reference(
+            w_ref, us0[k].cpu(), 2, stride, pads, dilation, groups, residual
+        )
+        rs.backward()
+        torch.testing.assert_close(us[k].cpu(), ru, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(sigmas[k].cpu(), rs, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(ws[k].grad.cpu(), coeff * w_ref.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_converges_to_operator_norm(device, gen, explicit_matrix):
+    w = torch.randn(3, 2, 3, 3, generator=gen, dtype=F64).to(device)
+    u0 = _unit((2, 5, 4), F64, device, gen)
+    _, sigma = power_iteration_conv(w, u0, 25, 2, (1, 0, 1, 1), 1, 1, False)
+    from gloro_fast.ops.power_iteration_conv import conv_operator
+
+    mat = explicit_matrix(lambda x: conv_operator(x, w.cpu(), (2, 2), (1, 0, 1, 1), (1, 1), 1), (2, 5, 4))
+    true = torch.linalg.matrix_norm(mat, ord=2)
+    assert float(sigma) <= float(true) * (1 + 1e-12)
+    assert float(sigma) >= 0.99 * float(true)
+
+
+def test_zero_kernel_keeps_iterate(device, gen):
+    w = torch.zeros(2, 2, 3, 3, dtype=F64, device=device, requires_grad=True)
+    u0 = _unit((2, 4, 4), F64, device, gen)
+    u, sigma = power_iteration_conv(w, u0, 2, 1, 1, 1, 1, False)
+    assert torch.equal(u, u0) and float(sigma.detach()) == 0.0
+    sigma.backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_segment_kernels(device, gen):
+    x = torch.randn(3, 50, generator=gen, dtype=F64).to(device)
+    x[1] = 0.0
+    old = torch.randn(3, 50, generator=gen, dtype=F64).to(device)
+    out = normalize_segments(x, old, 3)
+    torch.testing.assert_close(out[0], x[0] / x[0].norm())
+    assert torch.equal(out[1], old[1])
+    torch.testing.assert_close(segment_norms(x, 3).cpu(), x.cpu().norm(dim=1))
+
+
+def test_backward_launcher_expanded_gradient(device, gen):
+    wshape, ushape, stride, pads, dilation, groups, residual = CASES[1]
+    ws = [torch.randn(*wshape, generator=gen, dtype=F64).to(device) for _ in range(2)]
+    us0 = [_unit(ushape, F64, device, gen) for _ in range(2)]
+    u, sigma, y = power_iteration_conv_forward(ws, us0, 1, list(stride), list(pads), list(dilation), groups, residual)
+    grad = torch.ones((), dtype=F64, device=device).expand(2)  # stride 0
+    shape = [wshape[0] * 2, *wshape[1:]]
+    gw = power_iteration_conv_backward(grad, sigma, u, y, shape, list(stride), list(pads), list(dilation), groups)
+    for k in range(2):
+        w_ref = ws[k].cpu().requires_grad_()
+        _, rs = power_iteration_conv_reference(w_ref, us0[k].cpu(), 1, stride, pads, dilation, groups, residual)
+        rs.backward()
+        torch.testing.assert_close(gw[k * wshape[0] : (k + 1) * wshape[0]].cpu(), w_ref.grad, rtol=1e-10, atol=1e-10)
+
+
+def test_custom_op_registration(device, gen):
+    w = torch.randn(2, 2, 3, 3, generator=gen).to(device).requires_grad_()
+    torch.library.opcheck(
+        torch.ops.gloro_fast.power_iteration_conv_triton,
+        ([w], [_unit((2, 4, 4), torch.float32, device, gen)], 1, [1, 1], [1, 1, 1, 1], [1, 1], 1, False),
+        test_utils=("test_schema", "test_autograd_registration"),
+    )
+
+
+def test_rejects_bad_input(device):
+    w = torch.zeros(2, 2, 3, 3, device=device)
+    with pytest.raises(ValueError):
+        power_iteration_conv(w, torch.zeros(1, 3, 4, 4, device=device), 1)
+    with pytest.raises(ValueError):
+        power_iteration_conv_batched([w, torch.zeros(2, 2, 1, 1, device=device)],
+                                     [torch.zeros(1, 2, 4, 4, device=device)] * 2, 1)
+    with pytest.raises(ValueError):
+        power_iteration_conv(w, torch.zeros(1, 2, 4, 4, device=device), 1, pads=(1, 2, 3))

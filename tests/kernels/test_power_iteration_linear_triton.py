@@ -1,0 +1,126 @@
+"""Triton power_iteration_linear (many layers in one launch) against the reference."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from gloro_fast.kernels.power_iteration_linear import (  # noqa: E402
+    power_iteration_linear,
+    power_iteration_linear_backward,
+    power_iteration_linear_forward,
+)
+from gloro_fast.ops import power_iteration_linear_reference  # noqa: E402
+
+F64 = torch.float64
+# (1,1), d = 1 columns, tails past BLOCK_M = 32 rows and BLOCK_N = 64 columns
+SHAPES = [(7, 5), (1, 1), (70, 3), (3, 130), (2, 1)]
+
+
+def _layers(shapes, dtype, device, gen):
+    weights, iterates = [], []
+    for m, n in shapes:
+        weights.append(torch.randn(m, n, generator=gen, dtype=F64).to(dtype=dtype, device=device))
+        u = torch.randn(n, generator=gen, dtype=F64)
+        iterates.append((u / u.norm()).to(dtype=dtype, device=device))
+    return weights, iterates
+
+
+def _compare(weights, iterates, n_iter, gen, tol):
+    ws = [w.detach().clone().requires_grad_() for w in weights]
+    refs = [w.detach().double().cpu().requires_grad_() for w in weights]
+    us, sigmas = power_iteration_linear(ws, iterates, n_iter)
+    rus, rsigmas = power_iteration_linear_reference(refs, [u.double().cpu() for u in iterates], n_iter)
+    g = torch.randn(len(ws), generator=gen, dtype=F64)
+    sum(s * c for s, c in zip(sigmas, g.tolist())).backward()
+    sum(s * c for s, c in zip(rsigmas, g.tolist())).backward()
+    for w, u, s, ru, rs, r in zip(ws, us, sigmas, rus, rsigmas, refs):
+        assert u.shape == ru.shape and u.dtype == w.dtype and not u.requires_grad
+        assert s.shape == () and s.dtype == w.dtype
+        torch.testing.assert_close(u.double().cpu(), ru, rtol=tol, atol=tol)
+        torch.testing.assert_close(s.double().cpu(), rs, rtol=tol, atol=tol)
+        torch.testing.assert_close(w.grad.double().cpu(), r.grad, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("n_iter", [0, 1, 4])
+def test_float64_many_layers(n_iter, device, gen):
+    weights, iterates = _layers(SHAPES, F64, device, gen)
+    _compare(weights, iterates, n_iter, gen, 1e-10)
+
+
+@pytest.mark.parametrize(
+    "dtype, tol", [(torch.float32, 1e-5), (torch.float16, 5e-3), (torch.bfloat16, 4e-2)]
+)
+def test_low_precision(dtype, tol, device, gen):
+    weights, iterates = _layers([(9, 6), (4, 17)], dtype, device, gen)
+    _compare(weights, iterates, 2, gen, tol)
+
+
+def test_single_layer_form_and_convergence(device, gen):
+    w = torch.randn(12, 9, generator=gen, dtype=F64).to(device)
+    u0 = torch.ones(9, dtype=F64, device=device) / 3.0
+    u, sigma = power_iteration_linear(w, u0, 25)
+    assert isinstance(u, torch.Tensor) and u.shape == (9,)
+    true = torch.linalg.matrix_norm(w.cpu(), ord=2)
+    assert float(sigma) <= float(true) * (1 + 1e-12)
+    assert float(sigma) >= 0.99 * float(true)
+    assert abs(float(u.norm()) - 1.0) < 1e-12
+
+
+def test_zero_operator_keeps_iterate_and_zero_gradient(device):
+    w = torch.zeros(4, 3, dtype=F64, device=device, requires_grad=True)
+    u0 = torch.tensor([0.6, 0.8, 0.0], dtype=F64, device=device)
+    u, sigma = power_iteration_linear(w, u0, 3)
+    assert torch.equal(u, u0) and float(sigma.detach()) == 0.0
+    sigma.backward()
+    assert torch.equal(w.grad, torch.zeros_like(w))
+
+
+def test_mixed_dtypes_are_grouped(device, gen):
+    (w1, w2), (u1, u2) = _layers([(5, 4), (3, 6)], F64, device, gen)
+    us, sigmas = power_iteration_linear([w1, w2.float()], [u1, u2.float()], 2)
+    assert us[0].dtype == F64 and us[1].dtype == torch.float32 and sigmas[1].dtype == torch.float32
+    ref_u, ref_s = power_iteration_linear_reference([w1.cpu()], [u1.cpu()], 2)
+    torch.testing.assert_close(us[0].cpu(), ref_u[0])
+    torch.testing.assert_close(sigmas[0].cpu(), ref_s[0])
+
+
+def test_backward_launcher_expanded_gradient(device, gen):
+    weights, iterates = _layers([(5, 4), (2, 7)], F64, device, gen)
+    u, sigma, v = power_iteration_linear_forward(weights, iterates, 1)
+    grad = torch.ones((), dtype=F64, device=device).expand(2)  # stride 0
+    flat = power_iteration_linear_backward(grad, sigma, v, u, [5, 4, 2, 7])
+    refs = [w.detach().cpu().requires_grad_() for w in weights]
+    _, rs = power_iteration_linear_reference(refs, [t.cpu() for t in iterates], 1)
+    sum(rs).backward()
+    torch.testing.assert_close(flat[:20].view(5, 4).cpu(), refs[0].grad, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(flat[20:].view(2, 7).cpu(), refs[1].grad, rtol=1e-10, atol=1e-10)
+
+
+def test_non_contiguous_weight(device, gen):
+    w = torch.randn(6, 8, generator=gen, dtype=F64).to(device).t()  # (8, 6), transposed strides
+    u0 = torch.ones(6, dtype=F64, device=device) / 6**0.5
+    u, sigma = power_iteration_linear(w, u0, 2)
+    ru, rs = power_iteration_linear_reference([w.cpu()], [u0.cpu()], 2)
+    torch.testing.assert_close(u.cpu(), ru[0])
+    torch.testing.assert_close(sigma.cpu(), rs[0])
+
+
+def test_custom_op_registration(device, gen):
+    weights, iterates = _layers([(3, 2), (4, 5)], torch.float32, device, gen)
+    torch.library.opcheck(
+        torch.ops.gloro_fast.power_iteration_linear_triton,
+        ([w.requires_grad_() for w in weights], iterates, 1),
+        test_utils=("test_schema", "test_autograd_registration"),
+    )
+
+
+def test_rejects_bad_input(device):
+    w = torch.zeros(3, 2, device=device)
+    with pytest.raises(ValueError):
+        power_iteration_linear(w, torch.zeros(3, device=device), 1)
+    with pytest.raises(ValueError):
+        power_iteration_linear([w], [], 1)
+    with pytest.raises(ValueError):
+        power_iteration_linear(w, torch.zeros(2, device=device), -1)

@@ -192,7 +192,7 @@ def power_iteration_conv(
         weight, iterate, n_iter, stride, padding, dilation, groups, residual
     )
     residual = bool(residual)
-    backend = resolve_backend(weight.device, op="power_iteration_conv")
+    backend = _resolve(weight.device.type)
     if backend == "reference":
         return power_iteration_conv_reference(
             weight, iterate, n_iter, stride, pads, dilation, groups, residual
@@ -282,7 +282,7 @@ def power_iteration_conv_batched(
     residual = bool(residual)
     weight = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
     iterate = iterates[0] if len(iterates) == 1 else torch.cat(iterates, dim=0)
-    backend = resolve_backend(weight.device, op="power_iteration_conv")
+    backend = _resolve(weight.device.type)
     if backend == "reference":
         u, sigma = power_iteration_conv_batched_reference(
             weight, iterate, n_iter, stride, pads, dilation, groups, residual
@@ -294,6 +294,14 @@ def power_iteration_conv_batched(
     else:  # pragma: no cover - guarded by set_backend
         raise RuntimeError(f"unknown backend {backend!r}")
     return list(u.split(1, dim=0)), list(sigma.unbind(0))
+
+
+@torch.compiler.assume_constant_result
+def _resolve(device_type: str) -> str:
+    """The backend for this op on ``device_type``. Under torch.compile the answer is taken
+    as a constant of the traced graph (the kernel lookup itself cannot be traced; changing
+    the backend afterwards takes effect on the next compilation)."""
+    return resolve_backend(torch.device(device_type), op="power_iteration_conv")
 
 
 # ---- registration of the compiled ops (only when gloro_fast._C loaded, only once) ----

@@ -74,7 +74,7 @@ def power_iteration_linear(
                 f"iterates[{k}] must match weights[{k}] in dtype and device, got "
                 f"{u.dtype}/{u.device} vs {w.dtype}/{w.device}"
             )
-    backend = resolve_backend(weights[0].device if weights else None, op="power_iteration_linear")
+    backend = _resolve(weights[0].device.type) if weights else "reference"
     if backend == "cpp" and any(w.device != weights[0].device for w in weights):
         backend = "reference"  # one call of the compiled op runs on one device
     if backend == "reference":
@@ -86,6 +86,14 @@ def power_iteration_linear(
     if single:
         return new_iterates[0], sigmas[0]
     return new_iterates, sigmas
+
+
+@torch.compiler.assume_constant_result
+def _resolve(device_type: str) -> str:
+    """The backend for this op on ``device_type``. Under torch.compile the answer is taken
+    as a constant of the traced graph (the kernel lookup itself cannot be traced; changing
+    the backend afterwards takes effect on the next compilation)."""
+    return resolve_backend(torch.device(device_type), op="power_iteration_linear")
 
 
 # ---- registration of the compiled ops (only when gloro_fast._C loaded, only once) ----

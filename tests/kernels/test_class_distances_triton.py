@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+from gloro_triton_env import device, kernels_usable  # noqa: E402,F401  (sets TRITON_INTERPRET first)
+
 pytest.importorskip("triton")
 
 from gloro_fast.kernels.class_distances import (  # noqa: E402

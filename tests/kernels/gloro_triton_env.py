@@ -1,9 +1,15 @@
-"""Triton kernel tests: on CPU through the Triton interpreter, on a GPU natively.
+"""Environment of the Triton kernel tests: on CPU through the Triton interpreter, on a GPU natively.
+
+Every test module here imports this module first (before ``gloro_fast.kernels``) and takes
+its fixtures with ``from gloro_triton_env import device, kernels_usable``. It is not a
+``conftest.py`` on purpose: tests/ has no ``__init__.py``, so a second ``conftest.py`` would
+be imported as module ``conftest`` too and shadow tests/conftest.py for the modules that do
+``from conftest import planted_matrix``.
 
 Triton reads TRITON_INTERPRET when triton itself is imported (triton.language's jit helpers
-are decorated then) and when each kernel is decorated, so it is set here, at collection of
-this folder, before any test module imports ``gloro_fast.kernels``. Other test modules may
-have imported torch already: that is fine, torch does not import triton. Where a CUDA device
+are decorated then) and when each kernel is decorated, so it is set here, before any test
+module imports ``gloro_fast.kernels``. Other test modules may have imported torch already:
+that is fine, torch does not import triton. Where a CUDA device
 exists the kernels run natively instead, and the interpreter is left off so the rest of the
 suite (torch.compile's generated Triton kernels) is unaffected.
 
@@ -34,7 +40,8 @@ except ImportError as exc:  # pragma: no cover - triton is a dev dependency
 
 
 @pytest.fixture(autouse=True)
-def _kernels_usable():
+def kernels_usable():
+    """Autouse in every module that imports it: skip (with the reason) where the kernels cannot run."""
     if _REASON is not None:
         pytest.skip(f"Triton kernels unusable here: {_REASON}")
 
@@ -44,7 +51,3 @@ def device():
     """Where the kernels run: the GPU when there is one, else the CPU (interpreter)."""
     return DEVICE
 
-
-def expanded_like(t: torch.Tensor, value: float = 1.0) -> torch.Tensor:
-    """A stride-0 gradient, like the one ``.sum()`` sends back."""
-    return torch.tensor(value, dtype=t.dtype, device=t.device).expand_as(t)

@@ -333,9 +333,21 @@ def _backward(ctx, grad_u, grad_sigma):
     if ctx.needs_input_grad[0]:
         if grad_sigma is None:
             grad_sigma = torch.zeros_like(sigma)
-        grad_weight = torch.ops.gloro_fast.power_iteration_conv_backward(
-            grad_sigma, weight, u, sigma, *ctx.conv_args
-        )
+        if torch.is_grad_enabled():
+            # create_graph (double backward): the same gradient by differentiable torch ops,
+            # with σ̂ = ‖A u‖ recomputed as a function of the kernel
+            stride, padding, dilation, groups, residual = ctx.conv_args
+            blocks, c_in, height, width = u.shape
+            with torch.enable_grad():
+                w = weight if weight.requires_grad else weight.detach().requires_grad_(True)
+                out = conv_operator(u.reshape(1, blocks * c_in, height, width), w, tuple(stride),
+                                    tuple(padding), tuple(dilation), groups * blocks, residual=residual)
+                sigmas = torch.linalg.vector_norm(out.reshape(blocks, -1), dim=1)
+                (grad_weight,) = torch.autograd.grad(sigmas, w, grad_sigma, create_graph=True)
+        else:
+            grad_weight = torch.ops.gloro_fast.power_iteration_conv_backward(
+                grad_sigma, weight, u, sigma, *ctx.conv_args
+            )
     return grad_weight, None, None, None, None, None, None, None
 
 

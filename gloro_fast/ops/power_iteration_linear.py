@@ -125,11 +125,23 @@ def _backward(ctx, grad_iterates, grad_sigmas):
     grad_weights = [None] * count
     if any(ctx.needs_input_grad[0]):
         grads = [torch.zeros_like(s) if g is None else g for g, s in zip(grad_sigmas, sigmas)]
-        grad_weights = list(
-            torch.ops.gloro_fast.power_iteration_linear_backward(grads, weights, iterates, sigmas)
-        )
+        if torch.is_grad_enabled():
+            # create_graph (double backward): the same gradient by differentiable torch ops,
+            # with σ̂ = ‖W u‖ recomputed as a function of W
+            grad_weights = list(_differentiable_grads(weights, iterates, grads))
+        else:
+            grad_weights = list(
+                torch.ops.gloro_fast.power_iteration_linear_backward(grads, weights, iterates, sigmas)
+            )
         grad_weights = [g if need else None for g, need in zip(grad_weights, ctx.needs_input_grad[0])]
     return grad_weights, [None] * count, None
+
+
+def _differentiable_grads(weights, iterates, grads):
+    with torch.enable_grad():
+        ws = [w if w.requires_grad else w.detach().requires_grad_(True) for w in weights]
+        sigmas = [torch.linalg.vector_norm(w @ u) for w, u in zip(ws, iterates)]
+        return torch.autograd.grad(sigmas, ws, grads, create_graph=True, allow_unused=True)
 
 
 def _already_registered(qualname: str) -> bool:

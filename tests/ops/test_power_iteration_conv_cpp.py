@@ -318,3 +318,16 @@ def test_torch_compile(gen, backend):
     want = backend("reference", run, step)
     for a, b in zip([got[0]] + got[1] + got[2], [want[0]] + want[1] + want[2]):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("cfg", [CONFIGS[2], CONFIGS[4]], ids=config_id)
+def test_gradcheck_and_double_backward(cfg, gen, backend):
+    (w,), (u,), kwargs = make(cfg, gen, torch.float64)
+    w.requires_grad_(True)
+    u = backend("cpp", power_iteration_conv, w.detach(), u, 2, **kwargs)[0]
+
+    def fn(weight):
+        return power_iteration_conv(weight, u, 0, **kwargs)[1]
+
+    assert backend("cpp", torch.autograd.gradcheck, fn, (w,), eps=1e-6, atol=1e-8)
+    assert backend("cpp", torch.autograd.gradgradcheck, fn, (w,), eps=1e-6, atol=1e-7)

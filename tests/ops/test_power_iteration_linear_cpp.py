@@ -235,3 +235,15 @@ def test_torch_compile(gen, backend):
     torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=0)
     assert_close_lists(got[1], want[1], torch.float64)
     assert_close_lists(got[2], want[2], torch.float64)
+
+
+@pytest.mark.parametrize("shape", [(1, 3), (3, 1), (4, 6)])
+def test_gradcheck_and_double_backward(shape, gen, backend):
+    w = torch.randn(*shape, generator=gen, dtype=torch.float64, requires_grad=True)
+    u = backend("cpp", power_iteration_linear, w.detach(), unit(shape[1], gen, torch.float64), 2)[0]
+
+    def fn(weight):
+        return power_iteration_linear([weight], [u], 0)[1][0]
+
+    assert backend("cpp", torch.autograd.gradcheck, fn, (w,), eps=1e-6, atol=1e-8)
+    assert backend("cpp", torch.autograd.gradgradcheck, fn, (w,), eps=1e-6, atol=1e-7)

@@ -1,6 +1,7 @@
 """Shared test helpers: a seeded generator and explicit matrices of linear operators."""
 from __future__ import annotations
 
+import contextlib
 import math
 
 import pytest
@@ -29,6 +30,19 @@ def planted_matrix(m, n, gen, top, rest, dtype=torch.float64):
     s = torch.rand(r, generator=gen, dtype=dtype) * rest
     s[0] = top
     return q1[:, :r] @ torch.diag(s) @ q2[:, :r].t()
+
+
+@contextlib.contextmanager
+def reference_backend():
+    """Force the reference backend inside the block, restoring the previous choice."""
+    from gloro_fast.ops import _backend
+
+    before = _backend._state["backend"]
+    _backend.set_backend("reference")
+    try:
+        yield
+    finally:
+        _backend._state["backend"] = before
 
 
 @pytest.fixture

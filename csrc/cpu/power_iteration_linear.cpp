@@ -77,17 +77,40 @@ struct Stack {
     return static_cast<int64_t>(std::upper_bound(off.begin(), off.end(), g) - off.begin()) - 1;
   }
 
-  // v[r] = W_l[i] . u_l for every row r = row_off[l] + i of every layer: one region.
+  // v[r] = W_l[i] . u_l for every row r = row_off[l] + i of every layer: one region. Rows go
+  // four at a time (four independent accumulators, one load of u for four rows).
   void matvec(const acc_t* u, acc_t* v) const {
     if (rows == 0) return;
     const int64_t avg_n = std::max<int64_t>(1, cols / std::max<int64_t>(size(), 1));
-    const int64_t grain = std::max<int64_t>(1, kGrainWork / avg_n);
+    const int64_t grain = std::max<int64_t>(4, kGrainWork / avg_n);
     at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
       int64_t l = layer_of(row_off, begin);
-      for (int64_t r = begin; r < end; ++r) {
+      int64_t r = begin;
+      while (r < end) {
         while (r >= row_off[l + 1]) ++l;
+        const int64_t stop = std::min(end, row_off[l + 1]);
         const int64_t nl = n[l];
-        v[r] = dot<acc_t>(wp[l] + (r - row_off[l]) * nl, u + col_off[l], nl);
+        const acc_t* ul = u + col_off[l];
+        for (; r + 4 <= stop; r += 4) {
+          const scalar_t* w0 = wp[l] + (r - row_off[l]) * nl;
+          const scalar_t* w1 = w0 + nl;
+          const scalar_t* w2 = w1 + nl;
+          const scalar_t* w3 = w2 + nl;
+          acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+          for (int64_t j = 0; j < nl; ++j) {
+            const acc_t x = ul[j];
+            s0 += static_cast<acc_t>(w0[j]) * x;
+            s1 += static_cast<acc_t>(w1[j]) * x;
+            s2 += static_cast<acc_t>(w2[j]) * x;
+            s3 += static_cast<acc_t>(w3[j]) * x;
+          }
+          v[r] = s0;
+          v[r + 1] = s1;
+          v[r + 2] = s2;
+          v[r + 3] = s3;
+        }
+        for (; r < stop; ++r) v[r] = dot<acc_t>(wp[l] + (r - row_off[l]) * nl, ul, nl);
       }
     });
   }
@@ -109,9 +132,24 @@ struct Stack {
         acc_t* xo = x + col_off[l];
         std::fill(xo + j0, xo + j1, acc_t(0));
         const acc_t* vl = v + row_off[l];
-        for (int64_t i = 0; i < m[l]; ++i) {
+        const int64_t ml = m[l];
+        const scalar_t* wl = wp[l];
+        int64_t i = 0;
+        for (; i + 4 <= ml; i += 4) {  // four rows per sweep of x: a quarter of the x traffic
+          const acc_t a0 = vl[i], a1 = vl[i + 1], a2 = vl[i + 2], a3 = vl[i + 3];
+          const scalar_t* w0 = wl + i * nl;
+          const scalar_t* w1 = w0 + nl;
+          const scalar_t* w2 = w1 + nl;
+          const scalar_t* w3 = w2 + nl;
+#pragma omp simd
+          for (int64_t j = j0; j < j1; ++j) {
+            xo[j] += a0 * static_cast<acc_t>(w0[j]) + a1 * static_cast<acc_t>(w1[j]) +
+                     a2 * static_cast<acc_t>(w2[j]) + a3 * static_cast<acc_t>(w3[j]);
+          }
+        }
+        for (; i < ml; ++i) {
           const acc_t a = vl[i];
-          const scalar_t* wr = wp[l] + i * nl;
+          const scalar_t* wr = wl + i * nl;
 #pragma omp simd
           for (int64_t j = j0; j < j1; ++j) xo[j] += a * static_cast<acc_t>(wr[j]);
         }

@@ -30,6 +30,18 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# Benchmarks (benchmarks/, pytest-benchmark): results/<device>.json, RESULTS.md and plots.
+# bench-quick: reduced grid, < 3 min, written to benchmarks/quick/ (not committed).
+bench: $(STAMP)
+	@mkdir -p benchmarks/.raw
+	$(PY) -m pytest -q benchmarks --benchmark-json=benchmarks/.raw/bench.json; rc=$$?; \
+	$(PY) benchmarks/report.py --raw benchmarks/.raw/bench.json --out benchmarks && exit $$rc
+
+bench-quick: $(STAMP)
+	@mkdir -p benchmarks/.raw
+	BENCH_QUICK=1 $(PY) -m pytest -q benchmarks --benchmark-json=benchmarks/.raw/bench-quick.json; rc=$$?; \
+	$(PY) benchmarks/report.py --raw benchmarks/.raw/bench-quick.json --out benchmarks/quick && exit $$rc
+
 # Compile-only check of the CUDA kernels (no GPU needed): they must never rot.
 cuda-check:
 	@test -x "$(NVCC)" || { echo "cuda-check: nvcc not found"; exit 1; }

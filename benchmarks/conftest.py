@@ -1,0 +1,380 @@
+"""Shared machinery of the gloro_fast benchmark suite (pytest-benchmark).
+
+Every case is one (op or model step, parameters, mode) and is timed once per *contender*:
+
+- ``naive``: the literal form of public GloRo/LiResNet code (B×C×d margins, per-layer
+  eager power iteration with autograd through the iterations),
+- ``eager``: a careful hand-written eager PyTorch version,
+- ``compile``: ``torch.compile`` of that eager version (compiled once per case during
+  warm-up; compile time is never timed),
+- ``gloro_fast[<backend>]``: the package's public API on each available backend
+  (``reference``; ``cpp`` once ``gloro_fast._C`` provides the kernel, ``cuda`` /
+  ``triton`` on a GPU). A backend whose kernels are not built is skipped, never timed
+  under a false name.
+
+Timings are pytest-benchmark's (``benchmark.pedantic``); each record carries in
+``extra_info`` the case, contender, problem size, peak memory of one call and notes,
+which ``benchmarks/report.py`` turns into ``results/<device>.json``, ``RESULTS.md`` and plots.
+
+Environment: ``BENCH_QUICK=1`` (smaller grid, fewer rounds: ``make bench-quick``),
+``BENCH_DEVICE`` (default: cuda when present, else cpu), ``BENCH_NAIVE_CAP_GB`` (memory cap
+of the naive B×C×d contender, default 4).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import re
+import time
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
+
+# Inductor's parallel compile workers compete with the timed process for the 2 cores;
+# compile in-process instead (compile time is excluded from timings anyway).
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import gloro_fast  # noqa: E402
+from gloro_fast import ops as gops  # noqa: E402
+
+QUICK = os.environ.get("BENCH_QUICK", "0") not in ("", "0")
+DEVICE = torch.device(os.environ.get("BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
+NAIVE_CAP_BYTES = float(os.environ.get("BENCH_NAIVE_CAP_GB", "4")) * 2**30
+# above this many B×C×d (or C×C×d) elements the (chunked) naive form is not run at all:
+# it would take minutes per case on a small CPU
+NAIVE_MAX_ELEMENTS = float(os.environ.get("BENCH_NAIVE_MAX_ELEMENTS", "1.1e9"))
+DTYPE = torch.float32
+
+# timing policy: rounds = time budget / one call, clamped
+TIME_BUDGET_S = 0.4 if QUICK else 1.0
+MIN_ROUNDS = 3 if QUICK else 5
+MAX_ROUNDS = 40 if QUICK else 200
+SLOW_CALL_S = 1.0  # calls slower than this get 2 (quick) / 3 (full) rounds only
+VERY_SLOW_CALL_S = 3.0  # and in quick mode, calls slower than this get 1 round
+
+RAW_DIR = os.path.join(os.path.dirname(__file__), ".raw")
+
+try:  # one specialised graph per shape (the strongest compile contender), many shapes
+    import torch._dynamo
+
+    torch._dynamo.config.automatic_dynamic_shapes = False
+    for _name in ("cache_size_limit", "recompile_limit"):
+        if hasattr(torch._dynamo.config, _name):
+            setattr(torch._dynamo.config, _name, 256)
+    if hasattr(torch._dynamo.config, "accumulated_cache_size_limit"):
+        torch._dynamo.config.accumulated_cache_size_limit = 4096
+    if hasattr(torch._dynamo.config, "accumulated_recompile_limit"):
+        torch._dynamo.config.accumulated_recompile_limit = 4096
+except Exception:  # pragma: no cover - compile contenders then fail/skip individually
+    pass
+
+
+# -- device -----------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover
+        return os.cpu_count() or 1
+
+
+def device_name(device: torch.device = DEVICE) -> str:
+    """e.g. ``cpu-Intel-R-Xeon-R-Processor-2cores`` or ``cuda-NVIDIA-H100-80GB-HBM3``
+    (sanitised for file names)."""
+    if device.type == "cuda":
+        raw = f"cuda-{torch.cuda.get_device_name(device)}"
+    else:
+        raw = f"cpu-{_cpu_model()}-{_cores()}cores"
+    return re.sub(r"-+", "-", re.sub(r"[^A-Za-z0-9.]+", "-", raw)).strip("-")
+
+
+DEVICE_NAME = device_name()
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
+# -- contenders -------------------------------------------------------------------------
+def backend_label(backend: str) -> str:
+    if backend == "cpp" and DEVICE.type == "cuda":
+        return "gloro_fast[cuda]"
+    return f"gloro_fast[{backend}]"
+
+
+def gloro_backends() -> List[str]:
+    """Every named gloro_fast backend (``auto`` is only a policy over these)."""
+    return [b for b in gops.BACKENDS if b != "auto"]
+
+
+def backend_status(backend: str, op_names: Iterable[str]) -> Dict[str, str]:
+    """Which concrete backend each op resolves to when ``backend`` is selected."""
+    out = {}
+    previous = gops._backend._state["backend"]
+    try:
+        gops.set_backend(backend)
+        for op in op_names:
+            out[op] = gops.resolve_backend(DEVICE, op)
+    finally:
+        gops._backend._state["backend"] = previous
+    return out
+
+
+def contenders(extra: Sequence[str] = (), naive: bool = True, eager: bool = True,
+               compile: bool = True) -> List[str]:
+    """Contender ids for a case: naive, eager, compile, gloro_fast backends (+ extra)."""
+    names = list(extra)
+    if naive:
+        names.append("naive")
+    if eager:
+        names.append("eager")
+    if compile:
+        names.append("compile")
+    names += [f"gloro_fast:{b}" for b in gloro_backends()]
+    return names
+
+
+@contextlib.contextmanager
+def use_backend(backend: str, op_names: Iterable[str]):
+    """Select ``backend`` for the duration; skip the contender if none of ``op_names``
+    has a kernel of that backend on this device (it would silently run the reference)."""
+    status = backend_status(backend, op_names)
+    if backend != "reference" and all(v == "reference" for v in status.values()):
+        _SKIPS.append({"contender": backend_label(backend), "ops": sorted(status),
+                       "reason": "no kernel built for this device (would resolve to reference)"})
+        pytest.skip(f"{backend_label(backend)}: no kernel for {sorted(status)} on {DEVICE.type} "
+                    "(would resolve to reference)")
+    previous = gops._backend._state["backend"]
+    gops.set_backend(backend)
+    try:
+        yield status
+    finally:
+        gops._backend._state["backend"] = previous
+
+
+_COMPILED: Dict[object, Callable] = {}
+
+
+def compiled(key, fn: Callable, **kwargs) -> Callable:
+    """``torch.compile(fn)``, created once per key for the whole session."""
+    if key not in _COMPILED:
+        _COMPILED[key] = torch.compile(fn, **kwargs)
+    return _COMPILED[key]
+
+
+# -- memory -----------------------------------------------------------------------------
+def peak_memory(fn: Callable[[], object]) -> Optional[int]:
+    """Peak bytes allocated above the live set at call start, during one call of ``fn``.
+
+    GPU: ``torch.cuda.max_memory_allocated``. CPU: the allocation/free events of torch's
+    CPU allocator recorded by ``torch.profiler(profile_memory=True)``, replayed in time order
+    (tensor memory of every engine that allocates through torch, compiled code included).
+    """
+    if DEVICE.type == "cuda":
+        sync()
+        torch.cuda.reset_peak_memory_stats(DEVICE)
+        base = torch.cuda.memory_allocated(DEVICE)
+        fn()
+        sync()
+        return int(torch.cuda.max_memory_allocated(DEVICE) - base)
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+        fn()
+    try:
+        events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    except Exception:  # pragma: no cover - profiler internals moved
+        return None
+    events.sort(key=lambda e: e.start_ns())
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return int(peak)
+
+
+def rss_bytes() -> int:
+    """Resident set size now (Linux), for the session summary."""
+    try:
+        with open("/proc/self/statm", encoding="utf-8") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError):  # pragma: no cover
+        return 0
+
+
+# -- running a case ---------------------------------------------------------------------
+_SKIPS: List[dict] = []
+_LOAD_START = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def run_case(benchmark, fn: Callable[[], object], *, case: str, contender: str, params: dict,
+             size: float, setup: Optional[Callable[[], None]] = None, note: str = "",
+             measure_memory: bool = True, extra: Optional[dict] = None,
+             compile_warmup: Optional[bool] = None) -> None:
+    """Warm up (compiles happen here), measure one call's peak memory, then time ``fn``.
+
+    ``case`` names the comparison group (all contenders of one case share it), ``size`` is
+    the x-axis of the speed-up plots. ``setup`` (untimed) runs before every call.
+    """
+    if compile_warmup is None:
+        compile_warmup = contender == "compile"
+
+    def call():
+        out = fn()
+        sync()
+        return out
+
+    def prepared(callable_):
+        if setup is not None:
+            setup()
+        return callable_()
+
+    peak = None
+    t0 = time.perf_counter()
+    if measure_memory and not compile_warmup:
+        # the warm-up call is also the memory measurement (saves a call of slow contenders)
+        if setup is not None:
+            setup()
+        peak = peak_memory(call)
+    else:
+        prepared(call)  # warm-up: compilation, caches, first-touch of buffers
+    first = time.perf_counter() - t0
+    one = first
+    if compile_warmup or first < 0.2:
+        # a second untimed call: the first one compiled, or was too short to trust
+        t0 = time.perf_counter()
+        if measure_memory and peak is None:
+            if setup is not None:
+                setup()
+            peak = peak_memory(call)
+        else:
+            prepared(call)
+        one = time.perf_counter() - t0
+    if one >= VERY_SLOW_CALL_S and QUICK:
+        rounds = 1
+    elif one >= SLOW_CALL_S:
+        rounds = 2 if QUICK else 3
+    else:
+        rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, TIME_BUDGET_S / max(one, 1e-6))))
+    benchmark.group = case
+    benchmark.extra_info.update({
+        "case": case,
+        "contender": contender,
+        "params": params,
+        "size": size,
+        "peak_bytes": peak,
+        "first_call_s": first,
+        "note": note,
+        "device": DEVICE_NAME,
+        "quick": QUICK,
+    })
+    if extra:
+        benchmark.extra_info.update(extra)
+    if setup is not None:
+        benchmark.pedantic(call, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
+    else:
+        benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0)
+
+
+def label(contender: str) -> str:
+    """Display name of a contender id (``gloro_fast:cpp`` → ``gloro_fast[cpp]``)."""
+    if contender.startswith("gloro_fast:"):
+        return backend_label(contender.split(":", 1)[1])
+    return contender
+
+
+def seeded(seed: int = 0) -> None:
+    torch.manual_seed(seed)
+
+
+def fmt_params(params: dict) -> str:
+    return ",".join(f"{k}={v}" for k, v in params.items())
+
+
+def pick(full, quick):
+    """The full grid in ``make bench``, the quick one in ``make bench-quick``."""
+    return quick if QUICK else full
+
+
+def zero_grads(tensors: Iterable[torch.Tensor]) -> None:
+    for t in tensors:
+        t.grad = None
+
+
+def record_skip(case: str, contender: str, reason: str) -> None:
+    """Note a contender left out of a case (shown in the report), then skip the test."""
+    _SKIPS.append({"case": case, "contender": contender, "reason": reason})
+    pytest.skip(f"{contender} @ {case}: {reason}")
+
+
+# -- session metadata -------------------------------------------------------------------
+ALL_OPS = ("class_distances", "bottom_logit", "power_iteration_linear", "power_iteration_conv")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    meta = {
+        "device": DEVICE_NAME,
+        "device_type": DEVICE.type,
+        "torch": torch.__version__,
+        "gloro_fast": getattr(gloro_fast, "__version__", "?"),
+        "threads": torch.get_num_threads(),
+        "cores": _cores(),
+        "quick": QUICK,
+        "naive_cap_bytes": NAIVE_CAP_BYTES,
+        "backends": {b: backend_status(b, ALL_OPS) for b in gloro_backends()},
+        "extension_loaded": bool(gops._extension.extension_loaded()),
+        "skips": _dedupe(_SKIPS),
+        "loadavg_start": _LOAD_START,
+        "loadavg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "final_rss_bytes": rss_bytes(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+    }
+    raw = session.config.getoption("benchmark_json", None)
+    if isinstance(raw, os.PathLike):
+        raw = os.fspath(raw)
+    elif raw is not None and not isinstance(raw, str):
+        raw = getattr(raw, "name", None)
+    if isinstance(raw, str) and raw.endswith(".json"):
+        path = raw[:-5] + ".meta.json"  # beside the pytest-benchmark JSON, for report.py
+    else:
+        os.makedirs(RAW_DIR, exist_ok=True)
+        path = os.path.join(RAW_DIR, f"{DEVICE_NAME}{'-quick' if QUICK else ''}.meta.json")
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(meta, fh, indent=1)
+
+
+def _dedupe(items: List[dict]) -> List[dict]:
+    seen, out = set(), []
+    for item in items:
+        key = json.dumps(item, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(item)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+    yield
+
+
+__all__ = [
+    "DEVICE", "DEVICE_NAME", "DTYPE", "QUICK", "NAIVE_CAP_BYTES", "NAIVE_MAX_ELEMENTS", "record_skip", "compiled", "contenders",
+    "label", "math", "peak_memory", "pick", "run_case", "use_backend", "zero_grads",
+]

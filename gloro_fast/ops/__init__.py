@@ -6,7 +6,11 @@ only these functions, so faster backends slot in behind the same names.
 from ._backend import BACKENDS, get_backend, resolve_backend, set_backend
 from .bottom_logit import bottom_logit, bottom_logit_reference
 from .class_distances import class_distances, class_distances_reference
-from .power_iteration_conv import power_iteration_conv, power_iteration_conv_reference
+from .power_iteration_conv import (
+    power_iteration_conv,
+    power_iteration_conv_batched,
+    power_iteration_conv_reference,
+)
 from .power_iteration_linear import power_iteration_linear, power_iteration_linear_reference
 
 __all__ = [
@@ -17,6 +21,7 @@ __all__ = [
     "class_distances_reference",
     "get_backend",
     "power_iteration_conv",
+    "power_iteration_conv_batched",
     "power_iteration_conv_reference",
     "power_iteration_linear",
     "power_iteration_linear_reference",

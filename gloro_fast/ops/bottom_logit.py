@@ -93,6 +93,10 @@ def bottom_logit(
     if backend == "cpp":
         bottom, i_star, _ = torch.ops.gloro_fast.bottom_logit(logits, distances, lipschitz, epsilon, classes)
         return bottom, i_star
+    if backend == "triton":
+        from ..kernels import bottom_logit as triton_kernels
+
+        return triton_kernels.bottom_logit(logits, distances, lipschitz, epsilon, classes)
     raise RuntimeError(f"unknown backend {backend!r}")  # pragma: no cover
 
 

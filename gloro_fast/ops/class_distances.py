@@ -50,6 +50,10 @@ def class_distances(weight: torch.Tensor, exact: bool = False) -> torch.Tensor:
         return class_distances_reference(weight, exact=exact)
     if backend == "cpp":
         return torch.ops.gloro_fast.class_distances(weight, bool(exact))
+    if backend == "triton":
+        from ..kernels import class_distances as triton_kernels
+
+        return triton_kernels.class_distances(weight, bool(exact))
     raise RuntimeError(f"unknown backend {backend!r}")  # pragma: no cover - guarded by set_backend
 
 

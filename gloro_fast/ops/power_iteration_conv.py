@@ -202,6 +202,12 @@ def power_iteration_conv(
             weight, iterate, n_iter, list(stride), list(pads), list(dilation), groups, residual
         )
         return u, sigma.reshape(())
+    if backend == "triton":
+        from ..kernels import power_iteration_conv as triton_kernels
+
+        return triton_kernels.power_iteration_conv(
+            weight, iterate, n_iter, stride, pads, dilation, groups, residual
+        )
     raise RuntimeError(f"unknown backend {backend!r}")  # pragma: no cover - guarded by set_backend
 
 
@@ -280,9 +286,15 @@ def power_iteration_conv_batched(
         return [], []
     n_iter, stride, pads, dilation, groups = checked
     residual = bool(residual)
+    backend = _resolve(weights[0].device.type)
+    if backend == "triton":
+        from ..kernels import power_iteration_conv as triton_kernels
+
+        return triton_kernels.power_iteration_conv_batched(
+            weights, iterates, n_iter, stride, pads, dilation, groups, residual
+        )
     weight = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
     iterate = iterates[0] if len(iterates) == 1 else torch.cat(iterates, dim=0)
-    backend = _resolve(weight.device.type)
     if backend == "reference":
         u, sigma = power_iteration_conv_batched_reference(
             weight, iterate, n_iter, stride, pads, dilation, groups, residual

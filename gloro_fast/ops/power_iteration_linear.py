@@ -75,12 +75,16 @@ def power_iteration_linear(
                 f"{u.dtype}/{u.device} vs {w.dtype}/{w.device}"
             )
     backend = _resolve(weights[0].device.type) if weights else "reference"
-    if backend == "cpp" and any(w.device != weights[0].device for w in weights):
-        backend = "reference"  # one call of the compiled op runs on one device
+    if backend in ("cpp", "triton") and any(w.device != weights[0].device for w in weights):
+        backend = "reference"  # one call of a compiled kernel runs on one device
     if backend == "reference":
         new_iterates, sigmas = power_iteration_linear_reference(weights, iterates, n_iter)
     elif backend == "cpp":
         new_iterates, sigmas = torch.ops.gloro_fast.power_iteration_linear(weights, iterates, n_iter)
+    elif backend == "triton":
+        from ..kernels import power_iteration_linear as triton_kernels
+
+        new_iterates, sigmas = triton_kernels.power_iteration_linear(weights, iterates, n_iter)
     else:  # pragma: no cover - guarded by set_backend
         raise RuntimeError(f"unknown backend {backend!r}")
     if single:

@@ -65,3 +65,21 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def backend():
+    """Run a function under a named backend, restoring the configured one afterwards."""
+    from gloro_fast.ops import get_backend, set_backend
+
+    before = get_backend()
+
+    def run(name, fn, *args, **kwargs):
+        set_backend(name)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            set_backend(before)
+
+    yield run
+    set_backend(before)

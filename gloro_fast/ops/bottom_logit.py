@@ -19,8 +19,7 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .._validation import check_epsilon, check_finite, check_labels, check_tensor
-from ._backend import resolve_backend
-from ._extension import extension_loaded
+from ._extension import register_op, resolve
 
 __all__ = ["bottom_logit", "bottom_logit_reference"]
 
@@ -87,7 +86,7 @@ def bottom_logit(
         raise ValueError(f"lipschitz must be >= 0, got {float(lipschitz.detach())}")
     if classes is not None:
         classes = check_labels("classes", classes, logits.shape[0], num_classes, logits.device)
-    backend = _resolve(logits.device.type)
+    backend = resolve("bottom_logit", logits.device.type)
     if backend == "reference":
         return bottom_logit_reference(logits, distances, lipschitz, epsilon, classes)
     if backend == "cpp":
@@ -100,18 +99,7 @@ def bottom_logit(
     raise RuntimeError(f"unknown backend {backend!r}")  # pragma: no cover
 
 
-@torch.compiler.assume_constant_result
-def _resolve(device_type: str) -> str:
-    """The backend for this op on ``device_type``. Under torch.compile the answer is taken
-    as a constant of the traced graph (the kernel lookup itself cannot be traced; changing
-    the backend afterwards takes effect on the next compilation)."""
-    return resolve_backend(torch.device(device_type), op="bottom_logit")
-
-
 # ---- registration of the compiled ops (only when gloro_fast._C loaded, only once) ----
-
-_OP = "gloro_fast::bottom_logit"
-_OP_BACKWARD = "gloro_fast::bottom_logit_backward"
 
 
 def _fake_bottom_logit(logits, distances, lipschitz, epsilon, classes):
@@ -156,26 +144,10 @@ def _backward(ctx, grad_bottom, _grad_i_star, _grad_classes):
     )
 
 
-def _already_registered(qualname: str) -> bool:
-    try:  # survives importlib.reload of this module
-        from torch._library.simple_registry import singleton
-
-        return singleton.find(qualname).fake_impl.kernel is not None
-    except Exception:  # pragma: no cover - private API moved
-        return False
-
-
-def _register() -> bool:
-    if _state["registered"] or _already_registered(_OP):
-        _state["registered"] = True
-        return True
-    torch.library.register_fake(_OP)(_fake_bottom_logit)
-    torch.library.register_fake(_OP_BACKWARD)(_fake_bottom_logit_backward)
-    torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
-    _state["registered"] = True
-    return True
-
-
-_state = {"registered": False}
-if extension_loaded():
-    _register()
+register_op(
+    "bottom_logit",
+    fake=_fake_bottom_logit,
+    fake_backward=_fake_bottom_logit_backward,
+    backward=_backward,
+    setup_context=_setup_context,
+)

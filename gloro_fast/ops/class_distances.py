@@ -14,8 +14,7 @@ from __future__ import annotations
 import torch
 
 from .._validation import check_finite, check_tensor
-from ._backend import resolve_backend
-from ._extension import extension_loaded
+from ._extension import register_op, resolve
 
 __all__ = ["class_distances", "class_distances_reference"]
 
@@ -45,7 +44,7 @@ def class_distances(weight: torch.Tensor, exact: bool = False) -> torch.Tensor:
     if weight.shape[0] < 1 or weight.shape[1] < 1:
         raise ValueError(f"weight must have shape (C, d) with C, d >= 1, got {tuple(weight.shape)}")
     check_finite("weight", weight)
-    backend = _resolve(weight.device.type)
+    backend = resolve("class_distances", weight.device.type)
     if backend == "reference":
         return class_distances_reference(weight, exact=exact)
     if backend == "cpp":
@@ -57,18 +56,7 @@ def class_distances(weight: torch.Tensor, exact: bool = False) -> torch.Tensor:
     raise RuntimeError(f"unknown backend {backend!r}")  # pragma: no cover - guarded by set_backend
 
 
-@torch.compiler.assume_constant_result
-def _resolve(device_type: str) -> str:
-    """The backend for this op on ``device_type``. Under torch.compile the answer is taken
-    as a constant of the traced graph (the kernel lookup itself cannot be traced; changing
-    the backend afterwards takes effect on the next compilation)."""
-    return resolve_backend(torch.device(device_type), op="class_distances")
-
-
 # ---- registration of the compiled ops (only when gloro_fast._C loaded, only once) ----
-
-_OP = "gloro_fast::class_distances"
-_OP_BACKWARD = "gloro_fast::class_distances_backward"
 
 
 def _fake_class_distances(weight, exact):
@@ -93,26 +81,10 @@ def _backward(ctx, grad):
     return grad_weight, None
 
 
-def _already_registered(qualname: str) -> bool:
-    try:  # survives importlib.reload of this module
-        from torch._library.simple_registry import singleton
-
-        return singleton.find(qualname).fake_impl.kernel is not None
-    except Exception:  # pragma: no cover - private API moved
-        return False
-
-
-def _register() -> bool:
-    if _state["registered"] or _already_registered(_OP):
-        _state["registered"] = True
-        return True
-    torch.library.register_fake(_OP)(_fake_class_distances)
-    torch.library.register_fake(_OP_BACKWARD)(_fake_class_distances_backward)
-    torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
-    _state["registered"] = True
-    return True
-
-
-_state = {"registered": False}
-if extension_loaded():
-    _register()
+register_op(
+    "class_distances",
+    fake=_fake_class_distances,
+    fake_backward=_fake_class_distances_backward,
+    backward=_backward,
+    setup_context=_setup_context,
+)

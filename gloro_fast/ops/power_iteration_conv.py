@@ -29,8 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from .._validation import check_positive_int, check_tensor
-from ._backend import resolve_backend
-from ._extension import extension_loaded
+from ._extension import register_op, resolve
 from ._power_iteration_common import normalize_iterate
 
 __all__ = [
@@ -192,7 +191,7 @@ def power_iteration_conv(
         weight, iterate, n_iter, stride, padding, dilation, groups, residual
     )
     residual = bool(residual)
-    backend = _resolve(weight.device.type)
+    backend = resolve("power_iteration_conv", weight.device.type)
     if backend == "reference":
         return power_iteration_conv_reference(
             weight, iterate, n_iter, stride, pads, dilation, groups, residual
@@ -286,7 +285,7 @@ def power_iteration_conv_batched(
         return [], []
     n_iter, stride, pads, dilation, groups = checked
     residual = bool(residual)
-    backend = _resolve(weights[0].device.type)
+    backend = resolve("power_iteration_conv", weights[0].device.type)
     if backend == "triton":
         from ..kernels import power_iteration_conv as triton_kernels
 
@@ -308,18 +307,7 @@ def power_iteration_conv_batched(
     return list(u.split(1, dim=0)), list(sigma.unbind(0))
 
 
-@torch.compiler.assume_constant_result
-def _resolve(device_type: str) -> str:
-    """The backend for this op on ``device_type``. Under torch.compile the answer is taken
-    as a constant of the traced graph (the kernel lookup itself cannot be traced; changing
-    the backend afterwards takes effect on the next compilation)."""
-    return resolve_backend(torch.device(device_type), op="power_iteration_conv")
-
-
 # ---- registration of the compiled ops (only when gloro_fast._C loaded, only once) ----
-
-_OP = "gloro_fast::power_iteration_conv"
-_OP_BACKWARD = "gloro_fast::power_iteration_conv_backward"
 
 
 def _fake_power_iteration_conv(weight, iterate, n_iter, stride, padding, dilation, groups, residual):
@@ -363,26 +351,10 @@ def _backward(ctx, grad_u, grad_sigma):
     return grad_weight, None, None, None, None, None, None, None
 
 
-def _already_registered(qualname: str) -> bool:
-    try:  # survives importlib.reload of this module
-        from torch._library.simple_registry import singleton
-
-        return singleton.find(qualname).fake_impl.kernel is not None
-    except Exception:  # pragma: no cover - private API moved
-        return False
-
-
-def _register() -> bool:
-    if _state["registered"] or _already_registered(_OP):
-        _state["registered"] = True
-        return True
-    torch.library.register_fake(_OP)(_fake_power_iteration_conv)
-    torch.library.register_fake(_OP_BACKWARD)(_fake_power_iteration_conv_backward)
-    torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
-    _state["registered"] = True
-    return True
-
-
-_state = {"registered": False}
-if extension_loaded():
-    _register()
+register_op(
+    "power_iteration_conv",
+    fake=_fake_power_iteration_conv,
+    fake_backward=_fake_power_iteration_conv_backward,
+    backward=_backward,
+    setup_context=_setup_context,
+)

@@ -20,8 +20,7 @@ from typing import List, Sequence, Tuple, Union
 import torch
 
 from .._validation import check_positive_int, check_tensor
-from ._backend import resolve_backend
-from ._extension import extension_loaded
+from ._extension import register_op, resolve
 from ._power_iteration_common import normalize_iterate
 
 __all__ = ["power_iteration_linear", "power_iteration_linear_reference"]
@@ -74,7 +73,7 @@ def power_iteration_linear(
                 f"iterates[{k}] must match weights[{k}] in dtype and device, got "
                 f"{u.dtype}/{u.device} vs {w.dtype}/{w.device}"
             )
-    backend = _resolve(weights[0].device.type) if weights else "reference"
+    backend = resolve("power_iteration_linear", weights[0].device.type) if weights else "reference"
     if backend in ("cpp", "triton") and any(w.device != weights[0].device for w in weights):
         backend = "reference"  # one call of a compiled kernel runs on one device
     if backend == "reference":
@@ -92,18 +91,7 @@ def power_iteration_linear(
     return new_iterates, sigmas
 
 
-@torch.compiler.assume_constant_result
-def _resolve(device_type: str) -> str:
-    """The backend for this op on ``device_type``. Under torch.compile the answer is taken
-    as a constant of the traced graph (the kernel lookup itself cannot be traced; changing
-    the backend afterwards takes effect on the next compilation)."""
-    return resolve_backend(torch.device(device_type), op="power_iteration_linear")
-
-
 # ---- registration of the compiled ops (only when gloro_fast._C loaded, only once) ----
-
-_OP = "gloro_fast::power_iteration_linear"
-_OP_BACKWARD = "gloro_fast::power_iteration_linear_backward"
 
 
 def _fake_power_iteration_linear(weights, iterates, n_iter):
@@ -148,26 +136,10 @@ def _differentiable_grads(weights, iterates, grads):
         return torch.autograd.grad(sigmas, ws, grads, create_graph=True, allow_unused=True)
 
 
-def _already_registered(qualname: str) -> bool:
-    try:  # survives importlib.reload of this module
-        from torch._library.simple_registry import singleton
-
-        return singleton.find(qualname).fake_impl.kernel is not None
-    except Exception:  # pragma: no cover - private API moved
-        return False
-
-
-def _register() -> bool:
-    if _state["registered"] or _already_registered(_OP):
-        _state["registered"] = True
-        return True
-    torch.library.register_fake(_OP)(_fake_power_iteration_linear)
-    torch.library.register_fake(_OP_BACKWARD)(_fake_power_iteration_linear_backward)
-    torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
-    _state["registered"] = True
-    return True
-
-
-_state = {"registered": False}
-if extension_loaded():
-    _register()
+register_op(
+    "power_iteration_linear",
+    fake=_fake_power_iteration_linear,
+    fake_backward=_fake_power_iteration_linear_backward,
+    backward=_backward,
+    setup_context=_setup_context,
+)

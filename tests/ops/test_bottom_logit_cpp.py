@@ -3,32 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from cpp_helpers import requires_cpu_kernels
 
-from gloro_fast.ops import bottom_logit, get_backend, set_backend
-from gloro_fast.ops._extension import has_kernel
+from gloro_fast.ops import bottom_logit
 
-CPU = torch.device("cpu")
-pytestmark = pytest.mark.skipif(
-    not (has_kernel("bottom_logit", CPU) and has_kernel("bottom_logit_backward", CPU)),
-    reason="gloro_fast._C built without the bottom_logit CPU kernels",
-)
+pytestmark = requires_cpu_kernels("bottom_logit")
 TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}
-
-
-@pytest.fixture
-def backend():
-    """Run a function under a named backend, restoring the configured one afterwards."""
-    before = get_backend()
-
-    def run(name, fn, *args, **kwargs):
-        set_backend(name)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            set_backend(before)
-
-    yield run
-    set_backend(before)
 
 
 def forward_backward(f, d, k, eps, classes=None, grad=None):

@@ -6,43 +6,22 @@ import random
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from cpp_helpers import OpLog, requires_cpu_kernels
 
-from gloro_fast.ops import get_backend, power_iteration_conv, set_backend
-from gloro_fast.ops._extension import has_kernel
+from gloro_fast.ops import power_iteration_conv
 from gloro_fast.ops.power_iteration_conv import (
     _pads,
     power_iteration_conv_batched,
     power_iteration_conv_batched_reference,
 )
 
-CPU = torch.device("cpu")
 pytestmark = [
-    pytest.mark.skipif(
-        not (has_kernel("power_iteration_conv", CPU) and has_kernel("power_iteration_conv_backward", CPU)),
-        reason="gloro_fast._C built without the power_iteration_conv CPU kernels",
-    ),
+    requires_cpu_kernels("power_iteration_conv"),
     pytest.mark.usefixtures("single_thread"),
 ]
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-4, atol=2e-5)}
 OP = torch.ops.gloro_fast.power_iteration_conv
 OP_BACKWARD = torch.ops.gloro_fast.power_iteration_conv_backward
-
-
-@pytest.fixture
-def backend():
-    """Run a function under a named backend, restoring the configured one afterwards."""
-    before = get_backend()
-
-    def run(name, fn, *args, **kwargs):
-        set_backend(name)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            set_backend(before)
-
-    yield run
-    set_backend(before)
 
 
 # (c_in, c_out, groups, kernel, stride, padding, dilation, (H, W), residual)
@@ -262,22 +241,12 @@ def test_opcheck(cfg, count, gen):
     torch.library.opcheck(OP_BACKWARD, (grad, w.detach(), new_u, sigma, *args))
 
 
-class _OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_compiled_op_is_dispatched(gen, backend):
     (w,), (u,), kwargs = make(CONFIGS[4], gen, torch.float64)
     grad = torch.tensor(1.0, dtype=torch.float64)
 
     def logged(name, fn, *args):
-        with _OpLog() as log:
+        with OpLog() as log:
             backend(name, fn, *args)
         return log.names
 
@@ -294,7 +263,7 @@ def test_layers_use_compiled_op(backend):
     from gloro_fast import nn as gnn
 
     layer = gnn.Conv2d(2, 4, 3, padding="same", input_shape=(2, 6, 6)).double()
-    with _OpLog() as log:
+    with OpLog() as log:
         backend("cpp", layer.lipschitz_bound, 2)
     assert "gloro_fast.power_iteration_conv.default" in log.names
 

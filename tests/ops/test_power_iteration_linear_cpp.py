@@ -3,38 +3,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from cpp_helpers import OpLog, requires_cpu_kernels
 
-from gloro_fast.ops import get_backend, power_iteration_linear, set_backend
-from gloro_fast.ops._extension import has_kernel
+from gloro_fast.ops import power_iteration_linear
 
-CPU = torch.device("cpu")
 pytestmark = [
-    pytest.mark.skipif(
-        not (has_kernel("power_iteration_linear", CPU) and has_kernel("power_iteration_linear_backward", CPU)),
-        reason="gloro_fast._C built without the power_iteration_linear CPU kernels",
-    ),
+    requires_cpu_kernels("power_iteration_linear"),
     pytest.mark.usefixtures("single_thread"),
 ]
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-4, atol=2e-5)}
 OP = torch.ops.gloro_fast.power_iteration_linear
 OP_BACKWARD = torch.ops.gloro_fast.power_iteration_linear_backward
-
-
-@pytest.fixture
-def backend():
-    """Run a function under a named backend, restoring the configured one afterwards."""
-    before = get_backend()
-
-    def run(name, fn, *args, **kwargs):
-        set_backend(name)
-        try:
-            return fn(*args, **kwargs)
-        finally:
-            set_backend(before)
-
-    yield run
-    set_backend(before)
 
 
 def unit(n, gen, dtype):
@@ -181,21 +160,11 @@ def test_opcheck(gen):
             torch.library.opcheck(OP_BACKWARD, (grads, [w.detach() for w in weights], iterates, sigmas))
 
 
-class _OpLog(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 def test_compiled_op_is_dispatched(gen, backend):
     weights, iterates = layers([(6, 4), (3, 5)], gen, torch.float64)
 
     def logged(name):
-        with _OpLog() as log:
+        with OpLog() as log:
             backend(name, run_layers, weights, iterates, 2)
         return log.names
 
@@ -210,7 +179,7 @@ def test_layers_and_model_use_compiled_op(gen, backend):
     from gloro_fast import nn as gnn
 
     layer = gnn.Linear(7, 5).double()
-    with _OpLog() as log:
+    with OpLog() as log:
         backend("cpp", layer.lipschitz_bound, 2)
     assert "gloro_fast.power_iteration_linear.default" in log.names
 

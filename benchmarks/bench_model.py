@@ -18,7 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import DEVICE, DTYPE, QUICK, compiled, contenders, label, pick, run_case, use_backend, zero_grads
+from conftest import (DEVICE, DTYPE, QUICK, compiled, contenders, label, pick, record_skip, run_case,
+                      use_backend, zero_grads)
 from gloro_fast import losses
 from gloro_fast.models import cnn_6C2F, liresnet
 from gloro_fast.nn import Linear, PowerIterationModule
@@ -143,6 +144,9 @@ def test_lipschitz_step(benchmark, arch, n_iter, contender):
     iterates = _params_state(model)
     case = f"lipschitz step fwd+bwd {arch} n_iter={n_iter}"
     params = list(model.parameters())
+    if contender == "compile" and n_iter > 1:
+        record_skip(case, "compile", "a cold compile of the unrolled multi-iteration graph takes minutes on "
+                    "2 cores; compile is measured at n_iter=1")
 
     if contender == "naive":
         def bound():
@@ -242,8 +246,8 @@ def _naive_trades(f, W, K, y, eps):
     """TRADES on the public-code ⊥ logit (B×C×d margins)."""
     kW = K * W
     j = f.argmax(dim=1)
-    kW_ij = kW.index_select(0, j)[:, :, None] - kW.t()[None]
-    K_ij = torch.sqrt((kW_ij * kW_ij).sum(dim=1) + 1e-30)
+    kW_ij = kW.index_select(0, j)[:, None, :] - kW[None]
+    K_ij = torch.sqrt((kW_ij * kW_ij).sum(dim=-1) + 1e-30)
     y_bot_i = (f + eps * K_ij).masked_fill(F.one_hot(j, f.shape[1]).bool(), float("-inf"))
     bottom = y_bot_i.max(dim=1).values
     return losses.trades_loss(torch.cat([f, bottom.unsqueeze(1)], dim=1), y, lam=1.0)
@@ -281,8 +285,8 @@ def test_certify(benchmark, arch, contender):
                 f = model.head(model.body(x))
                 top = f.argmax(dim=1)
                 kW = K * W
-                kW_ij = kW.index_select(0, top)[:, :, None] - kW.t()[None]
-                K_ij = torch.sqrt((kW_ij * kW_ij).sum(dim=1))
+                kW_ij = kW.index_select(0, top)[:, None, :] - kW[None]
+                K_ij = torch.sqrt((kW_ij * kW_ij).sum(dim=-1))
                 y_bot = (f + eps * K_ij).masked_fill(F.one_hot(top, C).bool(), float("-inf")).max(1).values
                 certified = f.gather(1, top.unsqueeze(1)).squeeze(1) > y_bot
                 return torch.where(certified, top, torch.full_like(top, C))

@@ -34,6 +34,13 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence
 # Inductor's parallel compile workers compete with the timed process for the 2 cores;
 # compile in-process instead (compile time is excluded from timings anyway).
 os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+# OpenMP threads that spin-wait turn any other load on a small shared machine into 10-30×
+# slowdowns of every contender (measured: 0.27 ms → 8 ms for the same op); passive waiting
+# keeps timings meaningful there at a small cost on tiny ops. BENCH_OMP_WAIT_POLICY=""
+# keeps OpenMP's default. Must be set before torch (libgomp) is loaded.
+_WAIT = os.environ.get("BENCH_OMP_WAIT_POLICY", "PASSIVE")
+if _WAIT:
+    os.environ.setdefault("OMP_WAIT_POLICY", _WAIT)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -42,6 +49,8 @@ import gloro_fast  # noqa: E402
 from gloro_fast import ops as gops  # noqa: E402
 
 QUICK = os.environ.get("BENCH_QUICK", "0") not in ("", "0")
+if os.environ.get("BENCH_THREADS"):  # default: torch's own choice (one per core)
+    torch.set_num_threads(int(os.environ["BENCH_THREADS"]))
 DEVICE = torch.device(os.environ.get("BENCH_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu"))
 NAIVE_CAP_BYTES = float(os.environ.get("BENCH_NAIVE_CAP_GB", "4")) * 2**30
 # above this many B×C×d (or C×C×d) elements the (chunked) naive form is not run at all:
@@ -58,10 +67,9 @@ VERY_SLOW_CALL_S = 3.0  # and in quick mode, calls slower than this get 1 round
 
 RAW_DIR = os.path.join(os.path.dirname(__file__), ".raw")
 
-try:  # one specialised graph per shape (the strongest compile contender), many shapes
+try:  # torch.compile's defaults (automatic dynamic shapes after a recompile), enough cache
     import torch._dynamo
 
-    torch._dynamo.config.automatic_dynamic_shapes = False
     for _name in ("cache_size_limit", "recompile_limit"):
         if hasattr(torch._dynamo.config, _name):
             setattr(torch._dynamo.config, _name, 256)
@@ -129,7 +137,10 @@ def backend_status(backend: str, op_names: Iterable[str]) -> Dict[str, str]:
     try:
         gops.set_backend(backend)
         for op in op_names:
-            out[op] = gops.resolve_backend(DEVICE, op)
+            try:
+                out[op] = gops.resolve_backend(DEVICE, op)
+            except Exception as exc:  # e.g. triton on a CPU tensor outside the interpreter
+                out[op] = f"unavailable ({exc})"
     finally:
         gops._backend._state["backend"] = previous
     return out
@@ -154,11 +165,16 @@ def use_backend(backend: str, op_names: Iterable[str]):
     """Select ``backend`` for the duration; skip the contender if none of ``op_names``
     has a kernel of that backend on this device (it would silently run the reference)."""
     status = backend_status(backend, op_names)
-    if backend != "reference" and all(v == "reference" for v in status.values()):
-        _SKIPS.append({"contender": backend_label(backend), "ops": sorted(status),
-                       "reason": "no kernel built for this device (would resolve to reference)"})
-        pytest.skip(f"{backend_label(backend)}: no kernel for {sorted(status)} on {DEVICE.type} "
-                    "(would resolve to reference)")
+    reason = None
+    if backend == "triton" and DEVICE.type != "cuda":
+        reason = "Triton runs on CPU only under its interpreter (a test tool, not a performance path)"
+    elif backend != "reference" and not any(v == backend for v in status.values()):
+        reason = ("no kernel for this device: " +
+                  "; ".join(sorted({v if v.startswith("unavailable") else "would resolve to reference"
+                                    for v in status.values()})))
+    if reason is not None:
+        _SKIPS.append({"contender": backend_label(backend), "ops": sorted(status), "reason": reason})
+        pytest.skip(f"{backend_label(backend)} ({sorted(status)} on {DEVICE.type}): {reason}")
     previous = gops._backend._state["backend"]
     gops.set_backend(backend)
     try:
@@ -333,6 +349,7 @@ def pytest_sessionfinish(session, exitstatus):
         "torch": torch.__version__,
         "gloro_fast": getattr(gloro_fast, "__version__", "?"),
         "threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", "default"),
         "cores": _cores(),
         "quick": QUICK,
         "naive_cap_bytes": NAIVE_CAP_BYTES,

@@ -197,8 +197,8 @@ def markdown(rows, meta, targets, skips, plots, quick) -> str:
                  "median of the reference contender / median of the row (> 1: faster). An absolute time "
                  "means something only on the device named here.")
     lines.append("")
-    lines.append(f"- device: `{device}`; torch {meta.get('torch', '?')}, {meta.get('threads', '?')} threads, "
-                 f"float32; date {meta.get('date', '?')}")
+    lines.append(f"- device: `{device}`; torch {meta.get('torch', '?')}, {meta.get('threads', '?')} threads "
+                 f"(OMP_WAIT_POLICY={meta.get('omp_wait_policy', '?')}), float32; date {meta.get('date', '?')}")
     if meta.get("loadavg_start") is not None:
         ls, le = meta["loadavg_start"], meta.get("loadavg_end") or [float("nan")] * 3
         lines.append(f"- machine load average (1 min) at start / end of the run: {ls[0]:.2f} / {le[0]:.2f} "

@@ -12,12 +12,34 @@ from gloro_fast.ops._extension import has_kernel
 CPU = torch.device("cpu")
 
 
+# tolerances of the power-iteration ops (compiled against reference)
+POWER_ITERATION_TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-4, atol=2e-5)}
+
+
 def requires_cpu_kernels(op: str):
     """Skip marker: ``gloro_fast._C`` must provide CPU kernels of ``op`` and ``op``_backward."""
     return pytest.mark.skipif(
         not (has_kernel(op, CPU) and has_kernel(f"{op}_backward", CPU)),
         reason=f"gloro_fast._C built without the {op} CPU kernels",
     )
+
+
+def cpp_op_marks(op: str, single_thread: bool = False):
+    """``pytestmark`` of a compiled-op test module: :func:`requires_cpu_kernels`, and the
+    ``single_thread`` fixture for ops made of many tiny parallel regions."""
+    marks = [requires_cpu_kernels(op)]
+    if single_thread:
+        marks.append(pytest.mark.usefixtures("single_thread"))
+    return marks
+
+
+def value_iterates_grads(fn, weights, iterates):
+    """``fn(ws, iterates) -> (value, new_iterates)`` on fresh leaf copies ``ws`` of
+    ``weights``, then ``value.backward()``: returns (value, new_iterates, [dvalue/dw])."""
+    ws = [w.clone().requires_grad_(True) for w in weights]
+    value, new_us = fn(ws, iterates)
+    value.backward()
+    return value.detach(), new_us, [w.grad for w in ws]
 
 
 class OpLog(TorchDispatchMode):

@@ -6,7 +6,7 @@ import random
 
 import pytest
 import torch
-from cpp_helpers import OpLog, requires_cpu_kernels
+from cpp_helpers import POWER_ITERATION_TOL, OpLog, cpp_op_marks, value_iterates_grads
 
 from gloro_fast.ops import power_iteration_conv
 from gloro_fast.ops.power_iteration_conv import (
@@ -15,11 +15,8 @@ from gloro_fast.ops.power_iteration_conv import (
     power_iteration_conv_batched_reference,
 )
 
-pytestmark = [
-    requires_cpu_kernels("power_iteration_conv"),
-    pytest.mark.usefixtures("single_thread"),
-]
-TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-4, atol=2e-5)}
+pytestmark = cpp_op_marks("power_iteration_conv", single_thread=True)
+TOL = POWER_ITERATION_TOL
 OP = torch.ops.gloro_fast.power_iteration_conv
 OP_BACKWARD = torch.ops.gloro_fast.power_iteration_conv_backward
 
@@ -276,15 +273,10 @@ def test_torch_compile(gen, backend):
         new_us, sigmas = power_iteration_conv_batched(ws, us, 1, **kwargs)
         return s0 * torch.stack(sigmas).sum(), new_us
 
-    def run(fn):
-        ws = [w.clone().requires_grad_(True) for w in weights]
-        value, new_us = fn(ws, iterates)
-        value.backward()
-        return value.detach(), new_us, [w.grad for w in ws]
-
     torch._dynamo.reset()
-    got = backend("cpp", run, torch.compile(step, backend="aot_eager", fullgraph=True))
-    want = backend("reference", run, step)
+    compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
+    got = backend("cpp", value_iterates_grads, compiled, weights, iterates)
+    want = backend("reference", value_iterates_grads, step, weights, iterates)
     for a, b in zip([got[0]] + got[1] + got[2], [want[0]] + want[1] + want[2]):
         torch.testing.assert_close(a, b, **TOL[torch.float64])
 

@@ -3,15 +3,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cpp_helpers import OpLog, requires_cpu_kernels
+from cpp_helpers import POWER_ITERATION_TOL, OpLog, cpp_op_marks, value_iterates_grads
 
 from gloro_fast.ops import power_iteration_linear
 
-pytestmark = [
-    requires_cpu_kernels("power_iteration_linear"),
-    pytest.mark.usefixtures("single_thread"),
-]
-TOL = {torch.float64: dict(rtol=1e-10, atol=1e-12), torch.float32: dict(rtol=2e-4, atol=2e-5)}
+pytestmark = cpp_op_marks("power_iteration_linear", single_thread=True)
+TOL = POWER_ITERATION_TOL
 OP = torch.ops.gloro_fast.power_iteration_linear
 OP_BACKWARD = torch.ops.gloro_fast.power_iteration_linear_backward
 
@@ -191,16 +188,10 @@ def test_torch_compile(gen, backend):
         new_us, sigmas = power_iteration_linear(ws, us, 2)
         return torch.stack(sigmas).prod(), new_us
 
-    def run(fn):
-        ws = [w.clone().requires_grad_(True) for w in weights]
-        value, new_us = fn(ws, iterates)
-        value.backward()
-        return value.detach(), new_us, [w.grad for w in ws]
-
     torch._dynamo.reset()
     compiled = torch.compile(step, backend="aot_eager", fullgraph=True)
-    got = backend("cpp", run, compiled)
-    want = backend("reference", run, step)
+    got = backend("cpp", value_iterates_grads, compiled, weights, iterates)
+    want = backend("reference", value_iterates_grads, step, weights, iterates)
     torch.testing.assert_close(got[0], want[0], rtol=1e-10, atol=0)
     assert_close_lists(got[1], want[1], torch.float64)
     assert_close_lists(got[2], want[2], torch.float64)

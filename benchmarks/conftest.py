@@ -241,11 +241,12 @@ _LOAD_START = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 def run_case(benchmark, fn: Callable[[], object], *, case: str, contender: str, params: dict,
              size: float, setup: Optional[Callable[[], None]] = None, note: str = "",
              measure_memory: bool = True, extra: Optional[dict] = None,
-             compile_warmup: Optional[bool] = None) -> None:
+             compile_warmup: Optional[bool] = None, min_rounds: Optional[int] = None) -> None:
     """Warm up (compiles happen here), measure one call's peak memory, then time ``fn``.
 
     ``case`` names the comparison group (all contenders of one case share it), ``size`` is
     the x-axis of the speed-up plots. ``setup`` (untimed) runs before every call.
+    ``min_rounds`` raises the round count of cases whose ratios are targets close to 1.
     """
     if compile_warmup is None:
         compile_warmup = contender == "compile"
@@ -287,6 +288,8 @@ def run_case(benchmark, fn: Callable[[], object], *, case: str, contender: str, 
         rounds = 2 if QUICK else 3
     else:
         rounds = int(min(MAX_ROUNDS, max(MIN_ROUNDS, TIME_BUDGET_S / max(one, 1e-6))))
+    if min_rounds is not None:
+        rounds = max(rounds, min_rounds)
     benchmark.group = case
     benchmark.extra_info.update({
         "case": case,

@@ -205,7 +205,11 @@ def markdown(rows, meta, targets, skips, plots, quick) -> str:
                      f"(a value above the core count means other processes shared the CPU and timings are noisier)")
     backends = meta.get("backends", {})
     for backend, status in backends.items():
-        desc = ", ".join(f"{op} → {res}" for op, res in status.items())
+        values = set(status.values())
+        if len(values) == 1:
+            desc = f"every op → {values.pop()}"
+        else:
+            desc = ", ".join(f"{op} → {res}" for op, res in status.items())
         lines.append(f"- backend `{backend}`: {desc}")
     if not meta.get("extension_loaded", True):
         lines.append("- the compiled extension gloro_fast._C was not loaded: `cpp` resolves to reference and is skipped")
@@ -259,11 +263,14 @@ def markdown(rows, meta, targets, skips, plots, quick) -> str:
                 lines.append(f"| {case} | {skip['contender']} | skipped | | | | | | | {skip['reason']} |")
         lines.append("")
 
-    generic = [s for s in skips if "case" not in s]
+    generic: Dict[tuple, set] = OrderedDict()
+    for skip in skips:
+        if "case" not in skip:
+            generic.setdefault((skip["contender"], skip["reason"]), set()).update(skip.get("ops", []))
     if generic:
         lines += ["## Contenders not run", ""]
-        for skip in generic:
-            lines.append(f"- {skip['contender']} ({', '.join(skip.get('ops', []))}): {skip['reason']}")
+        for (contender, reason), ops in generic.items():
+            lines.append(f"- {contender} ({', '.join(sorted(ops))}): {reason}")
         lines.append("")
     lines += ["## How to run", "",
               "```", "make bench         # full suite, ~15 min on 2 cores: results/<device>.json, RESULTS.md, plots",

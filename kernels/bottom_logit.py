@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gloro_fast.ops.bottom_logit import _check_args
+
 from ._utils import acc_dtype, check_device, check_dtype, configs, contiguous
 
 __all__ = ["bottom_logit", "bottom_logit_forward", "bottom_logit_backward"]
@@ -231,26 +233,14 @@ def bottom_logit(
 ) -> Tuple[torch.Tensor, torch.Tensor]:
     """⊥ logit and its maximising class (Triton), differentiable w.r.t. f, D and K.
 
-    Same contract as :func:`gloro_fast.ops.bottom_logit` (which validates values; this
-    entry checks only what the kernels need: shapes, dtypes and devices).
+    Same contract as :func:`gloro_fast.ops.bottom_logit` (which validates values too; this
+    entry runs only its shape, dtype and device checks, plus what the kernels need).
 
     Returns:
         ``(f_bot, i_star)``: shapes (B,) (dtype of f) and (B,) int64.
     """
-    if logits.ndim != 2 or logits.shape[1] < 2:
-        raise ValueError(f"logits must have shape (B, C>=2), got {tuple(logits.shape)}")
-    C = logits.shape[1]
-    if tuple(distances.shape) != (C, C):
-        raise ValueError(f"distances must have shape ({C}, {C}), got {tuple(distances.shape)}")
+    lipschitz = _check_args(logits, distances, lipschitz)
     check_dtype("logits", logits)
-    if distances.dtype != logits.dtype:
-        raise ValueError(f"distances must have the logits' dtype {logits.dtype}, got {distances.dtype}")
-    if not isinstance(lipschitz, torch.Tensor):
-        lipschitz = torch.tensor(float(lipschitz), dtype=logits.dtype, device=logits.device)
-    if lipschitz.ndim != 0:
-        raise ValueError(f"lipschitz must be a 0-dim tensor or a float, got shape {tuple(lipschitz.shape)}")
-    if lipschitz.dtype != logits.dtype:
-        raise ValueError(f"lipschitz must have the logits' dtype {logits.dtype}, got {lipschitz.dtype}")
     if classes is not None:
         if classes.shape != (logits.shape[0],) or classes.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"classes must be an integer tensor of shape ({logits.shape[0]},)")

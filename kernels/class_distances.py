@@ -22,12 +22,26 @@ import torch
 import triton
 import triton.language as tl
 
+from gloro_fast.ops.class_distances import _backward_with, _check_args, _setup_context
+
 from ._utils import INTERPRET, acc_dtype, check_device, check_dtype, configs, contiguous
 
 __all__ = ["class_distances", "class_distances_forward", "class_distances_backward"]
 
 
 # ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _store_distances(out_ptr, sq, rm, rn, mask_m, mask_n, C):
+    """Store the tile √sq of D (rows rm, columns rn), its diagonal exactly 0."""
+    dist = tl.sqrt(sq)
+    dist = tl.where(rm[:, None] == rn[None, :], 0.0, dist)
+    tl.store(
+        out_ptr + rm[:, None] * C + rn[None, :],
+        dist.to(out_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_n[None, :],
+    )
+
+
 @triton.autotune(
     configs=configs(
         [
@@ -76,14 +90,7 @@ def _class_distances_gram_kernel(
         norm_m += tl.sum(af * af, axis=1)
         norm_n += tl.sum(bf * bf, axis=1)
     sq = norm_m[:, None] + norm_n[None, :] - 2.0 * gram
-    sq = tl.maximum(sq, 0.0)
-    dist = tl.sqrt(sq)
-    dist = tl.where(rm[:, None] == rn[None, :], 0.0, dist)
-    tl.store(
-        out_ptr + rm[:, None] * C + rn[None, :],
-        dist.to(out_ptr.dtype.element_ty),
-        mask=mask_m[:, None] & mask_n[None, :],
-    )
+    _store_distances(out_ptr, tl.maximum(sq, 0.0), rm, rn, mask_m, mask_n, C)
 
 
 @triton.autotune(
@@ -118,13 +125,7 @@ def _class_distances_exact_kernel(
         b = tl.load(w_ptr + rn[:, None] * d + kk[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
         diff = a.to(acc_t)[:, None, :] - b.to(acc_t)[None, :, :]
         acc += tl.sum(diff * diff, axis=2)
-    dist = tl.sqrt(acc)
-    dist = tl.where(rm[:, None] == rn[None, :], 0.0, dist)
-    tl.store(
-        out_ptr + rm[:, None] * C + rn[None, :],
-        dist.to(out_ptr.dtype.element_ty),
-        mask=mask_m[:, None] & mask_n[None, :],
-    )
+    _store_distances(out_ptr, acc, rm, rn, mask_m, mask_n, C)
 
 
 @triton.autotune(
@@ -209,20 +210,9 @@ def class_distances_backward(
     return torch.addmm(w * rowsum[:, None], s, w, alpha=-1.0).to(weight.dtype)
 
 
-def _setup_context(ctx, inputs, output):
-    weight, _exact = inputs
-    ctx.save_for_backward(weight, output)
-
-
-def _backward(ctx, grad):
-    weight, distances = ctx.saved_tensors
-    grad_weight = None
-    if ctx.needs_input_grad[0]:
-        grad_weight = torch.ops.gloro_fast.class_distances_backward_triton(grad, weight, distances)
-    return grad_weight, None
-
-
-class_distances_forward.register_autograd(_backward, setup_context=_setup_context)
+class_distances_forward.register_autograd(
+    _backward_with("class_distances_backward_triton"), setup_context=_setup_context
+)
 
 
 # ----------------------------------------------------------------------------- public entry
@@ -232,10 +222,7 @@ def class_distances(weight: torch.Tensor, exact: bool = False) -> torch.Tensor:
     Same contract as :func:`gloro_fast.ops.class_distances`; ``weight`` must be a CUDA
     tensor (or a CPU tensor under ``TRITON_INTERPRET=1``).
     """
-    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
-        raise ValueError(f"weight must be a 2-d tensor (C, d), got {getattr(weight, 'shape', weight)!r}")
-    if weight.shape[0] < 1 or weight.shape[1] < 1:
-        raise ValueError(f"weight must have shape (C, d) with C, d >= 1, got {tuple(weight.shape)}")
+    _check_args(weight)
     check_dtype("weight", weight)
     check_device(weight)
     return torch.ops.gloro_fast.class_distances_triton(weight, bool(exact))

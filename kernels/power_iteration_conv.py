@@ -34,7 +34,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from gloro_fast.ops.power_iteration_conv import conv_operator, conv_operator_adjoint
+from gloro_fast.ops.power_iteration_conv import _check_batched, conv_operator, conv_operator_adjoint
 
 from ._utils import acc_dtype, check_device, check_dtype, configs, contiguous
 
@@ -57,6 +57,19 @@ _SEG_CONFIGS = [
 ]
 
 
+@triton.jit
+def _segment_norm(x_ptr, base, seg_len, FP64: tl.constexpr, BLOCK: tl.constexpr):
+    """‖x[base : base + seg_len]‖ in the accumulation dtype."""
+    acc_t = tl.float64 if FP64 else tl.float32
+    offs = tl.arange(0, BLOCK)
+    sq = tl.zeros((BLOCK,), dtype=acc_t)
+    for k0 in range(0, seg_len, BLOCK):
+        kk = k0 + offs
+        x = tl.load(x_ptr + base + kk, mask=kk < seg_len, other=0.0).to(acc_t)
+        sq += x * x
+    return tl.sqrt(tl.sum(sq, axis=0))
+
+
 @triton.autotune(configs=configs(_SEG_CONFIGS), key=["seg_len", "FP64"])
 @triton.jit
 def _normalize_segments_kernel(
@@ -67,12 +80,7 @@ def _normalize_segments_kernel(
     acc_t = tl.float64 if FP64 else tl.float32
     base = seg.to(tl.int64) * seg_len
     offs = tl.arange(0, BLOCK)
-    sq = tl.zeros((BLOCK,), dtype=acc_t)
-    for k0 in range(0, seg_len, BLOCK):
-        kk = k0 + offs
-        x = tl.load(x_ptr + base + kk, mask=kk < seg_len, other=0.0).to(acc_t)
-        sq += x * x
-    norm = tl.sqrt(tl.sum(sq, axis=0))
+    norm = _segment_norm(x_ptr, base, seg_len, FP64, BLOCK)
     keep_old = norm <= 0
     denom = tl.where(keep_old, 1.0, norm)
     for k0 in range(0, seg_len, BLOCK):
@@ -89,15 +97,8 @@ def _normalize_segments_kernel(
 def _segment_norms_kernel(y_ptr, out_ptr, seg_len, FP64: tl.constexpr, BLOCK: tl.constexpr):
     """out_l = ‖y_l‖ for the l-th segment of seg_len elements."""
     seg = tl.program_id(0)
-    acc_t = tl.float64 if FP64 else tl.float32
-    base = seg.to(tl.int64) * seg_len
-    offs = tl.arange(0, BLOCK)
-    sq = tl.zeros((BLOCK,), dtype=acc_t)
-    for k0 in range(0, seg_len, BLOCK):
-        kk = k0 + offs
-        y = tl.load(y_ptr + base + kk, mask=kk < seg_len, other=0.0).to(acc_t)
-        sq += y * y
-    tl.store(out_ptr + seg, tl.sqrt(tl.sum(sq, axis=0)).to(out_ptr.dtype.element_ty))
+    norm = _segment_norm(y_ptr, seg.to(tl.int64) * seg_len, seg_len, FP64, BLOCK)
+    tl.store(out_ptr + seg, norm.to(out_ptr.dtype.element_ty))
 
 
 @triton.autotune(configs=configs(_SEG_CONFIGS), key=["seg_len", "FP64"])
@@ -233,26 +234,6 @@ power_iteration_conv_forward.register_autograd(_backward, setup_context=_setup_c
 
 
 # ----------------------------------------------------------------------------- public entries
-def _pair(value, name: str) -> List[int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    value = list(value)
-    if len(value) != 2 or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in value):
-        raise ValueError(f"{name} must be a positive int or a pair of them, got {value!r}")
-    return value
-
-
-def _pads(padding) -> List[int]:
-    if isinstance(padding, int) and not isinstance(padding, bool):
-        padding = (padding,) * 4
-    padding = list(padding)
-    if len(padding) == 2:
-        padding = [padding[0], padding[0], padding[1], padding[1]]
-    if len(padding) != 4 or any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in padding):
-        raise ValueError(f"pads must be an int, (pad_h, pad_w) or (top, bottom, left, right), got {padding!r}")
-    return padding
-
-
 def power_iteration_conv_batched(
     weights: Sequence[torch.Tensor],
     iterates: Sequence[torch.Tensor],
@@ -268,32 +249,17 @@ def power_iteration_conv_batched(
     Returns ``(list of u_new, list of sigma)``: u_new (1, c_in, H, W) detached, sigma 0-dim
     and differentiable w.r.t. its kernel.
     """
-    weights, iterates = list(weights), list(iterates)
-    if not weights or len(weights) != len(iterates):
+    weights, iterates, checked = _check_batched(
+        weights, iterates, n_iter, stride, pads, dilation, groups, residual
+    )
+    if not weights:
         raise ValueError("weights and iterates must be non-empty lists of the same length")
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
-        raise ValueError(f"n_iter must be a non-negative int, got {n_iter!r}")
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1:
-        raise ValueError(f"groups must be a positive int, got {groups!r}")
-    stride, dilation, pads = _pair(stride, "stride"), _pair(dilation, "dilation"), _pads(pads)
-    w0, u0 = weights[0], iterates[0]
-    for k, (w, u) in enumerate(zip(weights, iterates)):
-        if w.shape != w0.shape or u.shape != u0.shape or w.dtype != w0.dtype or w.device != w0.device:
-            raise ValueError(f"layer {k}: batched layers need equal shapes, dtypes and devices")
-        if u.dtype != w.dtype or u.device != w.device:
-            raise ValueError(f"iterates[{k}] must match weights[{k}] in dtype and device")
-    if w0.ndim != 4 or u0.ndim != 4 or u0.shape[0] != 1 or u0.shape[1] != w0.shape[1] * groups:
-        raise ValueError(
-            f"weight (c_out, c_in/groups, kh, kw) and iterate (1, c_in, H, W) do not match: "
-            f"{tuple(w0.shape)}, {tuple(u0.shape)}, groups={groups}"
-        )
-    if w0.shape[0] % groups:
-        raise ValueError(f"groups={groups} must divide the {w0.shape[0]} output channels")
-    check_dtype("weight", w0)
-    check_device(w0)
+    n_iter, stride, pads, dilation, groups = checked
+    check_dtype("weight", weights[0])
+    check_device(weights[0])
     L = len(weights)
     u, sigma, _y = torch.ops.gloro_fast.power_iteration_conv_triton(
-        weights, iterates, n_iter, stride, pads, dilation, groups, bool(residual)
+        weights, iterates, n_iter, list(stride), list(pads), list(dilation), groups, bool(residual)
     )
     u = u.detach()
     us = list(u.chunk(L, 1)) if L > 1 else [u]

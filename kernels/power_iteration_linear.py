@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gloro_fast.ops.power_iteration_linear import _check_args
+
 from ._utils import acc_dtype, check_device, check_dtype, configs, contiguous
 
 __all__ = ["power_iteration_linear", "power_iteration_linear_forward", "power_iteration_linear_backward"]
@@ -35,6 +37,29 @@ _META_COLS = 5  # w_off, u_off, v_off, m, n
 
 
 # ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _matvec(w_base, x_ptr, y_ptr, m, n, FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """y = W x for the row-major m×n W at ``w_base`` (x, y in the accumulation dtype); returns ‖y‖²."""
+    acc_t = tl.float64 if FP64 else tl.float32
+    rm0 = tl.arange(0, BLOCK_M)
+    rn0 = tl.arange(0, BLOCK_N)
+    sq_m = tl.zeros((BLOCK_M,), dtype=acc_t)
+    for r0 in range(0, m, BLOCK_M):
+        rr = r0 + rm0
+        mr = rr < m
+        acc = tl.zeros((BLOCK_M,), dtype=acc_t)
+        for k0 in range(0, n, BLOCK_N):
+            kk = k0 + rn0
+            mk = kk < n
+            w = tl.load(w_base + rr[:, None].to(tl.int64) * n + kk[None, :],
+                        mask=mr[:, None] & mk[None, :], other=0.0).to(acc_t)
+            x = tl.load(x_ptr + kk, mask=mk, other=0.0)
+            acc += tl.sum(w * x[None, :], axis=1)
+        tl.store(y_ptr + rr, acc, mask=mr)
+        sq_m += acc * acc
+    return tl.sum(sq_m, axis=0)
+
+
 @triton.autotune(
     configs=configs(
         [
@@ -74,18 +99,7 @@ def _power_iteration_linear_kernel(
 
     for _it in range(0, n_iter):
         # phase 1: v = W cur
-        for r0 in range(0, m, BLOCK_M):
-            rr = r0 + rm0
-            mr = rr < m
-            acc = tl.zeros((BLOCK_M,), dtype=acc_t)
-            for k0 in range(0, n, BLOCK_N):
-                kk = k0 + rn0
-                mk = kk < n
-                w = tl.load(w_base + rr[:, None].to(tl.int64) * n + kk[None, :],
-                            mask=mr[:, None] & mk[None, :], other=0.0).to(acc_t)
-                x = tl.load(cur_ptr + u_off + kk, mask=mk, other=0.0)
-                acc += tl.sum(w * x[None, :], axis=1)
-            tl.store(v_ptr + v_off + rr, acc, mask=mr)
+        _matvec(w_base, cur_ptr + u_off, v_ptr + v_off, m, n, FP64, BLOCK_M, BLOCK_N)
         tl.debug_barrier()
         # phase 2: t = Wᵀ v, and ‖t‖²
         sq = tl.zeros((BLOCK_N,), dtype=acc_t)
@@ -116,21 +130,8 @@ def _power_iteration_linear_kernel(
         tl.debug_barrier()
 
     # estimate: v = W u, σ = ‖v‖; write the iterate in the weights' dtype
-    sq_m = tl.zeros((BLOCK_M,), dtype=acc_t)
-    for r0 in range(0, m, BLOCK_M):
-        rr = r0 + rm0
-        mr = rr < m
-        acc = tl.zeros((BLOCK_M,), dtype=acc_t)
-        for k0 in range(0, n, BLOCK_N):
-            kk = k0 + rn0
-            mk = kk < n
-            w = tl.load(w_base + rr[:, None].to(tl.int64) * n + kk[None, :],
-                        mask=mr[:, None] & mk[None, :], other=0.0).to(acc_t)
-            x = tl.load(cur_ptr + u_off + kk, mask=mk, other=0.0)
-            acc += tl.sum(w * x[None, :], axis=1)
-        tl.store(v_ptr + v_off + rr, acc, mask=mr)
-        sq_m += acc * acc
-    tl.store(sigma_ptr + layer, tl.sqrt(tl.sum(sq_m, axis=0)).to(sigma_ptr.dtype.element_ty))
+    sq = _matvec(w_base, cur_ptr + u_off, v_ptr + v_off, m, n, FP64, BLOCK_M, BLOCK_N)
+    tl.store(sigma_ptr + layer, tl.sqrt(sq).to(sigma_ptr.dtype.element_ty))
     for k0 in range(0, n, BLOCK_N):
         kk = k0 + rn0
         mk = kk < n
@@ -289,23 +290,10 @@ def power_iteration_linear(
     sigma is differentiable w.r.t. the weights. Layers of different dtypes or devices are
     run in one launch per (dtype, device) group.
     """
-    single = isinstance(weights, torch.Tensor)
-    if single:
-        weights, iterates = [weights], [iterates]
-    weights, iterates = list(weights), list(iterates)
-    if len(weights) != len(iterates):
-        raise ValueError(
-            f"weights and iterates must have the same length, got {len(weights)} and {len(iterates)}"
-        )
-    if isinstance(n_iter, bool) or not isinstance(n_iter, int) or n_iter < 0:
-        raise ValueError(f"n_iter must be a non-negative int, got {n_iter!r}")
-    for k, (w, u) in enumerate(zip(weights, iterates)):
-        if w.ndim != 2 or w.shape[0] < 1 or w.shape[1] < 1:
+    single, weights, iterates, n_iter = _check_args(weights, iterates, n_iter)
+    for k, w in enumerate(weights):
+        if w.shape[0] < 1 or w.shape[1] < 1:
             raise ValueError(f"weights[{k}] must have shape (m, n) with m, n >= 1, got {tuple(w.shape)}")
-        if tuple(u.shape) != (w.shape[1],):
-            raise ValueError(f"iterates[{k}] must have shape ({w.shape[1]},), got {tuple(u.shape)}")
-        if u.dtype != w.dtype or u.device != w.device:
-            raise ValueError(f"iterates[{k}] must match weights[{k}] in dtype and device")
         check_dtype(f"weights[{k}]", w)
         check_device(w)
     groups: Dict[tuple, List[int]] = {}

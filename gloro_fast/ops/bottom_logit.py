@@ -41,6 +41,30 @@ def bottom_logit_reference(
     return bottom, i_star
 
 
+def _check_args(logits, distances, lipschitz) -> torch.Tensor:
+    """Shape, dtype and device checks (shared with the Triton entry ``gloro_fast.kernels``);
+    returns ``lipschitz`` as a 0-dim tensor of the logits' dtype and device."""
+    check_tensor("logits", logits, ndim=2, floating=True)
+    num_classes = logits.shape[1]
+    if num_classes < 2:
+        raise ValueError(f"logits must have at least 2 classes (shape (B, C>=2)), got {tuple(logits.shape)}")
+    check_tensor("distances", distances, shape=(num_classes, num_classes), floating=True)
+    if distances.device != logits.device or distances.dtype != logits.dtype:
+        raise ValueError(
+            f"distances must match logits in dtype and device ({logits.dtype} on {logits.device}), "
+            f"got {distances.dtype} on {distances.device}"
+        )
+    if not isinstance(lipschitz, torch.Tensor):
+        lipschitz = torch.tensor(float(lipschitz), dtype=logits.dtype, device=logits.device)
+    check_tensor("lipschitz", lipschitz, ndim=0, floating=True)
+    if lipschitz.device != logits.device or lipschitz.dtype != logits.dtype:
+        raise ValueError(
+            f"lipschitz must match logits in dtype and device ({logits.dtype} on {logits.device}), "
+            f"got {lipschitz.dtype} on {lipschitz.device}"
+        )
+    return lipschitz
+
+
 def bottom_logit(
     logits: torch.Tensor,
     distances: torch.Tensor,
@@ -60,24 +84,8 @@ def bottom_logit(
     Returns:
         ``(f_bot, i_star)``: shapes (B,) (dtype of f) and (B,) int64.
     """
-    check_tensor("logits", logits, ndim=2, floating=True)
+    lipschitz = _check_args(logits, distances, lipschitz)
     num_classes = logits.shape[1]
-    if num_classes < 2:
-        raise ValueError(f"logits must have at least 2 classes (shape (B, C>=2)), got {tuple(logits.shape)}")
-    check_tensor("distances", distances, shape=(num_classes, num_classes), floating=True)
-    if distances.device != logits.device or distances.dtype != logits.dtype:
-        raise ValueError(
-            f"distances must match logits in dtype and device ({logits.dtype} on {logits.device}), "
-            f"got {distances.dtype} on {distances.device}"
-        )
-    if not isinstance(lipschitz, torch.Tensor):
-        lipschitz = torch.tensor(float(lipschitz), dtype=logits.dtype, device=logits.device)
-    check_tensor("lipschitz", lipschitz, ndim=0, floating=True)
-    if lipschitz.device != logits.device or lipschitz.dtype != logits.dtype:
-        raise ValueError(
-            f"lipschitz must match logits in dtype and device ({logits.dtype} on {logits.device}), "
-            f"got {lipschitz.dtype} on {lipschitz.device}"
-        )
     epsilon = check_epsilon(epsilon)
     check_finite("logits", logits)
     check_finite("distances", distances)

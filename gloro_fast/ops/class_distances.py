@@ -33,6 +33,13 @@ def class_distances_reference(weight: torch.Tensor, exact: bool = False) -> torc
     return dist.masked_fill(eye, 0.0)
 
 
+def _check_args(weight) -> None:
+    """Rank, shape and dtype-kind checks (shared with the Triton entry ``gloro_fast.kernels``)."""
+    check_tensor("weight", weight, ndim=2, floating=True)
+    if weight.shape[0] < 1 or weight.shape[1] < 1:
+        raise ValueError(f"weight must have shape (C, d) with C, d >= 1, got {tuple(weight.shape)}")
+
+
 def class_distances(weight: torch.Tensor, exact: bool = False) -> torch.Tensor:
     """Pairwise row distances of ``weight`` (C, d) → (C, C), differentiable.
 
@@ -40,9 +47,7 @@ def class_distances(weight: torch.Tensor, exact: bool = False) -> torch.Tensor:
         weight: head weight, floating point, shape (C, d), C ≥ 1, d ≥ 1.
         exact: use direct differences instead of the Gram form (slower, no cancellation).
     """
-    check_tensor("weight", weight, ndim=2, floating=True)
-    if weight.shape[0] < 1 or weight.shape[1] < 1:
-        raise ValueError(f"weight must have shape (C, d) with C, d >= 1, got {tuple(weight.shape)}")
+    _check_args(weight)
     check_finite("weight", weight)
     backend = resolve("class_distances", weight.device.type)
     if backend == "reference":
@@ -73,12 +78,21 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(weight, output)
 
 
-def _backward(ctx, grad):
-    weight, distances = ctx.saved_tensors
-    grad_weight = None
-    if ctx.needs_input_grad[0]:
-        grad_weight = torch.ops.gloro_fast.class_distances_backward(grad, weight, distances)
-    return grad_weight, None
+def _backward_with(backward_op: str):
+    """Autograd backward calling ``torch.ops.gloro_fast.<backward_op>(grad, weight, distances)``
+    (looked up when called: the op exists only once its library is loaded)."""
+
+    def _backward(ctx, grad):
+        weight, distances = ctx.saved_tensors
+        grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_weight = getattr(torch.ops.gloro_fast, backward_op)(grad, weight, distances)
+        return grad_weight, None
+
+    return _backward
+
+
+_backward = _backward_with("class_distances_backward")
 
 
 register_op(

@@ -239,27 +239,10 @@ def power_iteration_conv_batched_reference(
     return u.reshape(blocks, c_in, height, width), sigma
 
 
-def power_iteration_conv_batched(
-    weights: Sequence[torch.Tensor],
-    iterates: Sequence[torch.Tensor],
-    n_iter: int = 1,
-    *,
-    stride: Union[int, Sequence[int]] = 1,
-    padding: Union[int, Sequence[int]] = 0,
-    dilation: Union[int, Sequence[int]] = 1,
-    groups: int = 1,
-    residual: bool = False,
-) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    """:func:`power_iteration_conv` on several layers of ONE configuration at once.
-
-    All ``weights`` share one shape, dtype and device, all ``iterates`` one shape (1, C_in,
-    H, W), and the convolution arguments apply to every layer. The layers run as one
-    grouped convolution (kernels stacked on the output axis, iterates on the channel axis,
-    groups × layers) with per-layer normalisation: the same result as one call per layer.
-
-    Returns:
-        ``(list of u_new, list of sigma)``: as :func:`power_iteration_conv` per layer.
-    """
+def _check_batched(weights, iterates, n_iter, stride, padding, dilation, groups, residual):
+    """Validate the arguments of :func:`power_iteration_conv_batched` (shared with the Triton
+    entry ``gloro_fast.kernels``); returns ``(weights, iterates, checked)`` with lists and
+    ``checked`` = ``(n_iter, stride, pads, dilation, groups)`` (None for no layers)."""
     weights, iterates = list(weights), list(iterates)
     if len(weights) != len(iterates):
         raise ValueError(
@@ -282,6 +265,34 @@ def power_iteration_conv_batched(
             )
     if not weights:
         check_positive_int("n_iter", n_iter, allow_zero=True)
+    return weights, iterates, checked
+
+
+def power_iteration_conv_batched(
+    weights: Sequence[torch.Tensor],
+    iterates: Sequence[torch.Tensor],
+    n_iter: int = 1,
+    *,
+    stride: Union[int, Sequence[int]] = 1,
+    padding: Union[int, Sequence[int]] = 0,
+    dilation: Union[int, Sequence[int]] = 1,
+    groups: int = 1,
+    residual: bool = False,
+) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
+    """:func:`power_iteration_conv` on several layers of ONE configuration at once.
+
+    All ``weights`` share one shape, dtype and device, all ``iterates`` one shape (1, C_in,
+    H, W), and the convolution arguments apply to every layer. The layers run as one
+    grouped convolution (kernels stacked on the output axis, iterates on the channel axis,
+    groups × layers) with per-layer normalisation: the same result as one call per layer.
+
+    Returns:
+        ``(list of u_new, list of sigma)``: as :func:`power_iteration_conv` per layer.
+    """
+    weights, iterates, checked = _check_batched(
+        weights, iterates, n_iter, stride, padding, dilation, groups, residual
+    )
+    if not weights:
         return [], []
     n_iter, stride, pads, dilation, groups = checked
     residual = bool(residual)

@@ -40,22 +40,9 @@ def power_iteration_linear_reference(
     return new_iterates, sigmas
 
 
-def power_iteration_linear(
-    weights: Union[torch.Tensor, Sequence[torch.Tensor]],
-    iterates: Union[torch.Tensor, Sequence[torch.Tensor]],
-    n_iter: int = 1,
-):
-    """Run ``n_iter`` power iterations on one or many dense layers in one call.
-
-    Args:
-        weights: W of shape (m, n), or a list of them.
-        iterates: u of shape (n,) (unit norm), or a list matching ``weights``.
-        n_iter: iterations before the estimate (0: estimate with the given u).
-
-    Returns:
-        ``(u_new, sigma)`` for a single layer (u_new detached, sigma a 0-dim tensor
-        differentiable w.r.t. W), or ``(list of u_new, list of sigma)`` for lists.
-    """
+def _check_args(weights, iterates, n_iter):
+    """Validate the arguments (shared with the Triton entry ``gloro_fast.kernels``); returns
+    ``(single, weights, iterates, n_iter)`` with ``weights`` and ``iterates`` as lists."""
     single = isinstance(weights, torch.Tensor)
     if single:
         weights, iterates = [weights], [iterates]
@@ -73,6 +60,26 @@ def power_iteration_linear(
                 f"iterates[{k}] must match weights[{k}] in dtype and device, got "
                 f"{u.dtype}/{u.device} vs {w.dtype}/{w.device}"
             )
+    return single, weights, iterates, n_iter
+
+
+def power_iteration_linear(
+    weights: Union[torch.Tensor, Sequence[torch.Tensor]],
+    iterates: Union[torch.Tensor, Sequence[torch.Tensor]],
+    n_iter: int = 1,
+):
+    """Run ``n_iter`` power iterations on one or many dense layers in one call.
+
+    Args:
+        weights: W of shape (m, n), or a list of them.
+        iterates: u of shape (n,) (unit norm), or a list matching ``weights``.
+        n_iter: iterations before the estimate (0: estimate with the given u).
+
+    Returns:
+        ``(u_new, sigma)`` for a single layer (u_new detached, sigma a 0-dim tensor
+        differentiable w.r.t. W), or ``(list of u_new, list of sigma)`` for lists.
+    """
+    single, weights, iterates, n_iter = _check_args(weights, iterates, n_iter)
     backend = resolve("power_iteration_linear", weights[0].device.type) if weights else "reference"
     if backend in ("cpp", "triton") and any(w.device != weights[0].device for w in weights):
         backend = "reference"  # one call of a compiled kernel runs on one device

@@ -20,8 +20,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (DEVICE, DTYPE, NAIVE_CAP_BYTES, NAIVE_MAX_ELEMENTS, compiled, contenders, label,
-                      pick, record_skip, run_case, use_backend, zero_grads)
+from conftest import (DEVICE, DTYPE, NAIVE_CAP_BYTES, NAIVE_MAX_ELEMENTS, compiled, contenders,
+                      label, pick, record_skip, run_contender, zero_grads)
 from gloro_fast.ops import bottom_logit, class_distances
 
 EPS = 0.141
@@ -172,9 +172,4 @@ def test_margin_path(benchmark, B, C, d, mode, contender):
     params = {"B": B, "C": C, "d": d}
     kw = dict(case=case, contender=label(contender), params=params, size=B * C * d, note=note,
               extra={"op": "margin_path", "mode": mode})
-    if contender.startswith("gloro_fast:"):
-        with use_backend(contender.split(":", 1)[1], ("class_distances", "bottom_logit")) as status:
-            kw["extra"]["resolved"] = status
-            run_case(benchmark, step, **kw)
-    else:
-        run_case(benchmark, step, **kw)
+    run_contender(benchmark, step, contender, ("class_distances", "bottom_logit"), **kw)

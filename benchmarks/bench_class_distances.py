@@ -12,8 +12,8 @@ import math
 import pytest
 import torch
 
-from conftest import (DEVICE, DTYPE, NAIVE_CAP_BYTES, NAIVE_MAX_ELEMENTS, compiled, contenders, label,
-                      pick, record_skip, run_case, use_backend, zero_grads)
+from conftest import (DEVICE, DTYPE, NAIVE_CAP_BYTES, NAIVE_MAX_ELEMENTS, compiled, contenders,
+                      label, pick, record_skip, run_contender, zero_grads)
 from gloro_fast.ops import class_distances
 
 NAIVE_TENSORS = {"fwd": 2, "fwd+bwd": 3}
@@ -97,9 +97,4 @@ def test_class_distances(benchmark, C, d, mode, contender):
     kw = dict(case=case, contender=label(contender),
               params={"C": C, "d": d}, size=C * C * d, note=note,
               extra={"op": "class_distances", "mode": mode})
-    if contender.startswith("gloro_fast:"):
-        with use_backend(contender.split(":", 1)[1], ("class_distances",)) as status:
-            kw["extra"]["resolved"] = status
-            run_case(benchmark, step, **kw)
-    else:
-        run_case(benchmark, step, **kw)
+    run_contender(benchmark, step, contender, ("class_distances",), **kw)

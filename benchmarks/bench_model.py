@@ -18,8 +18,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (DEVICE, DTYPE, QUICK, compiled, contenders, label, pick, record_skip, run_case,
-                      use_backend, zero_grads)
+from conftest import (DEVICE, DTYPE, QUICK, compiled, contenders, label, pick, record_skip,
+                      run_contender, zero_grads)
 from gloro_fast import losses
 from gloro_fast.models import cnn_6C2F, liresnet
 from gloro_fast.nn import Linear, PowerIterationModule
@@ -173,12 +173,7 @@ def test_lipschitz_step(benchmark, arch, n_iter, contender):
 
     kw = dict(case=case, contender=label(contender), params={"model": arch, "n_iter": n_iter},
               size=sum(w.numel() for w in weights), extra={"op": "lipschitz_step", "mode": "fwd+bwd"})
-    if contender.startswith("gloro_fast:"):
-        with use_backend(contender.split(":", 1)[1], BOUND_OPS) as status:
-            kw["extra"]["resolved"] = status
-            run_case(benchmark, step, **kw)
-    else:
-        run_case(benchmark, step, **kw)
+    run_contender(benchmark, step, contender, BOUND_OPS, **kw)
 
 
 # -- training step -------------------------------------------------------------------------
@@ -235,12 +230,7 @@ def test_training_step(benchmark, arch, contender):
     kw = dict(case=f"training step {arch} B={TRAIN_BATCH}", contender=label(contender),
               params={"model": arch, "B": TRAIN_BATCH}, size=TRAIN_BATCH,
               extra={"op": "training_step", "mode": "fwd+bwd+adam"}, min_rounds=TARGET_ROUNDS)
-    if contender.startswith("gloro_fast:"):
-        with use_backend(contender.split(":", 1)[1], BOUND_OPS + MARGIN_OPS) as status:
-            kw["extra"]["resolved"] = status
-            run_case(benchmark, step, **kw)
-    else:
-        run_case(benchmark, step, **kw)
+    run_contender(benchmark, step, contender, BOUND_OPS + MARGIN_OPS, **kw)
 
 
 def _naive_trades(f, W, K, y, eps):
@@ -304,13 +294,9 @@ def test_certify(benchmark, arch, contender):
     kw = dict(case=f"certify {arch} B={CERT_BATCH}", contender=label(contender),
               params={"model": arch, "B": CERT_BATCH}, size=CERT_BATCH,
               extra={"op": "certify", "mode": "fwd"}, min_rounds=TARGET_ROUNDS)
-    if contender.startswith("gloro_fast:"):
-        with use_backend(contender.split(":", 1)[1], BOUND_OPS + MARGIN_OPS) as status:
-            model.lipschitz_constant()  # converge and cache on this backend (untimed)
-            kw["extra"]["resolved"] = status
-            run_case(benchmark, fn, **kw)
-    else:
-        run_case(benchmark, fn, **kw)
+    # converge and cache the bounds on this backend first (untimed)
+    run_contender(benchmark, fn, contender, BOUND_OPS + MARGIN_OPS,
+                  prepare=model.lipschitz_constant, **kw)
 
 
 # -- convergence at evaluation ---------------------------------------------------------------
@@ -373,9 +359,4 @@ def test_convergence(benchmark, arch, contender):
     kw = dict(case=f"convergence tol=1e-6 {arch}", contender=label(contender),
               params={"model": arch, "tol": TOL}, size=sum(w.numel() for w in weights),
               setup=reset, extra={"op": "convergence", "mode": "eval"})
-    if contender.startswith("gloro_fast:"):
-        with use_backend(contender.split(":", 1)[1], BOUND_OPS) as status:
-            kw["extra"]["resolved"] = status
-            run_case(benchmark, fn, **kw)
-    else:
-        run_case(benchmark, fn, **kw)
+    run_contender(benchmark, fn, contender, BOUND_OPS, **kw)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPE, compiled, contenders, label, pick, run_case, use_backend, zero_grads
+from conftest import (DEVICE, DTYPE, compiled, contenders, label, pick, run_contender, zero_grads)
 from gloro_fast.ops import power_iteration_conv
 from gloro_fast.ops.power_iteration_conv import conv_operator, conv_operator_adjoint
 
@@ -125,9 +125,4 @@ def test_power_iteration_conv(benchmark, config, n_iter, mode, contender):
     kw = dict(case=f"power_iteration_conv {mode} {config} n_iter={n_iter}", contender=label(contender),
               params={"config": config, "n_iter": n_iter}, size=size,
               extra={"op": "power_iteration_conv", "mode": mode})
-    if contender.startswith("gloro_fast:"):
-        with use_backend(contender.split(":", 1)[1], ("power_iteration_conv",)) as status:
-            kw["extra"]["resolved"] = status
-            run_case(benchmark, step, **kw)
-    else:
-        run_case(benchmark, step, **kw)
+    run_contender(benchmark, step, contender, ("power_iteration_conv",), **kw)

@@ -310,6 +310,21 @@ def run_case(benchmark, fn: Callable[[], object], *, case: str, contender: str, 
         benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0)
 
 
+def run_contender(benchmark, fn: Callable[[], object], raw_contender: str, op_names: Iterable[str],
+                  prepare: Optional[Callable[[], None]] = None, **kw) -> None:
+    """:func:`run_case` for the raw contender name: a ``gloro_fast:<backend>`` contender
+    runs inside :func:`use_backend` (recording what each op resolved to), after the untimed
+    ``prepare()``; any other contender runs as it is."""
+    if not raw_contender.startswith("gloro_fast:"):
+        run_case(benchmark, fn, **kw)
+        return
+    with use_backend(raw_contender.split(":", 1)[1], op_names) as status:
+        if prepare is not None:
+            prepare()
+        kw["extra"]["resolved"] = status
+        run_case(benchmark, fn, **kw)
+
+
 def label(contender: str) -> str:
     """Display name of a contender id (``gloro_fast:cpp`` → ``gloro_fast[cpp]``)."""
     if contender.startswith("gloro_fast:"):

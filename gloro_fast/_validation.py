@@ -17,7 +17,6 @@ __all__ = [
     "check_epsilon",
     "check_labels",
     "check_positive_int",
-    "check_same_device",
 ]
 
 
@@ -106,10 +105,3 @@ def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:
         bound = ">= 0" if allow_zero else ">= 1"
         raise ValueError(f"{name} must be {bound}, got {value}")
     return value
-
-
-def check_same_device(**tensors: torch.Tensor) -> None:
-    devices = {name: t.device for name, t in tensors.items() if isinstance(t, torch.Tensor)}
-    if len(set(devices.values())) > 1:
-        desc = ", ".join(f"{n} on {d}" for n, d in devices.items())
-        raise ValueError(f"tensors must be on the same device, got {desc}")

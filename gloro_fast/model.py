@@ -8,19 +8,27 @@ Logits f = W h(x) + b with ‖h‖_Lip ≤ K. With j = argmax f (lowest index on
 
 x is certified at radius ε iff f_j − f_i > ε K_ji for every i ≠ j, i.e. iff f_j > f_⊥;
 its certified radius is max(0, min_{i≠j} (f_j − f_i) / K_ji).
+
+Certification (``certify``, ``certified_radius``, eval-mode ``forward``) is *sound* by
+default: K and K_ji are provable upper bounds and the test adds an allowance for the
+rounding of the forward pass (:mod:`gloro_fast.bounds`). ``certificate="estimate"`` gives
+the GloRo paper's numbers (converged power iteration, no allowance): an estimate.
 """
 from __future__ import annotations
 
 import math
-import warnings
-from typing import NamedTuple, Optional, Sequence
+from typing import List, NamedTuple, Optional, Sequence
 
 import torch
 from torch import nn
 
 from ._validation import check_epsilon, check_finite, check_positive_int, check_tensor
-from .nn import Linear, LipschitzModule, PowerIterationModule, from_torch
+from .bounds import (BoundCache, EstimateBounds, LayerBracket, SoundBounds, check_certificate,
+                     compute_estimate, compute_sound, upper_bounds)
+from .nn import Linear, from_torch
 from .ops import bottom_logit, class_distances
+from .sound.forward_error import ieee_arithmetic
+from .sound.rounding import up_tensor
 
 __all__ = ["GloroNet", "GloroOutput"]
 
@@ -61,13 +69,16 @@ class GloroNet(nn.Module):
             operators' input size at construction. Otherwise learnt at the first forward
             (later inputs of another shape are a ValueError naming x).
         n_iter: power iterations per training forward (no autograd) before σ̂.
-        tol, max_iter: convergence of the bounds used by eval, ``certify`` and
-            ``certified_radius`` (relative change of σ̂ ≤ tol; warns if max_iter is hit).
+        tol, max_iter: the power iteration behind ``certificate="estimate"`` and the
+            brackets stops when upper/σ̂ − 1 ≤ tol (the bracket closed), when σ̂ changes by
+            ≤ tol relatively in one iteration (stalled), or after max_iter (warning). Sound
+            certificates never use them.
 
     In training mode every forward advances the power iteration by ``n_iter`` steps and
     uses σ̂ with autograd. In eval mode, and always in ``certify``/``certified_radius``/
-    ``lipschitz_constant``, the bounds are iterated to convergence and cached until any
-    parameter changes (in place or replaced), so a stale bound cannot be used.
+    ``lipschitz_constant``, the certification bounds (``certificate="sound"`` by default,
+    or ``"estimate"``) are used; they are computed once and cached until any parameter
+    changes (in place or replaced), so a stale bound cannot be used.
     """
 
     def __init__(self, body: nn.Module, head: nn.Module, epsilon: float, bound: str = "margin",
@@ -95,7 +106,6 @@ class GloroNet(nn.Module):
             raise ValueError(f"tol must be in (0, 1), got {tol!r}")
         self.tol = float(tol)
         self.max_iter = check_positive_int("max_iter", max_iter)
-        self._cache = None
         self.input_shape = None
         if input_shape is not None:
             self.input_shape = tuple(int(s) for s in input_shape)
@@ -115,17 +125,6 @@ class GloroNet(nn.Module):
         return self.head.out_features
 
     # -- bounds ---------------------------------------------------------------------
-    def _power_layers(self):
-        layers = [m for m in self.body.modules() if isinstance(m, PowerIterationModule)]
-        if self.bound == "global":
-            layers.append(self.head)
-        return layers
-
-    def _weights_key(self):
-        return tuple(
-            (p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape)) for p in self.parameters()
-        ) + (self.bound,)
-
     def _as_tensor(self, value) -> torch.Tensor:
         ref = self.head.weight
         if isinstance(value, torch.Tensor):
@@ -145,46 +144,51 @@ class GloroNet(nn.Module):
             distances = self._global_distances(self.head.lipschitz_bound(self.n_iter))
         return lipschitz, distances
 
-    @torch.no_grad()
-    def _converged_bounds(self):
-        key = self._weights_key()
-        # The version counters miss in-place edits through ``p.data`` (a separate counter),
-        # so the cache also holds a copy of the weights and checks their values.
-        params = [p.detach() for p in self.parameters()]
-        if (self._cache is not None and self._cache[0] == key
-                and all(torch.equal(a, b) for a, b in zip(self._cache[3], params))):
-            return self._cache[1], self._cache[2]
-        for layer in self._power_layers():
-            if not layer.iterate_initialized:
-                raise RuntimeError(
-                    "the model's input size is unknown: pass input_shape= to GloroNet or run a "
-                    "forward pass before asking for its bounds"
-                )
-            _, converged, steps = layer.converge(self.tol, self.max_iter)
-            if not converged:
-                warnings.warn(
-                    f"power iteration of {type(layer).__name__} did not reach tol={self.tol} in "
-                    f"{self.max_iter} iterations; its σ̂ may underestimate the norm",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-        lipschitz = self._as_tensor(self.body.lipschitz_bound(0)).detach()
-        if self.bound == "margin":
-            distances = class_distances(self.head.weight, exact=True).detach()
-        else:
-            distances = self._global_distances(self.head.lipschitz_bound(0)).detach()
-        # the iterate buffers changed but no parameter did, so the key still holds
-        self._cache = (key, lipschitz, distances, [p.clone() for p in params])
-        return lipschitz, distances
+    def _cached(self, kind: str):
+        """The cached bounds of ``kind`` ("sound" or "estimate"), recomputed after any change
+        of a parameter (see :class:`gloro_fast.bounds.BoundCache`)."""
+        cache = self.__dict__.setdefault("_bound_cache", BoundCache())
+        values = cache.valid_for(self, extra=(self.bound, self.tol, self.max_iter, self.input_shape))
+        if kind not in values:
+            with torch.no_grad():
+                if "uppers" not in values:
+                    values["uppers"] = upper_bounds(self)
+                if kind == "sound":
+                    values[kind] = compute_sound(self, values["uppers"])
+                else:
+                    values[kind] = compute_estimate(self, values["uppers"])
+        return values[kind]
 
-    def lipschitz_constant(self) -> torch.Tensor:
-        """K: the body's Lipschitz bound, power iterations converged (0-dim, detached)."""
-        return self._converged_bounds()[0]
+    def sound_bounds(self) -> SoundBounds:
+        """The provable bounds sound certificates use (cached; see :mod:`gloro_fast.bounds`)."""
+        return self._cached("sound")
 
-    def margin_lipschitz(self) -> torch.Tensor:
-        """K_ji (C, C), converged (detached); K_jj = 0."""
-        lipschitz, distances = self._converged_bounds()
-        return lipschitz * distances
+    def estimate_bounds(self) -> EstimateBounds:
+        """Converged power-iteration bounds (cached): K = Π σ̂, D in the model's dtype."""
+        return self._cached("estimate")
+
+    def lipschitz_constant(self, certificate: str = "sound") -> torch.Tensor:
+        """K, a bound of the body's Lipschitz constant (0-dim, detached): ``"sound"`` a
+        provable upper bound (float64), ``"estimate"`` the product of converged σ̂ (the
+        model's dtype)."""
+        if check_certificate(certificate) == "sound":
+            return torch.tensor(self.sound_bounds().lipschitz, dtype=torch.float64,
+                                device=self.head.weight.device)
+        return self.estimate_bounds().lipschitz
+
+    def margin_lipschitz(self, certificate: str = "sound") -> torch.Tensor:
+        """K_ji (C, C), K_jj = 0 (detached). Sound: provable, float64 (the sound test adds the
+        rounding allowance of the forward pass on top, see :mod:`gloro_fast.bounds`)."""
+        if check_certificate(certificate) == "sound":
+            sb = self.sound_bounds()
+            return up_tensor(sb.lipschitz * sb.distances).fill_diagonal_(0.0)
+        est = self.estimate_bounds()
+        return est.lipschitz * est.distances
+
+    def lipschitz_bracket(self) -> List[LayerBracket]:
+        """Per layer, the provable bracket [lower, upper] of its Lipschitz constant (lower
+        from the converged power iteration), with the iteration's outcome."""
+        return list(self.estimate_bounds().brackets)
 
     # -- forward ----------------------------------------------------------------------
     def _check_input(self, x) -> None:
@@ -200,50 +204,88 @@ class GloroNet(nn.Module):
             raise TypeError(f"x must have the model's dtype {ref.dtype}, got {x.dtype}")
         check_finite("x", x)
 
-    def forward_parts(self, x: torch.Tensor, converged: Optional[bool] = None) -> GloroOutput:
-        """The GloRo forward with its pieces: see :class:`GloroOutput`.
-
-        ``converged`` (default: ``not self.training``) selects converged, cached bounds
-        instead of the training-mode σ̂ with autograd.
-        """
+    def _logits(self, x: torch.Tensor, certifying: bool) -> torch.Tensor:
         self._check_input(x)
-        logits = self.head(self.body(x))
+        if certifying:
+            # certificates are about the model's own dtype in IEEE arithmetic
+            with ieee_arithmetic(x.device.type):
+                logits = self.head(self.body(x))
+        else:
+            logits = self.head(self.body(x))
         if self.input_shape is None:  # learnt at the first forward: later inputs must match
             self.input_shape = tuple(x.shape[1:])
+        return logits
+
+    def _epsilon(self, epsilon) -> float:
+        return self.epsilon if epsilon is None else check_epsilon(epsilon)
+
+    def forward_parts(self, x: torch.Tensor, converged: Optional[bool] = None,
+                      certificate: str = "sound", epsilon: Optional[float] = None) -> GloroOutput:
+        """The GloRo forward with its pieces: see :class:`GloroOutput`.
+
+        ``converged`` (default: ``not self.training``) selects cached certification bounds
+        of kind ``certificate`` instead of the training-mode σ̂ with autograd; in sound mode
+        f_⊥ includes the rounding allowance, so that f_j > f_⊥ is the sound test.
+        ``epsilon`` (default: the model's) is the radius f_⊥ is computed for.
+        """
         if converged is None:
             converged = not self.training
-        lipschitz, distances = self._converged_bounds() if converged else self._training_bounds()
-        bottom, _ = bottom_logit(logits, distances, lipschitz, self.epsilon)
-        return GloroOutput(logits, bottom, lipschitz, distances)
+        eps = self._epsilon(epsilon)
+        if not converged:
+            logits = self._logits(x, certifying=False)
+            lipschitz, distances = self._training_bounds()
+            bottom, _ = bottom_logit(logits, distances, lipschitz, eps)
+            return GloroOutput(logits, bottom, lipschitz, distances)
+        check_certificate(certificate)
+        logits = self._logits(x, certifying=True)
+        if certificate == "estimate":
+            est = self.estimate_bounds()
+            bottom, _ = bottom_logit(logits, est.distances, est.lipschitz, eps)
+            return GloroOutput(logits, bottom, est.lipschitz, est.distances)
+        sb = self.sound_bounds()
+        bottom, _ = sb.bottom(logits, x, eps)
+        lipschitz = torch.tensor(sb.lipschitz, dtype=torch.float64, device=logits.device)
+        return GloroOutput(logits, bottom, lipschitz, sb.distances)
 
     def forward(self, x: torch.Tensor, parts: bool = False):
         """(B, C + 1) logits [f, f_⊥]; with ``parts=True`` the :class:`GloroOutput` (so that
-        wrappers that hook ``forward``, such as DistributedDataParallel, see the full step)."""
+        wrappers that hook ``forward``, such as DistributedDataParallel, see the full step).
+        In eval mode f_⊥ is the sound one: argmax = the soundly certified prediction."""
         out = self.forward_parts(x)
         return out if parts else out.augmented
 
     # -- certification --------------------------------------------------------------
     @torch.no_grad()
-    def certify(self, x: torch.Tensor) -> torch.Tensor:
+    def certify(self, x: torch.Tensor, epsilon: Optional[float] = None,
+                certificate: str = "sound") -> torch.Tensor:
         """Certified predictions (B,) int64 in [0, C]: the class j where f_j − f_i > ε K_ji
-        for every i ≠ j, else C (⊥). Uses converged bounds."""
-        out = self.forward_parts(x, converged=True)
-        top = out.logits.argmax(dim=1)
-        certified = out.logits.gather(1, top.unsqueeze(1)).squeeze(1) > out.bottom
+        for every i ≠ j (sound: plus the rounding allowance, see :mod:`gloro_fast.bounds`),
+        else C (⊥). ``epsilon`` defaults to the model's."""
+        eps = self._epsilon(epsilon)
+        logits = self._logits(x, certifying=True)
+        top = logits.argmax(dim=1)
+        if check_certificate(certificate) == "sound":
+            _, certified = self.sound_bounds().bottom(logits, x, eps)
+        else:
+            est = self.estimate_bounds()
+            bottom, _ = bottom_logit(logits, est.distances, est.lipschitz, eps)
+            certified = logits.gather(1, top.unsqueeze(1)).squeeze(1) > bottom
         return torch.where(certified, top, torch.full_like(top, self.num_classes))
 
     @torch.no_grad()
-    def certified_radius(self, x: torch.Tensor) -> torch.Tensor:
-        """r(x) = max(0, min_{i≠j} (f_j − f_i) / K_ji), shape (B,), with converged bounds.
-        A pair with K_ji = 0 never limits the radius unless f_i = f_j."""
-        self._check_input(x)
-        logits = self.head(self.body(x))
-        if self.input_shape is None:  # learnt at the first forward: later inputs must match
-            self.input_shape = tuple(x.shape[1:])
-        lipschitz, distances = self._converged_bounds()
+    def certified_radius(self, x: torch.Tensor, certificate: str = "sound") -> torch.Tensor:
+        """The largest l2 radius within which the prediction provably cannot change, (B,).
+
+        ``"estimate"``: r(x) = max(0, min_{i≠j} (f_j − f_i) / K_ji) with converged σ̂ (a pair
+        with K_ji = 0 never limits the radius unless f_i = f_j), in the model's dtype.
+        ``"sound"``: the largest ε the sound test passes at (float64, rounded down)."""
+        logits = self._logits(x, certifying=True)
+        if check_certificate(certificate) == "sound":
+            return self.sound_bounds().radius(logits, x)
+        est = self.estimate_bounds()
         top = logits.argmax(dim=1)
         gaps = logits.gather(1, top.unsqueeze(1)) - logits
-        k_ji = lipschitz * distances.index_select(0, top)
+        k_ji = est.lipschitz * est.distances.index_select(0, top)
         ratio = torch.where(k_ji > 0, gaps / k_ji, torch.where(gaps > 0, math.inf, 0.0))
         own = torch.nn.functional.one_hot(top, self.num_classes).bool()
         ratio = ratio.masked_fill(own, math.inf)

@@ -179,36 +179,55 @@ def buffers(net):
 
 
 # ------------------------------------------------------------------------------ forward
+# In float64 the sound bounds sit within ~1e-8 of the exact ones (the Cholesky
+# certificate's slack and the float64 rounding allowance), so the brute force built from
+# the exact norms checks both kinds of certificate; the sound values must lie above.
+K_RTOL = {"estimate": 1e-9, "sound": 1e-7}
+
+
+def check_K(got, K, certificate):
+    assert abs(float(got) / K - 1) < K_RTOL[certificate], (float(got), K)
+    if certificate == "sound":
+        assert float(got) >= K
+
+
+@pytest.mark.parametrize("certificate", ["estimate", "sound"])
 @pytest.mark.parametrize("bound", ["margin", "global"])
 @pytest.mark.parametrize("classes", [2, 5])
-def test_forward_eval_matches_brute_force(bound, classes):
+def test_forward_eval_matches_brute_force(bound, classes, certificate):
     net = dense_net(seed=classes, classes=classes, eps=0.4, bound=bound).eval()
     x = torch.randn(40, 6, dtype=DT)
-    out = net(x)
+    parts = net.forward_parts(x, certificate=certificate)
+    out = parts.augmented
     assert out.shape == (40, classes + 1) and out.dtype == DT
     f = ref_logits(net, x)
     torch.testing.assert_close(out[:, :classes], f, rtol=1e-12, atol=1e-12)
     K = exact_K(net)
     js, bottoms, _, _ = brute(f, pair_constants(net, K, bound), 0.4)
-    torch.testing.assert_close(out[:, classes], torch.tensor(bottoms, dtype=DT), rtol=1e-9, atol=1e-9)
-    # forward_parts exposes the same pieces
-    parts = net.forward_parts(x)
+    torch.testing.assert_close(out[:, classes], torch.tensor(bottoms, dtype=DT), rtol=1e-7, atol=1e-9)
+    if certificate == "sound":
+        assert (out[:, classes] >= torch.tensor(bottoms, dtype=DT)).all()
+        # eval forward is sound by default
+        torch.testing.assert_close(net(x), out, rtol=0, atol=0)
     assert isinstance(parts, GloroOutput)
-    torch.testing.assert_close(parts.augmented, out, rtol=0, atol=0)
-    assert abs(float(parts.lipschitz) / K - 1) < 1e-9
+    check_K(parts.lipschitz, K, certificate)
 
 
-def test_forward_conv_body_matches_brute_force():
+@pytest.mark.parametrize("certificate", ["estimate", "sound"])
+def test_forward_conv_body_matches_brute_force(certificate):
     net = conv_net().eval()
     x = torch.randn(16, *CONV_SHAPE, dtype=DT)
-    out = net(x)
+    out = net.forward_parts(x, certificate=certificate).augmented
     f = ref_logits(net, x)
     torch.testing.assert_close(out[:, :3], f, rtol=1e-10, atol=1e-12)
     K = exact_K(net, CONV_SHAPE)
-    assert abs(float(net.lipschitz_constant()) / K - 1) < 1e-8
+    check_K(net.lipschitz_constant(certificate), K, certificate)
     _, bottoms, preds, radii = brute(f, pair_constants(net, K, "margin"), 0.2)
-    torch.testing.assert_close(out[:, 3], torch.tensor(bottoms, dtype=DT), rtol=1e-8, atol=1e-9)
-    torch.testing.assert_close(net.certified_radius(x), torch.tensor(radii, dtype=DT), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(out[:, 3], torch.tensor(bottoms, dtype=DT), rtol=1e-7, atol=1e-9)
+    radius = net.certified_radius(x, certificate=certificate)
+    torch.testing.assert_close(radius, torch.tensor(radii, dtype=DT), rtol=1e-6, atol=1e-9)
+    if certificate == "sound":
+        assert (radius <= torch.tensor(radii, dtype=DT)).all()
 
 
 def test_forward_tie_uses_lowest_index_and_is_bottom():
@@ -231,7 +250,7 @@ def test_forward_tie_uses_lowest_index_and_is_bottom():
         head.bias[2] = 9.5
     net = GloroNet(body, head, 0.5, **TIGHT).to(DT).eval()
     x = torch.randn(20, 6, dtype=DT)
-    out = net(x)
+    out = net.forward_parts(x, certificate="estimate").augmented
     assert torch.equal(out[:, 0], out[:, 1])
     f = ref_logits(net, x)
     K = exact_K(net)
@@ -242,14 +261,18 @@ def test_forward_tie_uses_lowest_index_and_is_bottom():
     # with j = 1 instead, f_⊥ would use row D_1·: make sure that differs (the test can fail)
     alt = [max(row[i] + 0.5 * kji[1][i] for i in range(4) if i != 1) for row in f.tolist()]
     assert max(abs(a - b) for a, b in zip(alt, bottoms)) > 1e-3
-    assert net.certify(x).tolist() == [4] * 20
-    assert net.certified_radius(x).tolist() == [0.0] * 20
+    for certificate in ("estimate", "sound"):
+        assert net.certify(x, certificate=certificate).tolist() == [4] * 20
+        assert net.certified_radius(x, certificate=certificate).tolist() == [0.0] * 20
+    # the sound ⊥ (default eval forward) sits above the tie too
+    assert (net(x).argmax(dim=1) == 4).all() or (net(x)[:, 4] >= net(x)[:, 0]).all()
 
 
 # ---------------------------------------------------------------------------- certify
+@pytest.mark.parametrize("certificate", ["estimate", "sound"])
 @pytest.mark.parametrize("bound", ["margin", "global"])
 @pytest.mark.parametrize("classes", [2, 6])
-def test_certify_and_radius_match_brute_force(bound, classes):
+def test_certify_and_radius_match_brute_force(bound, classes, certificate):
     net = dense_net(seed=10 + classes, classes=classes, bound=bound).eval()
     x = torch.randn(200, 6, dtype=DT)
     f = ref_logits(net, x)
@@ -259,18 +282,20 @@ def test_certify_and_radius_match_brute_force(bound, classes):
     eps = eps_between_radii(radii)
     net.epsilon = eps
     _, _, preds, radii = brute(f, kji, eps)
-    got = net.certify(x)
+    got = net.certify(x, certificate=certificate)
     assert got.dtype == torch.int64 and got.shape == (200,)
     assert got.tolist() == preds
+    assert torch.equal(net.certify(x, epsilon=eps, certificate=certificate), got)
     assert 0 < sum(p == classes for p in preds) < 200  # both outcomes present
-    radius = net.certified_radius(x)
-    torch.testing.assert_close(radius, torch.tensor(radii, dtype=DT), rtol=1e-9, atol=1e-12)
+    radius = net.certified_radius(x, certificate=certificate)
+    rtol = 1e-9 if certificate == "estimate" else 1e-6
+    torch.testing.assert_close(radius, torch.tensor(radii, dtype=DT), rtol=rtol, atol=1e-12)
     # consistency: certified at ε iff radius > ε, and then the prediction is argmax f
     top = f.argmax(dim=1)
     expect = torch.where(radius > eps, top, torch.full_like(top, classes))
     assert torch.equal(got, expect)
     # forward's augmented argmax agrees with certify (no exact ties here)
-    assert torch.equal(net(x).argmax(dim=1), got)
+    assert torch.equal(net.forward_parts(x, certificate=certificate).augmented.argmax(dim=1), got)
 
 
 def test_certify_exact_tie_is_bottom_and_eps_zero():
@@ -288,8 +313,10 @@ def test_certify_exact_tie_is_bottom_and_eps_zero():
         assert torch.equal(logits[:, 1], logits[:, 2])  # exact ties in the logits
         tied = logits.argmax(dim=1) == 1
         assert 0 < int(tied.sum()) < 300
-        got = net.certify(x)
+        got = net.certify(x, certificate="estimate")
         assert (got[tied] == 4).all()
+        assert (net.certify(x)[tied] == 4).all()
+        assert (net.certified_radius(x, certificate="estimate")[tied] == 0).all()
         assert (net.certified_radius(x)[tied] == 0).all()
         _, _, preds, _ = brute(f, pair_constants(net, exact_K(net), "margin"), eps)
         if eps == 0.0:
@@ -298,15 +325,16 @@ def test_certify_exact_tie_is_bottom_and_eps_zero():
             assert got.tolist() == preds
         else:
             # away from the threshold the brute force decides the rest
-            radius = net.certified_radius(x)
+            radius = net.certified_radius(x, certificate="estimate")
             far = (radius - eps).abs() > 1e-6
             assert torch.equal(got[far], torch.tensor(preds)[far])
 
 
-def test_certified_points_resist_random_perturbations():
+@pytest.mark.parametrize("certificate", ["estimate", "sound"])
+def test_certified_points_resist_random_perturbations(certificate):
     net = dense_net(seed=7, classes=3).eval()
     x = torch.randn(64, 6, dtype=DT)
-    radius = net.certified_radius(x)
+    radius = net.certified_radius(x, certificate=certificate)
     top = net(x)[:, :3].argmax(dim=1)
     ok = radius > 0
     assert ok.any()
@@ -322,34 +350,45 @@ def test_certified_points_resist_random_perturbations():
 def test_lipschitz_constant_and_margin_lipschitz_exact(bound):
     net = dense_net(seed=2, classes=5, bound=bound)
     K = exact_K(net)
-    got = net.lipschitz_constant()
+    got = net.lipschitz_constant("estimate")
     assert got.dim() == 0 and got.dtype == DT and not got.requires_grad
-    assert abs(float(got) / K - 1) < 1e-5
     assert abs(float(got) / K - 1) < 1e-10  # tight tol really converges
-    ml = net.margin_lipschitz()
     expect = torch.tensor(pair_constants(net, K, bound), dtype=DT)
-    assert ml.shape == (5, 5)
-    torch.testing.assert_close(ml, expect, rtol=1e-9, atol=0)
-    assert torch.equal(torch.diagonal(ml), torch.zeros(5, dtype=DT))
+    for certificate in ("estimate", "sound"):
+        ml = net.margin_lipschitz(certificate)
+        assert ml.shape == (5, 5) and ml.dtype == DT
+        torch.testing.assert_close(ml, expect, rtol=1e-8 if certificate == "sound" else 1e-9, atol=0)
+        assert torch.equal(torch.diagonal(ml), torch.zeros(5, dtype=DT))
+        if certificate == "sound":
+            assert (ml >= expect).all()
+    sound = net.lipschitz_constant()  # the default: provable
+    assert sound.dim() == 0 and sound.dtype == torch.float64 and not sound.requires_grad
+    check_K(sound, K, "sound")
 
 
 def test_lipschitz_constant_matches_layer_bound_products():
     # each converged layer σ̂ is a lower bound converging to the exact norm
     net = conv_net(seed=4)
-    net.lipschitz_constant()
+    state = buffers(net)
+    K = net.lipschitz_constant("estimate")
     exact = exact_layer_norms(net, CONV_SHAPE)
-    layers = [m for m in net.body if isinstance(m, gnn.PowerIterationModule)]
-    for layer, norm in zip(layers, exact):
-        with torch.no_grad():
-            sigma = float(layer.lipschitz_bound(0))
-        assert sigma <= norm * (1 + 1e-12)
-        assert abs(sigma / norm - 1) < 1e-8
+    brackets = [b for b in net.lipschitz_bracket() if b.estimate is not None]
+    assert [b.name for b in brackets] == [f"body.{i}" for i in (0, 2, 4, 7)]
+    for bracket, norm in zip(brackets, exact):
+        assert bracket.estimate <= norm * (1 + 1e-12)
+        assert abs(bracket.estimate / norm - 1) < 1e-8
+        assert bracket.lower <= norm <= bracket.upper
+        assert bracket.upper / bracket.lower - 1 < 1e-6
+    assert abs(float(K) / math.prod(b.estimate for b in brackets) - 1) < 1e-12
+    # computing the estimate left the model alone (no iterate moved)
+    for name, b in net.named_buffers():
+        assert torch.equal(b, state[name]), name
 
 
 def test_unconverged_bound_warns():
     net = dense_net(seed=2, tol=1e-15, max_iter=2)
-    with pytest.warns(RuntimeWarning, match="did not reach"):
-        net.lipschitz_constant()
+    with pytest.warns(RuntimeWarning, match="ended 'max_iter' after 2 iterations"):
+        net.lipschitz_constant("estimate")
 
 
 # ------------------------------------------------------------------------- training mode
@@ -425,24 +464,31 @@ def test_training_output_differentiable_through_K(bound):
     assert (g_full - g_const).abs().max() > 1e-6
 
 
-def test_eval_forward_uses_converged_bounds():
+@pytest.mark.parametrize("certificate", ["estimate", "sound"])
+def test_eval_forward_uses_converged_bounds(certificate):
     net = dense_net(seed=8).eval()
-    parts = net.forward_parts(torch.randn(3, 6, dtype=DT))
-    assert abs(float(parts.lipschitz) / exact_K(net) - 1) < 1e-9
+    parts = net.forward_parts(torch.randn(3, 6, dtype=DT), certificate=certificate)
+    check_K(parts.lipschitz, exact_K(net), certificate)
     # converged= overrides the mode
     net.train()
-    parts = net.forward_parts(torch.randn(3, 6, dtype=DT), converged=True)
-    assert abs(float(parts.lipschitz) / exact_K(net) - 1) < 1e-9
+    parts = net.forward_parts(torch.randn(3, 6, dtype=DT), converged=True, certificate=certificate)
+    check_K(parts.lipschitz, exact_K(net), certificate)
 
 
 # ------------------------------------------------------------------------------- cache
 def assert_bound_fresh(net, input_shape=None, rtol=1e-9):
+    """Both kinds of bound match the current weights (estimate: to ``rtol``; sound: above
+    the exact value and within 1e-7 of it)."""
     K = exact_K(net, input_shape)
-    got = net.lipschitz_constant()
+    expect = torch.tensor(pair_constants(net, K, net.bound), dtype=DT)
+    got = net.lipschitz_constant("estimate")
     assert got.dtype == net.head.weight.dtype
     assert abs(float(got) / K - 1) < rtol, (float(got), K)
-    expect = torch.tensor(pair_constants(net, K, net.bound), dtype=DT)
-    torch.testing.assert_close(net.margin_lipschitz().to(DT), expect, rtol=rtol * 10, atol=0)
+    torch.testing.assert_close(net.margin_lipschitz("estimate").to(DT), expect, rtol=rtol * 10, atol=0)
+    sound = net.lipschitz_constant()
+    assert sound.dtype == torch.float64
+    check_K(sound, K, "sound")
+    torch.testing.assert_close(net.margin_lipschitz(), expect, rtol=1e-6, atol=0)
     return K
 
 
@@ -491,43 +537,76 @@ def test_cache_refreshes_after_inplace_edit(how):
     if how == "head":
         assert (net.margin_lipschitz() - ml0).abs().max() > 1e-3
     else:
+        assert abs(float(net.lipschitz_constant("estimate")) / K0 - 1.7) < 1e-6
         assert abs(float(net.lipschitz_constant()) / K0 - 1.7) < 1e-6
 
 
 def test_cache_refreshes_after_double():
     net = dense_net(seed=6, dtype=torch.float32, tol=1e-5, max_iter=1000)
-    k32 = net.lipschitz_constant()
+    k32 = net.lipschitz_constant("estimate")
     assert k32.dtype == torch.float32
+    s32 = net.sound_bounds()
+    assert s32.dtype == torch.float32
     net.double()
     net.tol = 1e-13
     net.max_iter = 20000
     assert_bound_fresh(net, rtol=1e-10)
+    assert net.sound_bounds().dtype == DT
+    # the float32 forward needed a larger rounding allowance than the float64 one
+    assert net.sound_bounds().body_error.a < s32.body_error.a * 1e-6
     assert net(torch.randn(2, 6, dtype=DT)).dtype == DT
 
 
 def test_certify_twice_does_not_iterate_again(monkeypatch):
     net = dense_net(seed=9).eval()
     x = torch.randn(10, 6, dtype=DT)
-    first = net.certify(x)
-    radius = net.certified_radius(x)
+    first = net.certify(x, certificate="estimate")
+    radius = net.certified_radius(x, certificate="estimate")
     state = buffers(net)
     calls = []
     for m in net.modules():
         if isinstance(m, gnn.PowerIterationModule):
             orig = m.converge
             monkeypatch.setattr(m, "converge", lambda *a, _o=orig, **k: calls.append(1) or _o(*a, **k))
-    assert torch.equal(net.certify(x), first)
-    assert torch.equal(net.certified_radius(x), radius)
-    net(x)
-    net.lipschitz_constant()
+    assert torch.equal(net.certify(x, certificate="estimate"), first)
+    assert torch.equal(net.certified_radius(x, certificate="estimate"), radius)
+    net.forward_parts(x, certificate="estimate")
+    net.lipschitz_constant("estimate")
     assert calls == []
     for name, b in net.named_buffers():
         assert torch.equal(b, state[name]), name
     # ... but after a change it does iterate again
     with torch.no_grad():
         net.body[2].weight.mul_(0.9)
-    net.certify(x)
+    net.certify(x, certificate="estimate")
     assert len(calls) > 0
+
+
+def test_sound_bounds_computed_once_per_weights(monkeypatch):
+    net = dense_net(seed=9).eval()
+    x = torch.randn(10, 6, dtype=DT)
+    calls = []
+    for m in net.modules():
+        if isinstance(m, gnn.Linear):
+            orig = m.lipschitz_upper_bound
+            monkeypatch.setattr(m, "lipschitz_upper_bound", lambda _o=orig: calls.append(1) or _o())
+    first = net.certify(x)
+    n = len(calls)
+    assert n == 3  # two body layers and the head
+    state = buffers(net)
+    assert torch.equal(net.certify(x), first)
+    net.certified_radius(x)
+    net(x)
+    net.lipschitz_constant()
+    net.margin_lipschitz()
+    assert len(calls) == n
+    # sound certification neither reads nor moves the power iterates
+    for name, b in net.named_buffers():
+        assert torch.equal(b, state[name]), name
+    with torch.no_grad():
+        net.body[2].weight.mul_(0.9)
+    net.certify(x)
+    assert len(calls) == 2 * n
 
 
 # -------------------------------------------------------------------------- state dict

@@ -35,9 +35,13 @@ def planted(m, n, gen, top=2.0, rest=1.0):
 
 
 def converged(layer):
-    sigma, ok, steps = layer.converge(tol=1e-13, max_iter=20000)
-    assert ok, f"{type(layer).__name__} did not converge in {steps} iterations"
-    return float(sigma)
+    result = layer.converge(tol=1e-13, max_iter=20000)
+    assert result.status in ("closed", "stalled"), (
+        f"{type(layer).__name__} did not converge in {result.iterations} iterations")
+    # the bracket holds the estimate: lower ≤ σ̂ ≤ upper
+    assert float(result.lower) <= float(result.estimate) * (1 + 1e-12)
+    assert float(result.estimate) <= float(result.upper)
+    return float(result.estimate)
 
 
 # -- Linear ---------------------------------------------------------------------------

@@ -1,18 +1,22 @@
 """Containers and shape layers: Sequential (bound = product), Flatten (bound 1)."""
 from __future__ import annotations
 
+import torch
 from torch import nn
 
-from .base import LipschitzModule
+from ..sound.rounding import up
+from .base import ConstantLipschitzModule, LipschitzModule, float64_scalar
 
 __all__ = ["Sequential", "Flatten"]
 
 
-class Flatten(nn.Flatten, LipschitzModule):
-    """``torch.nn.Flatten``: a reshape, an isometry."""
+class Flatten(nn.Flatten, ConstantLipschitzModule):
+    """``torch.nn.Flatten``: a reshape, an isometry (``start_dim`` ≥ 1: samples stay apart)."""
 
-    def lipschitz_bound(self, n_iter: int = 0) -> float:
-        return 1.0
+    def __init__(self, start_dim: int = 1, end_dim: int = -1) -> None:
+        if start_dim == 0:
+            raise ValueError("Flatten must keep the batch axis: start_dim must not be 0")
+        super().__init__(start_dim, end_dim)
 
 
 class Sequential(nn.Sequential, LipschitzModule):
@@ -40,4 +44,16 @@ class Sequential(nn.Sequential, LipschitzModule):
         bound = 1.0
         for module in self:
             bound = bound * module.lipschitz_bound(n_iter)
+        return bound
+
+    def lipschitz_upper_bound(self) -> torch.Tensor:
+        """Product of the layers' provable upper bounds (rounded up)."""
+        bound = 1.0
+        for module in self:
+            bound = up(bound * float(module.lipschitz_upper_bound()))
+        return float64_scalar(bound)
+
+    def forward_bound(self, bound, arith, upper_of):
+        for module in self:
+            bound = module.forward_bound(bound, arith, upper_of)
         return bound

@@ -9,7 +9,10 @@ from torch import nn
 
 from ..ops import power_iteration_conv
 from ..ops.power_iteration_conv import _pads, conv_operator
-from .base import PowerIterationModule
+from ..sound.conv import conv_abs_norm_upper, conv_geometry, conv_norm_upper
+from ..sound.forward_error import affine_layer
+from ..sound.rounding import U64, gamma, up
+from .base import PowerIterationModule, float64_scalar
 
 __all__ = ["Conv2d", "LiResBlock", "same_padding"]
 
@@ -111,12 +114,63 @@ class Conv2d(nn.Conv2d, PowerIterationModule):
             out = out + self.bias.view(1, -1, 1, 1)
         return out
 
-    def _power_step(self, n_iter: int):
+    def _power_step(self, n_iter: int, u: torch.Tensor):
         return power_iteration_conv(
-            self.weight, self.power_iterate, n_iter, stride=self.stride,
+            self.weight, u, n_iter, stride=self.stride,
             padding=self.pads_for(self.power_iterate.shape[2:]), dilation=self.dilation,
             groups=self.groups, residual=self.residual,
         )
+
+    # -- provable bounds -----------------------------------------------------------
+    def _geometry(self):
+        self._require_iterate()
+        shape = self.input_shape
+        return shape, self.pads_for(shape[1:])
+
+    @torch.no_grad()
+    def lipschitz_upper_bound(self) -> torch.Tensor:
+        """Provable bound of the operator norm on the layer's input size
+        (:func:`gloro_fast.sound.conv.conv_norm_upper`)."""
+        shape, pads = self._geometry()
+        return float64_scalar(conv_norm_upper(self.weight, shape, self.stride, pads, self.dilation,
+                                              self.groups, self.residual))
+
+    @torch.no_grad()
+    def _abs_norm(self) -> float:
+        shape, pads = self._geometry()
+        return conv_abs_norm_upper(self.weight, shape, self.stride, pads, self.dilation,
+                                   self.groups, self.residual)
+
+    @torch.no_grad()
+    def _apply_float64(self, u: torch.Tensor):
+        shape, pads = self._geometry()
+        w = self.weight.detach().to(device="cpu", dtype=torch.float64)
+        x = u.reshape((1,) + tuple(shape))
+        out = conv_operator(x, w, self.stride, pads, self.dilation, self.groups, residual=self.residual)
+        fan_in = (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1] + 1
+        err = up(gamma(fan_in, U64) * up(self._abs_norm() * float(torch.linalg.vector_norm(u))))
+        return out, err
+
+    @torch.no_grad()
+    def forward_bound(self, bound, arith, upper_of):
+        shape, pads = self._geometry()
+        if tuple(bound.shape) != tuple(shape):
+            raise ValueError(
+                f"{type(self).__name__} is bound for inputs of shape {shape}, but the layers "
+                f"before it produce samples of shape {tuple(bound.shape)}"
+            )
+        g = conv_geometry(self.weight.shape, shape, self.stride, pads, self.dilation, self.groups,
+                          self.residual)
+        offset = 0.0
+        if self.bias is not None:
+            b = self.bias.detach().to(device="cpu", dtype=torch.float64)
+            offset = up(float(torch.linalg.vector_norm(b)) * (1.0 + gamma(b.numel(), U64))
+                        * math.sqrt(g.out_height * g.out_width))
+        fan_in = (self.in_channels // self.groups) * self.kernel_size[0] * self.kernel_size[1]
+        # the bias add, the residual add, and a margin of one rounding
+        additions = 2 + (1 if self.residual else 0)
+        return affine_layer(bound, (g.c_out, g.out_height, g.out_width), upper_of(self),
+                            self._abs_norm(), fan_in, offset, arith, additions=additions)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

@@ -3,10 +3,13 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .base import LipschitzModule
+from ..sound.forward_error import affine_layer
+from ..sound.rounding import down, up
+from .base import ConstantLipschitzModule, float64_scalar
 
 __all__ = ["MaxPool2d", "AvgPool2d"]
 
@@ -20,7 +23,7 @@ def _check_disjoint(layer, name: str) -> None:
         )
 
 
-class MaxPool2d(nn.MaxPool2d, LipschitzModule):
+class MaxPool2d(nn.MaxPool2d, ConstantLipschitzModule):
     """``torch.nn.MaxPool2d`` restricted to disjoint windows (stride ≥ kernel, dilation 1):
     each output reads its own window, and max is 1-Lipschitz there, so the bound is 1."""
 
@@ -33,13 +36,11 @@ class MaxPool2d(nn.MaxPool2d, LipschitzModule):
             raise ValueError(f"dilation must be 1 for a non-overlapping MaxPool2d, got {dilation}")
         _check_disjoint(self, "MaxPool2d")
 
-    def lipschitz_bound(self, n_iter: int = 0) -> float:
-        return 1.0
 
-
-class AvgPool2d(nn.AvgPool2d, LipschitzModule):
+class AvgPool2d(nn.AvgPool2d, ConstantLipschitzModule):
     """``torch.nn.AvgPool2d`` restricted to disjoint windows without padding: the mean of
-    a kh×kw window has norm 1/√(kh·kw) (1/k for a square k×k window)."""
+    a kh×kw window has norm 1/√(kh·kw) (1/k for a square k×k window). Its forward rounds
+    (a sum of kh·kw terms and a division), which :meth:`forward_bound` accounts for."""
 
     def __init__(self, kernel_size, stride=None, padding=0, ceil_mode=False,
                  count_include_pad=True, divisor_override=None) -> None:
@@ -51,6 +52,22 @@ class AvgPool2d(nn.AvgPool2d, LipschitzModule):
             )
         _check_disjoint(self, "AvgPool2d")
 
-    def lipschitz_bound(self, n_iter: int = 0) -> float:
+    @property
+    def lipschitz_constant_value(self) -> float:
         kh, kw = _pair(self.kernel_size)
         return 1.0 / math.sqrt(kh * kw)
+
+    def lipschitz_upper_bound(self) -> torch.Tensor:
+        kh, kw = _pair(self.kernel_size)
+        return float64_scalar(up(1.0 / down(math.sqrt(kh * kw))))
+
+    def lipschitz_lower_bound(self) -> torch.Tensor:
+        kh, kw = _pair(self.kernel_size)
+        return float64_scalar(down(1.0 / up(math.sqrt(kh * kw))))
+
+    def forward_bound(self, bound, arith, upper_of):
+        kh, kw = _pair(self.kernel_size)
+        lip = upper_of(self)
+        # |A| = A (non-negative weights): ‖|A|‖ = ‖A‖; kh·kw terms, the division and a margin
+        return affine_layer(bound, self.output_shape(bound.shape), lip, lip, kh * kw, 0.0, arith,
+                            additions=2)

@@ -1,0 +1,372 @@
+"""The Lipschitz bounds a :class:`~gloro_fast.GloroNet` certifies with, and their cache.
+
+Two kinds, both computed once per set of weights and cached until any parameter changes
+(in place, through ``.data``, by ``load_state_dict``, ``.to()``/``.double()``):
+
+- **estimate** (``certificate="estimate"``, the GloRo paper's): K = Π σ̂_l with each
+  layer's power iteration converged (:meth:`~gloro_fast.nn.PowerIterationModule.converge`),
+  and the class distances D_ji = ‖w_j − w_i‖ by direct differences in the model's dtype.
+  σ̂ approaches each norm *from below*: an estimate.
+- **sound** (``certificate="sound"``, the default): K = Π of the layers' provable upper
+  bounds, D_ji rounded up in float64, and the a-priori rounding-error bounds of the
+  forward pass (:mod:`gloro_fast.sound.forward_error`). Nothing in it comes from an
+  iterate, a tolerance or an iteration count, so nothing read from a checkpoint can
+  weaken it.
+
+With Δ(r) ≥ ‖h̃(x) − h(x)‖ (body error) and ρ(r) ≥ |f̃_i(x) − fl-free head output| (head
+rounding, any i), both affine in r = ‖x‖, a prediction j of the computed logits f̃ is
+*soundly certified* at radius ε when, for every i ≠ j,
+
+    f̃_j(x) − f̃_i(x) > D_ji · (εK + Δ(r) + Δ(r + ε)) + 2ρ(r) + 2ρ(r + ε)
+
+and r + ε ≤ ``max_input_norm`` (no overflow anywhere in the ball). Then for every x′ with
+‖x′ − x‖ ≤ ε both the exact network and its evaluation in the model's dtype predict j:
+f_j(x′) − f_i(x′) ≥ f_j(x) − f_i(x) − εK D_ji ≥ f̃_j(x) − f̃_i(x) − D_jiΔ(r) − 2ρ(r) − εKD_ji,
+and the computed f̃(x′) differs from f(x′) by at most D_jiΔ(r + ε) + 2ρ(r + ε) per pair.
+The decision is made in float64 with the margin rounded down and the threshold up.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from .nn import Linear, LipschitzModule, PowerIterationModule, Sequential
+from .ops import class_distances
+from .sound.dense import spectral_norm_upper
+from .sound.forward_error import Affine, Arithmetic, ForwardBound
+from .sound.rounding import U64, gamma, up, up_tensor
+
+__all__ = ["BoundCache", "EstimateBounds", "LayerBracket", "SoundBounds", "CERTIFICATES",
+           "check_certificate", "compute_estimate", "compute_sound", "upper_bounds"]
+
+CERTIFICATES = ("sound", "estimate")
+_SQRT2_UP = up(math.sqrt(2.0))
+_BRACKET_WARN = 0.05   # a stalled power iteration whose bracket is wider than this warns
+
+
+def check_certificate(certificate) -> str:
+    if certificate not in CERTIFICATES:
+        raise ValueError(f"certificate must be one of {CERTIFICATES}, got {certificate!r}")
+    return certificate
+
+
+@dataclass(frozen=True)
+class LayerBracket:
+    """One layer's provable bracket lower ≤ Lip ≤ upper, with the power iteration's outcome
+    for power-iterated layers (``estimate``, ``iterations``, ``status``; else None)."""
+
+    name: str
+    layer: str
+    lower: float
+    upper: float
+    estimate: Optional[float] = None
+    iterations: Optional[int] = None
+    status: Optional[str] = None
+
+    @property
+    def ratio(self) -> float:
+        """upper / lower (1 for an exact constant; inf for a zero lower bound)."""
+        if self.lower > 0:
+            return self.upper / self.lower
+        return 1.0 if self.upper == 0 else math.inf
+
+
+@dataclass(frozen=True)
+class EstimateBounds:
+    lipschitz: torch.Tensor        # 0-dim, model dtype and device
+    distances: torch.Tensor        # (C, C)
+    brackets: Tuple[LayerBracket, ...]
+
+
+@dataclass(frozen=True)
+class SoundBounds:
+    """Everything a sound certificate needs (see the module docstring)."""
+
+    lipschitz: float               # K ≥ Lip(body)
+    distances: torch.Tensor        # (C, C) float64 on the model's device, D_ji ≥ ‖w_j − w_i‖
+    body_error: Affine             # Δ(r) ≥ ‖h̃ − h‖
+    head_rounding: Affine          # ρ(r) ≥ |rounding of one computed logit|
+    max_input_norm: float          # inputs (balls) beyond it may overflow: never certified
+    uppers: Tuple[Tuple[str, str, float], ...]   # (name, layer type, upper) per bounded layer
+    dtype: torch.dtype
+
+    def _input_norms(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.detach().flatten(1).to(torch.float64)
+        norms = torch.linalg.vector_norm(flat, dim=1)
+        return up_tensor(norms * (1.0 + gamma(max(flat.shape[1], 1), U64)))
+
+    def thresholds(self, x: torch.Tensor, epsilon: float):
+        """Per-sample (s1, s0, admissible): certified iff f̃_j − f̃_i > D_ji·s1 + s0 ∀ i ≠ j
+        and ``admissible`` (float64 tensors of shape (B,))."""
+        r = self._input_norms(x)
+        e = self.body_error
+        rho = self.head_rounding
+        eps = float(epsilon)
+        # Δ(r) + Δ(r + ε) = a(2r + ε) + 2b, likewise for ρ
+        two_r_eps = up_tensor(2.0 * r + eps)
+        s1 = up_tensor(up_tensor(eps * self.lipschitz + e.a * two_r_eps) + 2.0 * e.b)
+        s0 = up_tensor(2.0 * up_tensor(rho.a * two_r_eps + 2.0 * rho.b))
+        admissible = up_tensor(r + eps) <= self.max_input_norm
+        return s1, s0, admissible
+
+    def bottom(self, logits: torch.Tensor, x: torch.Tensor, epsilon: float):
+        """(f_⊥ rounded up to the logits' dtype, certified mask): f_⊥ = max_{i≠j}(f̃_i +
+        D_ji s1) + s0, so that f̃_j > f_⊥ ⟺ the sound test passes (up to the upward rounding
+        of f_⊥, which only rejects more)."""
+        f = logits.detach().to(torch.float64)
+        top = f.argmax(dim=1)
+        s1, s0, admissible = self.thresholds(x, epsilon)
+        d = self.distances.index_select(0, top)                        # (B, C): D_ji
+        rival = up_tensor_signed(f + up_tensor(d * s1.unsqueeze(1)))
+        own = torch.nn.functional.one_hot(top, f.shape[1]).bool()
+        rival = rival.masked_fill(own, -math.inf).amax(dim=1)
+        bottom64 = up_tensor_signed(rival + s0)
+        bottom64 = torch.where(torch.isnan(bottom64), torch.full_like(bottom64, math.inf), bottom64)
+        fj = f.gather(1, top.unsqueeze(1)).squeeze(1)
+        finite = torch.isfinite(f).all(dim=1)
+        certified = (fj > bottom64) & admissible & finite
+        bottom64 = torch.where(finite & admissible, bottom64, torch.full_like(bottom64, math.inf))
+        bottom = bottom64.to(logits.dtype)
+        bottom = torch.where(bottom.to(torch.float64) < bottom64,
+                             torch.nextafter(bottom, torch.full_like(bottom, math.inf)), bottom)
+        return bottom, certified
+
+    def radius(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The largest ε for which the sound test passes (rounded down), per sample:
+        r_ji = (g_ji − 2D_jiΔ(r) − 4ρ(r)) / (D_ji(K + Δ.a) + 2ρ.a), then min over i ≠ j, ≥ 0,
+        and at most ``max_input_norm`` − ‖x‖."""
+        f = logits.detach().to(torch.float64)
+        top = f.argmax(dim=1)
+        r = self._input_norms(x)
+        e, rho = self.body_error, self.head_rounding
+        d = self.distances.index_select(0, top)
+        gap = f.gather(1, top.unsqueeze(1)) - f                           # ≥ 0
+        gap_down = gap * (1.0 - 2.0 ** -50)
+        delta = up_tensor(e.a * r + e.b)
+        rho_r = up_tensor(rho.a * r + rho.b)
+        numer = gap_down - up_tensor(up_tensor(2.0 * d * delta.unsqueeze(1)) + 4.0 * rho_r.unsqueeze(1))
+        denom = up_tensor(up_tensor(d * up(self.lipschitz + e.a)) + 2.0 * rho.a)
+        ratio = torch.where(denom > 0, numer / denom,
+                            torch.where(numer > 0, torch.full_like(numer, math.inf), torch.zeros_like(numer)))
+        ratio = ratio * (1.0 - 2.0 ** -50)
+        own = torch.nn.functional.one_hot(top, f.shape[1]).bool()
+        radius = ratio.masked_fill(own, math.inf).amin(dim=1).clamp_min(0.0)
+        radius = torch.minimum(radius, (self.max_input_norm - r).clamp_min(0.0) * (1.0 - 2.0 ** -50))
+        ok = torch.isfinite(f).all(dim=1) & torch.isfinite(r)
+        return torch.where(ok, radius, torch.zeros_like(radius))
+
+
+def up_tensor_signed(x: torch.Tensor) -> torch.Tensor:
+    """A float64 tensor ≥ the exact value of the last operation producing ``x`` (any sign)."""
+    return x + (x.abs() * 2.0 ** -50 + 2.0 ** -1074)
+
+
+class BoundCache:
+    """Computed bounds of one model, valid until any parameter changes.
+
+    The key holds every parameter's storage pointer, version counter, dtype, device and
+    shape; version counters miss in-place edits through ``p.data``, so a copy of the
+    weights is kept and compared as well.
+    """
+
+    def __init__(self) -> None:
+        self._key = None
+        self._snapshot: List[torch.Tensor] = []
+        self.values: Dict[str, object] = {}
+
+    def valid_for(self, model: torch.nn.Module, extra=()) -> Dict[str, object]:
+        key = tuple((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape))
+                    for p in model.parameters()) + tuple(extra)
+        params = [p.detach() for p in model.parameters()]
+        if not (self._key == key and len(self._snapshot) == len(params)
+                and all(torch.equal(a, b) for a, b in zip(self._snapshot, params))):
+            self._key = key
+            self._snapshot = [p.clone() for p in params]
+            self.values = {}
+        return self.values
+
+
+def _named_layers(model) -> List[Tuple[str, LipschitzModule]]:
+    """The leaf Lipschitz layers of the body (and the head), in order, with their names."""
+    out = []
+    for name, module in model.body.named_modules(prefix="body"):
+        if isinstance(module, LipschitzModule) and not any(
+            isinstance(child, LipschitzModule) for child in module.children()
+        ):
+            out.append((name, module))
+    return out
+
+
+def compute_estimate(model, uppers: Dict[int, Optional[float]]) -> EstimateBounds:
+    """Converged power iterations (stop rule of :meth:`PowerIterationModule.converge`);
+    ``uppers`` from :func:`upper_bounds` (they only decide when a bracket has closed)."""
+    brackets = []
+    layers = [(n, m) for n, m in _named_layers(model)]
+    if model.bound == "global":
+        layers.append(("head", model.head))
+    # K is the product of the layers' values when the body is a chain (Sequential); other
+    # containers compose their own bound from their layers' converged iterates
+    chain = all(isinstance(m, Sequential) for m in model.body.modules()
+                if isinstance(m, LipschitzModule) and any(isinstance(c, LipschitzModule) for c in m.children()))
+    for name, layer in layers:
+        if isinstance(layer, PowerIterationModule):
+            if not layer.iterate_initialized:
+                raise RuntimeError(
+                    "the model's input size is unknown: pass input_shape= to GloroNet or run a "
+                    "forward pass before asking for its bounds"
+                )
+            upper = uppers.get(id(layer))
+            upper = math.inf if upper is None else upper
+            result = layer.converge(model.tol, model.max_iter, upper=upper, update=not chain)
+            lower = float(result.lower)
+            brackets.append(LayerBracket(name, type(layer).__name__, lower, upper,
+                                         float(result.estimate), result.iterations, result.status))
+            wide = lower <= 0 or upper / lower - 1.0 > _BRACKET_WARN
+            if result.status == "max_iter" or (result.status == "stalled" and wide):
+                warnings.warn(
+                    f"power iteration of {name} ({type(layer).__name__}) ended "
+                    f"'{result.status}' after {result.iterations} iterations with bracket "
+                    f"[{lower:.6g}, {upper:.6g}]: its σ̂ may underestimate the norm "
+                    "(certificate='estimate' is not a proof; the sound certificate is unaffected)",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
+        else:
+            try:
+                lower, upper = float(layer.lipschitz_lower_bound()), float(layer.lipschitz_upper_bound())
+            except NotImplementedError:
+                lower = upper = math.nan
+            brackets.append(LayerBracket(name, type(layer).__name__, lower, upper))
+    with torch.no_grad():
+        ref = model.head.weight
+        if not chain:
+            lipschitz = model._as_tensor(model.body.lipschitz_bound(0)).detach()
+            if model.bound == "margin":
+                distances = class_distances(model.head.weight, exact=True).detach()
+            else:
+                distances = model._global_distances(model.head.lipschitz_bound(0)).detach()
+            return EstimateBounds(lipschitz, distances, tuple(brackets))
+        lipschitz = torch.ones((), dtype=ref.dtype, device=ref.device)
+        head_sigma = None
+        for bracket, (name, layer) in zip(brackets, layers):
+            value = bracket.estimate if bracket.estimate is not None else layer.lipschitz_bound(0)
+            if layer is model.head:
+                head_sigma = torch.as_tensor(value, dtype=ref.dtype, device=ref.device)
+            else:
+                lipschitz = lipschitz * torch.as_tensor(value, dtype=ref.dtype, device=ref.device)
+        if model.bound == "margin":
+            distances = class_distances(model.head.weight, exact=True).detach()
+        else:
+            distances = model._global_distances(head_sigma).detach()
+    return EstimateBounds(lipschitz, distances, tuple(brackets))
+
+
+def upper_bounds(model) -> Dict[int, Optional[float]]:
+    """id(layer) → provable upper bound of every leaf layer and the head (None for a layer
+    that has none), warning with the layer's name when one is not finite."""
+    layers = _named_layers(model) + [("head", model.head)]
+    out: Dict[int, Optional[float]] = {}
+    for name, layer in layers:
+        try:
+            value = float(layer.lipschitz_upper_bound())
+        except NotImplementedError:
+            out[id(layer)] = None
+            continue
+        if not math.isfinite(value):
+            warnings.warn(
+                f"{name} ({type(layer).__name__}): its provable Lipschitz upper bound is not "
+                "finite (non-finite or overflowing weights); nothing will be certified",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            value = math.inf
+        out[id(layer)] = value
+    return out
+
+
+def _inferred_input_shape(model) -> Tuple[int, ...]:
+    """The sample shape of a model that has not seen an input yet, from its first layer."""
+    layers = _named_layers(model)
+    first = layers[0][1] if layers else None
+    if isinstance(first, Linear):
+        return (first.in_features,)
+    shape = getattr(first, "input_shape", None)
+    if shape is not None:
+        return tuple(shape)
+    raise RuntimeError(
+        "the model's input size is unknown: pass input_shape= to GloroNet or run a forward "
+        "pass before asking for its sound bounds"
+    )
+
+
+def _distance_upper(weight: torch.Tensor) -> torch.Tensor:
+    """D_ji ≥ ‖w_j − w_i‖ (float64, CPU): direct differences (no Gram cancellation); each
+    entry is √(Σ_k d_k²) of d + 1 roundings (difference, square, sum, root)."""
+    w = weight.detach().to(device="cpu", dtype=torch.float64)
+    if not bool(torch.isfinite(w).all()):
+        return torch.full((w.shape[0], w.shape[0]), math.inf, dtype=torch.float64)
+    d = torch.cdist(w, w, p=2.0, compute_mode="donot_use_mm_for_euclid_dist")
+    slack = up(1.0 + gamma(w.shape[1] + 3, U64))
+    d = up_tensor(d * slack)
+    return d.fill_diagonal_(0.0)  # D_jj is never used (j is masked); keep K_jj = 0
+
+
+def compute_sound(model, uppers: Dict[int, Optional[float]]) -> SoundBounds:
+    """Provable bounds (see the module docstring); raises NotImplementedError naming a
+    layer that has no provable bound. ``uppers`` from :func:`upper_bounds`."""
+    head = model.head
+    input_shape = model.input_shape or _inferred_input_shape(model)
+    arith = Arithmetic.of(head.weight.dtype)
+    names = {id(m): (n, type(m).__name__) for n, m in _named_layers(model) + [("head", head)]}
+    for key, (name, kind) in names.items():
+        if uppers.get(key, 0.0) is None:
+            raise NotImplementedError(
+                f"{name} ({kind}) has no provable Lipschitz upper bound, so certificate='sound' "
+                "cannot certify this model: implement lipschitz_upper_bound() and "
+                "forward_bound() for it, or use certificate='estimate'"
+            )
+    uppers = dict(uppers)
+
+    def upper_of(layer):
+        if uppers.get(id(layer)) is None:
+            uppers[id(layer)] = float(layer.lipschitz_upper_bound())
+        return uppers[id(layer)]
+
+    fb = model.body.forward_bound(ForwardBound(tuple(input_shape)), arith, upper_of)
+    if tuple(fb.shape) != (head.in_features,):
+        raise ValueError(
+            f"the body maps samples to shape {tuple(fb.shape)}, the head expects ({head.in_features},)"
+        )
+    w = head.weight.detach().to(device="cpu", dtype=torch.float64)
+    if model.bound == "margin":
+        distances = _distance_upper(head.weight)
+    else:
+        off = 1.0 - torch.eye(head.out_features, dtype=torch.float64)
+        distances = off * up(_SQRT2_UP * spectral_norm_upper(head.weight))
+    # head rounding: |f̃_i − (w_iᵀh̃ + b_i)| ≤ γ_{d+2}(‖w_i‖‖h̃‖ + |b_i|) + (d+2)η
+    g = gamma(head.in_features + 2, arith.u)
+    w_max = up(float(torch.linalg.vector_norm(w, dim=1).amax()) * (1.0 + gamma(w.shape[1], U64)))
+    b_max = 0.0
+    if head.bias is not None:
+        b_max = float(head.bias.detach().to(device="cpu", dtype=torch.float64).abs().max())
+    computed = fb.computed_norm()
+    reach = computed.scale(w_max).shift(b_max)
+    rounding = reach.scale(g).shift(up((head.in_features + 2) * arith.eta))
+    limits = ForwardBound(fb.shape, fb.lipschitz, fb.norm, fb.error,
+                          fb.limits + (reach.scale(up(1.0 + g)),))
+    max_norm = limits.max_input_norm(arith)
+    lipschitz = fb.lipschitz
+    if not math.isfinite(fb.error.a + fb.error.b + rounding.a + rounding.b):
+        warnings.warn(
+            f"the rounding error of a {arith.dtype} forward pass of this network cannot be "
+            "bounded usefully (unit roundoff × fan-in ≥ ½): nothing will be certified soundly",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+    table = tuple((n, t, uppers[i]) for i, (n, t) in names.items() if i in uppers)
+    return SoundBounds(lipschitz, distances.to(head.weight.device), fb.error, rounding, max_norm,
+                       table, arith.dtype)

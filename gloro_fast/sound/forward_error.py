@@ -1,0 +1,155 @@
+"""A priori bounds on the rounding error of a network's forward pass.
+
+The network h = L_k ∘ … ∘ L_1 is evaluated in a floating-point format with unit
+roundoff u. For an input x (exact: it is given in that format) write h_l for the exact
+activations and h̃_l for the computed ones. Every bound here is *affine in ‖x‖₂*,
+a·‖x‖ + b with a, b ≥ 0 computed once per set of weights, so that the per-sample cost of
+using it is one norm of the input.
+
+Per layer (with U ≥ Lip(L), α ≥ ‖|A|‖₂ for its linear part A, n its fan-in, β ≥ ‖L(0)‖):
+
+- norm of the exact activation:   ‖h_l‖ ≤ U‖h_{l−1}‖ + β
+- error:  ‖h̃_l − h_l‖ ≤ ‖L(h̃) − L(h)‖ + ‖fl(L)(h̃) − L(h̃)‖
+                     ≤ U‖h̃_{l−1} − h_{l−1}‖ + γ_{n+k}(α‖h̃_{l−1}‖ + β) + (n+k)·η·√(numel)
+
+where each output of an affine layer is a dot product of n terms plus k further additions
+(bias, residual), any summation order (|fl(aᵀb) − aᵀb| ≤ γ_n|a|ᵀ|b|, so the error
+vector is bounded by γ(|A||h̃| + |b|) entrywise and ‖|A||h̃|‖ ≤ α‖h̃‖), η the format's
+smallest subnormal (products that underflow), and ‖h̃‖ ≤ ‖h‖ + ‖h̃ − h‖.
+ReLU, MinMax, max-pooling, flattening and concatenation are exact in floating point and
+1-Lipschitz: norm and error pass through unchanged.
+
+*Overflow.* The bounds assume no overflow. Every partial sum of an affine layer is at
+most α‖h̃‖ + β in magnitude (times 1 + γ computed), so requiring that to stay below half
+the largest finite number gives a largest admissible ‖x‖ (``max_input_norm``); inputs
+beyond it are never certified.
+
+*Arithmetic assumed*: IEEE arithmetic in the model's dtype with classical (any-order)
+summation for matrix products and convolutions — what CPU BLAS/oneDNN direct
+convolutions and cuBLAS/cuDNN do in IEEE fp32/fp64. TF32 and reduced-precision
+reductions are switched off while certifying (:func:`gloro_fast.sound.ieee_arithmetic`);
+transform-based convolution algorithms (Winograd, FFT) are outside this model.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field, replace
+from typing import Tuple
+
+import torch
+
+from .rounding import gamma, largest_finite, underflow_unit, unit_roundoff, up
+
+__all__ = ["Affine", "Arithmetic", "ForwardBound", "affine_layer", "exact_layer", "ieee_arithmetic"]
+
+
+@dataclass(frozen=True)
+class Affine:
+    """a·r + b for r = ‖x‖ (a, b ≥ 0; arithmetic rounded up)."""
+
+    a: float = 0.0
+    b: float = 0.0
+
+    def __call__(self, r: float) -> float:
+        return up(up(self.a * r) + self.b)
+
+    def __add__(self, other: "Affine") -> "Affine":
+        return Affine(up(self.a + other.a), up(self.b + other.b))
+
+    def scale(self, c: float) -> "Affine":
+        return Affine(up(self.a * c), up(self.b * c))
+
+    def shift(self, c: float) -> "Affine":
+        return Affine(self.a, up(self.b + c))
+
+
+@dataclass(frozen=True)
+class Arithmetic:
+    """The floating-point format a forward pass runs in."""
+
+    dtype: torch.dtype
+    u: float
+    eta: float
+    realmax: float
+
+    @classmethod
+    def of(cls, dtype: torch.dtype) -> "Arithmetic":
+        return cls(dtype, unit_roundoff(dtype), underflow_unit(dtype), largest_finite(dtype))
+
+
+@dataclass(frozen=True)
+class ForwardBound:
+    """Affine-in-‖x‖ bounds after some layers: the activation shape (no batch axis), an
+    upper bound of the Lipschitz constant so far, the exact activation's norm, the
+    computed one's error, and the overflow limits met so far (each an Affine that must
+    stay ≤ ``arith.realmax / 2``)."""
+
+    shape: Tuple[int, ...]
+    lipschitz: float = 1.0            # upper bound of the Lipschitz constant so far
+    norm: Affine = field(default_factory=lambda: Affine(1.0, 0.0))
+    error: Affine = field(default_factory=Affine)
+    limits: Tuple[Affine, ...] = ()
+
+    def computed_norm(self) -> Affine:
+        """‖h̃‖ ≤ ‖h‖ + ‖h̃ − h‖."""
+        return self.norm + self.error
+
+    def max_input_norm(self, arith: Arithmetic) -> float:
+        """The largest ‖x‖ for which no limit exceeds half the largest finite number."""
+        cap = arith.realmax / 2.0
+        best = math.inf
+        for lim in self.limits + (self.computed_norm(),):
+            if not (math.isfinite(lim.a) and math.isfinite(lim.b)) or lim.b >= cap:
+                return 0.0
+            if lim.a > 0:
+                best = min(best, (cap - lim.b) / up(lim.a) * (1.0 - 2.0 ** -40))
+        return best
+
+
+def affine_layer(bound: ForwardBound, out_shape, lipschitz: float, abs_norm: float, fan_in: int,
+                 offset: float, arith: Arithmetic, additions: int = 1) -> ForwardBound:
+    """The bound after an affine layer L(h) = A h + c (see the module docstring):
+    ``lipschitz`` ≥ ‖A‖, ``abs_norm`` ≥ ‖|A|‖, ``offset`` ≥ ‖c‖ (the whole output's),
+    ``fan_in`` terms per dot product and ``additions`` more roundings per output."""
+    terms = fan_in + additions
+    g = gamma(terms, arith.u)
+    computed = bound.computed_norm()
+    reach = computed.scale(abs_norm).shift(offset)            # α‖h̃‖ + β
+    numel = math.prod(out_shape)
+    local = reach.scale(g).shift(up(terms * arith.eta * math.sqrt(numel)))
+    return ForwardBound(
+        shape=tuple(out_shape),
+        lipschitz=up(bound.lipschitz * lipschitz),
+        norm=bound.norm.scale(lipschitz).shift(offset),
+        error=bound.error.scale(lipschitz) + local,
+        limits=bound.limits + (reach.scale(up(1.0 + g)),),
+    )
+
+
+def exact_layer(bound: ForwardBound, out_shape) -> ForwardBound:
+    """A 1-Lipschitz layer with L(0) = 0 evaluated exactly (ReLU, MinMax, max-pooling,
+    reshapes): norm and error pass through."""
+    return replace(bound, shape=tuple(out_shape))
+
+
+@contextlib.contextmanager
+def ieee_arithmetic(device_type: str):
+    """Run the block in the model's own dtype with IEEE arithmetic: autocast off and, for
+    float32 matrix products and convolutions, no TF32 / reduced-precision internal formats
+    (the flags are global in torch: they are restored on exit, but another thread running
+    at the same time sees them too)."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        torch.set_float32_matmul_precision("highest")
+        if device_type in ("cpu", "cuda"):
+            with torch.autocast(device_type=device_type, enabled=False):
+                yield
+        else:
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        torch.set_float32_matmul_precision(saved[2])

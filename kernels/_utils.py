@@ -24,6 +24,8 @@ except (ImportError, AttributeError):  # pragma: no cover - older triton
 
 __all__ = [
     "INTERPRET",
+    "MAX_GRID_X",
+    "MAX_GRID_YZ",
     "SUPPORTED_DTYPES",
     "acc_dtype",
     "check_device",
@@ -35,6 +37,10 @@ __all__ = [
 ]
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+# CUDA's grid limits: a launch beyond them fails on a GPU, while the interpreter runs it
+MAX_GRID_X = 2**31 - 1
+MAX_GRID_YZ = 65535
 
 
 def configs(candidates: Sequence[triton.Config]) -> List[triton.Config]:

@@ -11,7 +11,8 @@ Writes f_⊥, i* and j; nothing B×C is materialised.
 
 Backward (for an upstream gradient g of f_⊥): grad_f = g at [b, i*] (rows written once,
 zeros elsewhere), grad_D[j, i*] += ε·K·g (float atomics into an fp32/fp64 buffer: the
-summation order of rows sharing a (j, i*) pair is not deterministic), grad_K =
+summation order of rows sharing a (j, i*) pair is not deterministic, so under
+``torch.use_deterministic_algorithms(True)`` a deterministic ``index_put_`` does it), grad_K =
 ε Σ_b g_b D[j_b, i*_b] (per-program partial sums, then one deterministic sum).
 
 Public entry: :func:`bottom_logit` (same signature as ``gloro_fast.ops.bottom_logit``),
@@ -35,18 +36,6 @@ _MAX_BLOCK_C = 256  # classes per chunk; larger C loops over chunks
 
 
 # ----------------------------------------------------------------------------- kernels
-@triton.autotune(
-    configs=configs(
-        [
-            triton.Config({"BLOCK_B": 16}, num_warps=4),
-            triton.Config({"BLOCK_B": 4}, num_warps=2),
-            triton.Config({"BLOCK_B": 8}, num_warps=4),
-            triton.Config({"BLOCK_B": 32}, num_warps=4),
-            triton.Config({"BLOCK_B": 64}, num_warps=8),
-        ]
-    ),
-    key=["B", "C", "HAS_CLASSES", "FP64"],
-)
 @triton.jit
 def _bottom_logit_fwd_kernel(
     f_ptr, d_ptr, ek_ptr, cls_ptr, fbot_ptr, istar_ptr, j_ptr, B, C,
@@ -97,7 +86,7 @@ def _bottom_logit_fwd_kernel(
 @triton.jit
 def _bottom_logit_bwd_kernel(
     g_ptr, istar_ptr, j_ptr, d_ptr, ek_ptr, gf_ptr, gd_ptr, gk_part_ptr, B, C,
-    FP64: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
+    FP64: tl.constexpr, ATOMIC_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0)
     acc_t = tl.float64 if FP64 else tl.float32
@@ -114,13 +103,42 @@ def _bottom_logit_bwd_kernel(
         m = mask_b[:, None] & (cc < C)[None, :]
         val = tl.where(cc[None, :] == i_star[:, None], g[:, None], 0.0)
         tl.store(gf_ptr + row[:, None] + cc[None, :], val.to(gf_ptr.dtype.element_ty), mask=m)
-    # grad wrt D: ε·K·g at [j, i*] (rows may share a pair: atomics)
+    # grad wrt D: ε·K·g at [j, i*] (rows may share a pair: atomics; with ATOMIC_D off the
+    # launcher scatters deterministically instead)
     ek = tl.load(ek_ptr).to(acc_t)
     pair = j * C + i_star
-    tl.atomic_add(gd_ptr + pair, ek * g, mask=mask_b)
+    if ATOMIC_D:
+        tl.atomic_add(gd_ptr + pair, ek * g, mask=mask_b)
     # grad wrt K (without the factor ε, applied by the launcher): Σ g·D[j, i*]
     dji = tl.load(d_ptr + pair, mask=mask_b, other=0.0).to(acc_t)
     tl.store(gk_part_ptr + pid, tl.sum(g * dji, axis=0))
+
+
+# Autotuning: BLOCK_B rows per program, each walking the classes in BLOCK_C chunks. The key
+# leaves the batch size out (a new B must not re-tune), and the configs are split by
+# BLOCK_C so that no tile of BLOCK_B × BLOCK_C values spills registers: ≤ 4,096 values for
+# 4 warps and ≤ 8,192 for 8 (``make kernels-check``).
+_FWD_CONFIGS_NARROW = [  # BLOCK_C ≤ 64
+    triton.Config({"BLOCK_B": 16}, num_warps=4),
+    triton.Config({"BLOCK_B": 4}, num_warps=1),
+    triton.Config({"BLOCK_B": 8}, num_warps=4),
+    triton.Config({"BLOCK_B": 32}, num_warps=4),
+    triton.Config({"BLOCK_B": 64}, num_warps=8),
+]
+_FWD_CONFIGS_WIDE = [  # BLOCK_C 128 or 256
+    triton.Config({"BLOCK_B": 8}, num_warps=4),
+    triton.Config({"BLOCK_B": 2}, num_warps=2),
+    triton.Config({"BLOCK_B": 4}, num_warps=4),
+    triton.Config({"BLOCK_B": 16}, num_warps=8),
+]
+_FWD_KEY = ["C", "HAS_CLASSES", "FP64"]
+_FWD_NARROW = triton.autotune(configs=configs(_FWD_CONFIGS_NARROW), key=_FWD_KEY)(_bottom_logit_fwd_kernel)
+_FWD_WIDE = triton.autotune(configs=configs(_FWD_CONFIGS_WIDE), key=_FWD_KEY)(_bottom_logit_fwd_kernel)
+
+
+def _forward_kernel(block_c: int):
+    """The autotuned forward kernel for chunks of ``block_c`` classes."""
+    return _FWD_NARROW if block_c <= 64 else _FWD_WIDE
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -153,11 +171,12 @@ def bottom_logit_forward(
     j = torch.empty((B,), dtype=torch.int64, device=logits.device)
     has_classes = classes is not None
     cls = contiguous(classes) if has_classes else j  # placeholder pointer, never read
-    torch.library.wrap_triton(_bottom_logit_fwd_kernel)[
+    block_c = _block_c(C)
+    torch.library.wrap_triton(_forward_kernel(block_c))[
         lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)
     ](
         logits, distances, ek, cls, f_bot, i_star, j, B, C,
-        HAS_CLASSES=has_classes, FP64=acc == torch.float64, BLOCK_C=_block_c(C),
+        HAS_CLASSES=has_classes, FP64=acc == torch.float64, BLOCK_C=block_c,
     )
     return f_bot, i_star, j
 
@@ -175,6 +194,12 @@ def bottom_logit_backward(
     epsilon: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_logits, grad_distances, grad_lipschitz) for the upstream gradient of f_⊥."""
+    return backward_launch(grad, i_star, j, distances, lipschitz, epsilon)
+
+
+def backward_launch(grad, i_star, j, distances, lipschitz, epsilon: float):
+    """The body of :func:`bottom_logit_backward` (callable outside the custom op, e.g. to see
+    which torch ops it runs)."""
     grad = contiguous(grad)
     i_star = contiguous(i_star)
     j = contiguous(j)
@@ -187,10 +212,16 @@ def bottom_logit_backward(
     grad_logits = torch.empty((B, C), dtype=distances.dtype, device=distances.device)
     grad_d = torch.zeros((C, C), dtype=acc, device=distances.device)
     gk_part = torch.empty((n_prog,), dtype=acc, device=distances.device)
+    # float atomics sum rows sharing a (j, i*) cell in a run-dependent order; under
+    # torch.use_deterministic_algorithms the cells are summed by index_put_ instead, which
+    # torch then runs deterministically (sorting the indices)
+    atomic = not torch.are_deterministic_algorithms_enabled()
     torch.library.wrap_triton(_bottom_logit_bwd_kernel)[(n_prog,)](
         grad, i_star, j, distances, ek, grad_logits, grad_d, gk_part, B, C,
-        FP64=acc == torch.float64, BLOCK_B=_BWD_BLOCK_B, BLOCK_C=_block_c(C), num_warps=4,
+        FP64=acc == torch.float64, ATOMIC_D=atomic, BLOCK_B=_BWD_BLOCK_B, BLOCK_C=_block_c(C), num_warps=4,
     )
+    if not atomic:
+        grad_d.view(-1).index_put_((j * C + i_star,), grad.to(acc) * ek, accumulate=True)
     grad_k = (gk_part.sum() * epsilon).to(lipschitz.dtype)
     return grad_logits, grad_d.to(distances.dtype), grad_k
 

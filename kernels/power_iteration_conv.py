@@ -18,7 +18,14 @@ kernel (σ_l = ‖y_l‖) do no host synchronisation, so a step can be captured 
 
 Backward: ∂σ_l/∂K_l = conv-weight-gradient of (u_l, g_l y_l / σ_l) (0 where σ_l = 0), with
 y_l = A_l u_l kept from the forward; the scaling is a Triton kernel, the weight gradient is
-the library's ``conv2d_weight``.
+itself one library convolution (:func:`conv2d_weight_ieee`: the padded iterate's channels
+as the batch, the scaled output as the kernel, stride and dilation swapped).
+
+Precision: every float32 convolution here runs in IEEE float32 through the custom op
+``gloro_fast::conv2d_ieee`` (cuDNN with ``allow_tf32=False``, whatever the global
+``torch.backends.cudnn.allow_tf32`` says, which is True by default): TF32 would cost
+~1e-4 relative error on σ̂. Being a custom op, it stays one opaque call under
+``torch.compile`` too, where an ``aten.convolution`` would follow the global flag.
 
 Public entries: :func:`power_iteration_conv` (same arguments as the reference
 ``power_iteration_conv_reference``; ints, pairs and 4-tuples accepted for the geometry)
@@ -36,14 +43,18 @@ import triton.language as tl
 
 from gloro_fast.ops.power_iteration_conv import _check_batched, conv_operator, conv_operator_adjoint
 
-from ._utils import acc_dtype, check_device, check_dtype, configs, contiguous
+from ._utils import MAX_GRID_YZ, acc_dtype, check_device, check_dtype, configs, contiguous
 
 __all__ = [
     "power_iteration_conv",
     "power_iteration_conv_batched",
     "power_iteration_conv_forward",
     "power_iteration_conv_backward",
+    "conv2d_ieee",
+    "conv2d_weight_ieee",
     "normalize_segments",
+    "scale_grids",
+    "scale_segments",
     "segment_norms",
 ]
 
@@ -104,23 +115,117 @@ def _segment_norms_kernel(y_ptr, out_ptr, seg_len, FP64: tl.constexpr, BLOCK: tl
 @triton.autotune(configs=configs(_SEG_CONFIGS), key=["seg_len", "FP64"])
 @triton.jit
 def _scale_segments_kernel(
-    y_ptr, g_ptr, sigma_ptr, out_ptr, seg_len, FP64: tl.constexpr, BLOCK: tl.constexpr,
+    y_ptr, g_ptr, sigma_ptr, out_ptr, seg_len, seg0, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """out_l = (g_l / σ_l) y_l (0 where σ_l = 0); grid (segments, chunks)."""
-    seg = tl.program_id(0)
-    chunk = tl.program_id(1)
+    """out_l = (g_l / σ_l) y_l (0 where σ_l = 0); grid (chunks, segments): the chunks of a
+    segment on axis x (up to 2³¹ − 1), the segments on axis y from ``seg0`` (≤ 65,535)."""
+    chunk = tl.program_id(0)
+    seg = seg0 + tl.program_id(1)
     acc_t = tl.float64 if FP64 else tl.float32
     g = tl.load(g_ptr + seg).to(acc_t)
     sigma = tl.load(sigma_ptr + seg).to(acc_t)
     scale = tl.where(sigma > 0, g / tl.where(sigma > 0, sigma, 1.0), 0.0)
-    kk = chunk * BLOCK + tl.arange(0, BLOCK)
+    kk = chunk.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = kk < seg_len
     base = seg.to(tl.int64) * seg_len
     y = tl.load(y_ptr + base + kk, mask=mask, other=0.0).to(acc_t)
     tl.store(out_ptr + base + kk, (scale * y).to(out_ptr.dtype.element_ty), mask=mask)
 
 
+# ----------------------------------------------------------------------------- IEEE convolutions
+@torch.library.custom_op("gloro_fast::conv2d_ieee", mutates_args=())
+def conv2d_ieee(
+    input: torch.Tensor,
+    weight: torch.Tensor,
+    stride: List[int],
+    padding: List[int],
+    dilation: List[int],
+    groups: int,
+    transposed: bool,
+    output_padding: List[int],
+) -> torch.Tensor:
+    """``aten.convolution`` without bias, never in TF32: float32 CUDA tensors go to cuDNN with
+    ``allow_tf32=False`` (benchmark/deterministic as torch would pass them); other dtypes and
+    devices, or a disabled cuDNN, take ``aten.convolution`` (no cuDNN TF32 there)."""
+    if input.is_cuda and input.dtype == torch.float32 and _cudnn_usable():
+        benchmark = bool(torch.backends.cudnn.benchmark)
+        deterministic = bool(torch.backends.cudnn.deterministic or torch.are_deterministic_algorithms_enabled())
+        x, w = input.contiguous(), weight.contiguous()
+        if transposed:
+            return torch.ops.aten.cudnn_convolution_transpose(
+                x, w, padding, output_padding, stride, dilation, groups, benchmark, deterministic, False
+            )
+        return torch.ops.aten.cudnn_convolution(x, w, padding, stride, dilation, groups, benchmark, deterministic, False)
+    return torch.ops.aten.convolution(input, weight, None, stride, padding, dilation, transposed, output_padding, groups)
+
+
+@conv2d_ieee.register_fake
+def _conv2d_ieee_fake(input, weight, stride, padding, dilation, groups, transposed, output_padding):
+    return torch.ops.aten.convolution(input, weight, None, stride, padding, dilation, transposed, output_padding, groups)
+
+
+def _cudnn_usable() -> bool:
+    return torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
+
+
+def _conv2d(u, weight, bias, stride, padding, dilation, groups):
+    """``F.conv2d``'s signature (bias None), through :func:`conv2d_ieee`."""
+    return torch.ops.gloro_fast.conv2d_ieee(
+        u, weight, list(_two(stride)), list(_two(padding)), list(_two(dilation)), groups, False, [0, 0]
+    )
+
+
+def _conv_transpose2d(v, weight, bias, stride, padding, output_padding, groups, dilation):
+    """``F.conv_transpose2d``'s signature (bias None), through :func:`conv2d_ieee`."""
+    return torch.ops.gloro_fast.conv2d_ieee(
+        v, weight, list(_two(stride)), list(_two(padding)), list(_two(dilation)), groups, True,
+        list(_two(output_padding)),
+    )
+
+
+def _two(value) -> Tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def conv2d_weight_ieee(
+    padded: torch.Tensor, grad_out: torch.Tensor, weight_shape: Sequence[int],
+    stride: Sequence[int], dilation: Sequence[int], groups: int,
+) -> torch.Tensor:
+    """∂⟨grad_out, conv(padded, K)⟩/∂K for a convolution without padding (``padded`` is the
+    zero-padded input (1, groups·c_in, Hp, Wp)), as ONE convolution: with the input channels
+    as the batch (c_in, groups, Hp, Wp) and grad_out as the kernels (c_out_total, 1, H', W'),
+    stride = the dilation and dilation = the stride, output[c, o, a, b] = Σ_{y,x}
+    grad_out[o, y, x] · padded[g(o)·c_in + c, a·dil + y·s, b·dil + x·s] = ∂/∂K[o, c, a, b]
+    (cropped to the kernel size)."""
+    c_out, c_in, kh, kw = weight_shape
+    _, channels, hp, wp = padded.shape
+    x = padded.reshape(groups, c_in, hp, wp).transpose(0, 1)
+    k = grad_out.reshape(c_out, 1, grad_out.shape[2], grad_out.shape[3])
+    out = torch.ops.gloro_fast.conv2d_ieee(x, k, list(dilation), [0, 0], list(stride), groups, False, [0, 0])
+    return out[:, :, :kh, :kw].transpose(0, 1).contiguous()
+
+
 # ----------------------------------------------------------------------------- launchers
+def scale_grids(n_seg: int):
+    """(seg0, segments) of each launch of the scale kernel: at most 65,535 segments on grid
+    axis y per launch (the chunks of a segment are on axis x, which goes to 2³¹ − 1)."""
+    return [(s0, min(MAX_GRID_YZ, n_seg - s0)) for s0 in range(0, n_seg, MAX_GRID_YZ)]
+
+
+def scale_segments(y: torch.Tensor, grad_sigma: torch.Tensor, sigma: torch.Tensor, n_seg: int) -> torch.Tensor:
+    """(g_l / σ_l) y_l (0 where σ_l = 0) for the n_seg equal contiguous segments of y."""
+    y = contiguous(y)
+    grad_sigma = contiguous(grad_sigma)
+    out = torch.empty_like(y)
+    seg_len = y.numel() // n_seg
+    fp64 = acc_dtype(y.dtype) == torch.float64
+    for seg0, count in scale_grids(n_seg):
+        torch.library.wrap_triton(_scale_segments_kernel)[
+            lambda meta, count=count: (triton.cdiv(seg_len, meta["BLOCK"]), count)
+        ](y, grad_sigma, sigma, out, seg_len, seg0, FP64=fp64)
+    return out
+
+
 def normalize_segments(x: torch.Tensor, old: torch.Tensor, n_seg: int) -> torch.Tensor:
     """x split into n_seg equal contiguous segments, each scaled to unit norm (old kept where 0)."""
     x = contiguous(x)
@@ -168,10 +273,10 @@ def power_iteration_conv_forward(
     if n_iter == 0:
         u = u.clone()  # outputs must not alias inputs
     for _ in range(n_iter):
-        v = conv_operator(u, weight, *args, residual=residual)
-        x = conv_operator_adjoint(v, weight, *args, hw, residual=residual)
+        v = conv_operator(u, weight, *args, residual=residual, conv2d=_conv2d)
+        x = conv_operator_adjoint(v, weight, *args, hw, residual=residual, conv_transpose2d=_conv_transpose2d)
         u = normalize_segments(x, u, L)
-    y = contiguous(conv_operator(u, weight, *args, residual=residual))
+    y = contiguous(conv_operator(u, weight, *args, residual=residual, conv2d=_conv2d))
     sigma = segment_norms(y, L)
     return u, sigma, y
 
@@ -190,21 +295,10 @@ def power_iteration_conv_backward(
 ) -> torch.Tensor:
     """Gradient w.r.t. the stacked kernel (L·c_out, c_in/g, kh, kw) of Σ_l g_l σ_l."""
     L = sigma.shape[0]
-    grad_sigma = contiguous(grad_sigma)
-    y = contiguous(y)
-    seg_len = y.numel() // L
-    gy = torch.empty_like(y)
-    torch.library.wrap_triton(_scale_segments_kernel)[
-        lambda meta: (L, triton.cdiv(seg_len, meta["BLOCK"]))
-    ](y, grad_sigma, sigma, gy, seg_len, FP64=acc_dtype(y.dtype) == torch.float64)
+    gy = scale_segments(y, grad_sigma, sigma, L)
     top, bottom, left, right = pads
-    if top == bottom and left == right:
-        inp, padding = u, (top, left)
-    else:
-        inp, padding = F.pad(u, (left, right, top, bottom)), (0, 0)
-    return torch.nn.grad.conv2d_weight(
-        inp, list(weight_shape), gy, tuple(stride), padding, tuple(dilation), groups * L
-    )
+    padded = F.pad(u, (left, right, top, bottom))
+    return conv2d_weight_ieee(padded, gy, weight_shape, stride, dilation, groups * L)
 
 
 def _setup_context(ctx, inputs, output):

@@ -29,7 +29,7 @@ import triton.language as tl
 
 from gloro_fast.ops.power_iteration_linear import _check_args
 
-from ._utils import acc_dtype, check_device, check_dtype, configs, contiguous
+from ._utils import MAX_GRID_X, MAX_GRID_YZ, acc_dtype, check_device, check_dtype, configs, contiguous
 
 __all__ = ["power_iteration_linear", "power_iteration_linear_forward", "power_iteration_linear_backward"]
 
@@ -66,7 +66,6 @@ def _matvec(w_base, x_ptr, y_ptr, m, n, FP64: tl.constexpr, BLOCK_M: tl.constexp
             triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4),
             triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=4),
             triton.Config({"BLOCK_M": 32, "BLOCK_N": 128}, num_warps=4),
-            triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=8),
             triton.Config({"BLOCK_M": 32, "BLOCK_N": 256}, num_warps=8),
         ]
     ),
@@ -141,12 +140,15 @@ def _power_iteration_linear_kernel(
 
 @triton.jit
 def _power_iteration_linear_bwd_kernel(
-    g_ptr, sigma_ptr, v_ptr, u_ptr, meta_ptr, gw_ptr,
+    g_ptr, sigma_ptr, v_ptr, u_ptr, meta_ptr, gw_ptr, layer0,
     FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """grad_W_l = (g_l / σ_l) v_l u_lᵀ over a BLOCK-sized chunk of layer l's entries."""
-    layer = tl.program_id(0)
-    chunk = tl.program_id(1)
+    """grad_W_l = (g_l / σ_l) v_l u_lᵀ over a BLOCK-sized chunk of layer l's entries.
+
+    Grid (chunks, layers): the chunks of one layer go on axis x (up to 2³¹ − 1 programs),
+    the layers on axis y (at most 65,535 per launch, from ``layer0`` on)."""
+    chunk = tl.program_id(0)
+    layer = layer0 + tl.program_id(1)
     acc_t = tl.float64 if FP64 else tl.float32
     w_off = tl.load(meta_ptr + layer * 5 + 0)
     u_off = tl.load(meta_ptr + layer * 5 + 1)
@@ -223,6 +225,15 @@ def power_iteration_linear_forward(
 _BWD_BLOCK = 1024
 
 
+def backward_grids(n_layers: int, max_numel: int, block: int = _BWD_BLOCK):
+    """(layer0, grid) of each backward launch: chunks of a layer on axis x, layers on axis y
+    in groups within CUDA's grid limits (x ≤ 2³¹ − 1, y ≤ 65,535)."""
+    chunks = max(1, triton.cdiv(max_numel, block))
+    if chunks > MAX_GRID_X:
+        raise ValueError(f"power_iteration_linear: a layer of {max_numel} weights is too large for one launch")
+    return [(l0, (chunks, min(MAX_GRID_YZ, n_layers - l0))) for l0 in range(0, n_layers, MAX_GRID_YZ)]
+
+
 @torch.library.triton_op("gloro_fast::power_iteration_linear_backward_triton", mutates_args=())
 def power_iteration_linear_backward(
     grad_sigma: torch.Tensor,
@@ -237,11 +248,11 @@ def power_iteration_linear_backward(
     meta = _meta(pairs, sigma.device)
     total = sum(m * n for m, n in pairs)
     grad_w = torch.empty((total,), dtype=sigma.dtype, device=sigma.device)
-    chunks = triton.cdiv(max(m * n for m, n in pairs), _BWD_BLOCK)
-    torch.library.wrap_triton(_power_iteration_linear_bwd_kernel)[(len(pairs), chunks)](
-        grad_sigma, sigma, v, u, meta, grad_w,
-        FP64=v.dtype == torch.float64, BLOCK=_BWD_BLOCK, num_warps=4,
-    )
+    for layer0, grid in backward_grids(len(pairs), max(m * n for m, n in pairs)):
+        torch.library.wrap_triton(_power_iteration_linear_bwd_kernel)[grid](
+            grad_sigma, sigma, v, u, meta, grad_w, layer0,
+            FP64=v.dtype == torch.float64, BLOCK=_BWD_BLOCK, num_warps=4,
+        )
     return grad_w
 
 

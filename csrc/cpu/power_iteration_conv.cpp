@@ -4,12 +4,14 @@
 // Operator A: the zero-padded, strided, dilated, grouped 2-d convolution on the iterate's H x W
 // (or I + conv with residual). padding = (top, bottom, left, right); asymmetric padding is an
 // explicit zero pad before the convolution, and in the adjoint a crop after the transposed one.
-// The convolutions are the library's (at::convolution: oneDNN / cuDNN); around them:
+// The convolutions are the library's (oneDNN / cuDNN, through convolution_ieee below); around them:
 //   forward:  n_iter times  v = A u (residual added in place), x = A^T v, then the fused epilogue
 //             u = (x [+ v]) / ||x [+ v]|| (keeping u where the norm is 0); then sigma = ||A u||
 //             by the fused norm epilogue (residual added on the fly).
-//   backward: grad_W = (g / sigma) * d||A u||/dW: one at::convolution_backward with the weight
-//             output only, its grad_output = A u scaled per block by g/sigma (0 where sigma = 0).
+//   backward: grad_W = (g / sigma) * d||A u||/dW with gy = A u scaled per block by g/sigma (0 where
+//             sigma = 0): the weight gradient is itself ONE convolution (conv_weight_grad below).
+// float32 on CUDA never uses TF32: cuDNN is called with allow_tf32 = false whatever
+// torch.backends.cudnn.allow_tf32 says (True by default), which would cost ~1e-4 relative on sigma.
 // Batching: the iterate may hold N layers of one configuration, (N, C_in, H, W), with the
 // weight (N * C_out, C_in / groups, kh, kw) holding their kernels end to end on the output axis.
 // The N layers then run as ONE grouped convolution (groups * N) on the channel-stacked iterate
@@ -17,6 +19,7 @@
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/detail/CUDAHooksInterface.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -102,19 +105,53 @@ Geometry check_and_geometry(const char* op, const Tensor& weight, const Tensor& 
   return g;
 }
 
+// at::convolution without bias, never in TF32: float32 CUDA tensors go to cuDNN with
+// allow_tf32 = false (benchmark / deterministic as at::convolution would pass them); other dtypes
+// and devices, or a disabled cuDNN, take at::convolution (no cuDNN TF32 there).
+Tensor convolution_ieee(const Tensor& input, const Tensor& weight, at::IntArrayRef stride, at::IntArrayRef padding,
+                        at::IntArrayRef dilation, bool transposed, at::IntArrayRef output_padding, int64_t groups) {
+  auto& ctx = at::globalContext();
+  if (input.is_cuda() && input.scalar_type() == at::kFloat && ctx.userEnabledCuDNN() &&
+      at::detail::getCUDAHooks().compiledWithCuDNN()) {
+    const bool benchmark = ctx.benchmarkCuDNN();
+    const bool deterministic = ctx.deterministicCuDNN() || ctx.deterministicAlgorithms();
+    const Tensor x = input.contiguous(), w = weight.contiguous();
+    if (transposed) {
+      return at::cudnn_convolution_transpose(x, w, padding, output_padding, stride, dilation, groups, benchmark,
+                                             deterministic, /*allow_tf32=*/false);
+    }
+    return at::cudnn_convolution(x, w, padding, stride, dilation, groups, benchmark, deterministic,
+                                 /*allow_tf32=*/false);
+  }
+  return at::convolution(input, weight, std::nullopt, stride, padding, dilation, transposed, output_padding, groups);
+}
+
 // A u on the channel-stacked iterate (1, N*C_in, H, W), without the residual.
 Tensor apply(const Tensor& u, const Tensor& weight, const Geometry& g) {
   const Tensor input = g.symmetric ? u : at::constant_pad_nd(u, {g.left, g.right, g.top, g.bottom}, 0);
-  return at::convolution(input, weight, std::nullopt, g.stride, g.conv_pad, g.dilation, /*transposed=*/false,
-                         {0, 0}, g.groups);
+  return convolution_ieee(input, weight, g.stride, g.conv_pad, g.dilation, /*transposed=*/false, {0, 0}, g.groups);
 }
 
 // A^T v without the residual: the transposed convolution, cropped for asymmetric padding.
 Tensor apply_adjoint(const Tensor& v, const Tensor& weight, const Geometry& g) {
-  Tensor out = at::convolution(v, weight, std::nullopt, g.stride, g.conv_pad, g.dilation, /*transposed=*/true,
-                               g.out_pad, g.groups);
+  Tensor out = convolution_ieee(v, weight, g.stride, g.conv_pad, g.dilation, /*transposed=*/true, g.out_pad, g.groups);
   if (!g.symmetric) out = out.narrow(2, g.top, g.height).narrow(3, g.left, g.width).contiguous();
   return out;
+}
+
+// d<gy, conv(padded, K)>/dK for the unpadded convolution of `padded` (1, G*C_in, Hp, Wp) with kernels
+// of shape (C_out_total, C_in, kh, kw), as ONE convolution: the input channels as the batch
+// (C_in, G, Hp, Wp), gy as the kernels (C_out_total, 1, H', W'), stride = the dilation and
+// dilation = the stride, so out[c, o, a, b] = sum_{y,x} gy[o, y, x] padded[g(o) C_in + c, a dil + y s,
+// b dil + x s] = dK[o, c, a, b] (cropped to kh x kw). Unlike at::convolution_backward, this takes
+// convolution_ieee's precision.
+Tensor conv_weight_grad(const Tensor& padded, const Tensor& gy, at::IntArrayRef weight_sizes, const Geometry& g) {
+  const int64_t c_in = weight_sizes[1], kh = weight_sizes[2], kw = weight_sizes[3];
+  const Tensor x = padded.reshape({g.groups, c_in, padded.size(2), padded.size(3)}).transpose(0, 1);
+  const Tensor k = gy.reshape({weight_sizes[0], 1, gy.size(2), gy.size(3)});
+  const Tensor out = convolution_ieee(x, k, /*stride=*/g.dilation, /*padding=*/{0, 0}, /*dilation=*/g.stride,
+                                      /*transposed=*/false, {0, 0}, g.groups);
+  return out.narrow(2, 0, kh).narrow(3, 0, kw).transpose(0, 1).contiguous();
 }
 
 std::tuple<Tensor, Tensor> forward(const Tensor& weight_in, const Tensor& iterate, int64_t n_iter,
@@ -148,18 +185,15 @@ Tensor backward(const Tensor& grad_sigma, const Tensor& weight_in, const Tensor&
               "sigma must hold one value per layer (", N, "), got ", grad_sigma.sizes(), " and ", sigma.sizes());
   const Tensor weight = weight_in.contiguous();
   const Tensor u = iterate.reshape({1, N * g.c_in, g.height, g.width}).contiguous();
-  const Tensor input = g.symmetric ? u : at::constant_pad_nd(u, {g.left, g.right, g.top, g.bottom}, 0);
-  Tensor y = at::convolution(input, weight, std::nullopt, g.stride, g.conv_pad, g.dilation, false, {0, 0},
-                             g.groups);
+  const Tensor padded = at::constant_pad_nd(u, {g.left, g.right, g.top, g.bottom}, 0);
+  Tensor y = convolution_ieee(padded, weight, g.stride, {0, 0}, g.dilation, /*transposed=*/false, {0, 0}, g.groups);
   if (residual) y.add_(u);
   // per-layer g / sigma (0 where sigma = 0), on the tensors' device (no host sync)
   const Tensor s = sigma.reshape({N}).to(y.scalar_type());
   const Tensor gs = grad_sigma.reshape({N}).to(y.scalar_type());
   const Tensor scale = at::where(s > 0, gs / s, at::zeros_like(s));
   const Tensor grad_out = (y.reshape({N, -1}) * scale.unsqueeze(1)).reshape(y.sizes());
-  auto grads = at::convolution_backward(grad_out, input, weight, std::nullopt, g.stride, g.conv_pad, g.dilation,
-                                        /*transposed=*/false, {0, 0}, g.groups, {false, true, false});
-  return std::get<1>(grads);
+  return conv_weight_grad(padded, grad_out, weight.sizes(), g);
 }
 
 }  // namespace pi_conv

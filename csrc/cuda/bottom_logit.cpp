@@ -136,6 +136,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bottom_logit_backward_cuda(
               "bottom_logit_backward: i_star and classes must be int64");
   TORCH_CHECK(i_star.device() == grad_bottom.device() && classes.device() == grad_bottom.device(),
               "bottom_logit_backward: tensors must be on the same CUDA device");
+  // grad_D[j, i*] += g eps K by atomicAdd: rows sharing a cell are summed in a run-dependent order
+  at::globalContext().alertNotDeterministic("gloro_fast::bottom_logit_backward (CUDA)");
   const c10::cuda::CUDAGuard guard(grad_bottom.device());
   if (is_reduced(dtype)) {
     // atomics into float32, cast back once

@@ -1,10 +1,12 @@
 // CUDA binding of gloro_fast::power_iteration_conv and power_iteration_conv_backward.
 //
 // The driver is the device-generic one of csrc/cpu/power_iteration_conv.cpp (gloro_fast::pi_conv:
-// at::convolution dispatches to cuDNN for CUDA tensors, crop/pad/residual as on CPU); only the
+// cuDNN convolutions, float32 never in TF32, crop/pad/residual as on CPU); only the
 // normalise/norm epilogues differ: here they are the fused kernels of power_iteration_conv.cu,
-// launched on the current stream. The backward (at::convolution_backward, weight only) is
+// launched on the current stream. The backward (the weight gradient as one convolution) is
 // device-generic as it is. float/double natively; bfloat16/float16 epilogues run in float32.
+// The epilogues sum squares with double atomicAdd (run-to-run low bits): the forward reports
+// itself to torch.use_deterministic_algorithms.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -96,6 +98,7 @@ std::tuple<Tensor, Tensor> power_iteration_conv_cuda(const Tensor& weight, const
                                                      at::IntArrayRef dilation, int64_t groups, bool residual) {
   TORCH_CHECK(weight.is_cuda() && iterate.device() == weight.device(),
               "power_iteration_conv (CUDA kernel): weight and iterate must be on one CUDA device");
+  at::globalContext().alertNotDeterministic("gloro_fast::power_iteration_conv (CUDA)");
   const c10::cuda::CUDAGuard guard(weight.device());
   return pi_conv::forward(weight, iterate, n_iter, stride, padding, dilation, groups, residual, &normalize_cuda,
                           &norm_cuda);

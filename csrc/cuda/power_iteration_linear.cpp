@@ -1,7 +1,9 @@
 // CUDA binding of gloro_fast::power_iteration_linear and power_iteration_linear_backward: checks,
 // dtype groups, workspace allocation (caching allocator), then the launchers of
 // csrc/cuda/power_iteration_linear.cu on the current stream. float/double run natively;
-// bfloat16/float16 layers are converted to float32 and their results cast back.
+// bfloat16/float16 layers are converted to float32 and their results cast back. No host
+// synchronisation and no host-to-device copy: a call can be captured in a CUDA graph. The forward
+// reports itself to torch.use_deterministic_algorithms (float atomics); the backward has none.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -99,6 +101,8 @@ std::tuple<std::vector<Tensor>, std::vector<Tensor>> power_iteration_linear_cuda
   TORCH_CHECK(n_iter >= 0, "power_iteration_linear: n_iter must be >= 0, got ", n_iter);
   std::vector<Tensor> u_out(weights.size()), s_out(weights.size());
   if (weights.empty()) return {u_out, s_out};
+  // per-layer sums of squares by double atomicAdd: the low bits of u and sigma vary from run to run
+  at::globalContext().alertNotDeterministic("gloro_fast::power_iteration_linear (CUDA)");
   const c10::cuda::CUDAGuard guard(weights[0].device());
   for (const auto& [dtype, idx] : by_dtype(weights)) {
     if (compute_type(dtype) == at::kDouble) {

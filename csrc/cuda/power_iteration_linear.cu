@@ -9,9 +9,17 @@
 //   matvec_t   x = W^T v: blocks of 32 columns x 8 row slices (coalesced rows), shared-memory
 //              reduction over the slices; per-layer ||x||^2 likewise
 //   normalize  u = x / ||x||, keeping u where ||x|| = 0
-// then sigma_l = ||W_l u_l|| (matvec + finalize). Accumulators are zeroed by the kernel that
-// runs before their producer (stream order), so no memsets inside the loop.
+// then sigma_l = ||W_l u_l|| (matvec + finalize). Both accumulators are zeroed by one memset
+// before the loop, then each by the kernel that runs before its producer (stream order), so no
+// memsets inside the loop; where that kernel has no blocks (every layer m = 0, or n = 0) its
+// producer adds only zeros to the still-zero accumulator.
 // Backward: grad_W_l = (g_l / sigma_l) (W_l u_l) u_l^T (0 where sigma_l = 0): matvec + outer.
+//
+// The layer table reaches the device through the parameters of fill_table_kernel (<= 3 KB a
+// launch), never a copy from host memory: a launch is captured by value in a CUDA graph, while a
+// cudaMemcpyAsync from pageable memory is refused during capture (and may block the host).
+// The per-layer sums of squares are float atomics (summation order varies from run to run): the
+// binding reports the op to torch.use_deterministic_algorithms.
 #include <cuda_runtime.h>
 
 #include <cfloat>
@@ -28,6 +36,28 @@ constexpr int kRowsPerBlock = 8;    // matvec: 8 warps, one row each
 constexpr int kColsPerBlock = 32;   // matvec_t: 32 columns ...
 constexpr int kSlices = 8;          // ... x 8 row slices
 constexpr int kThreads = 256;
+constexpr size_t kTableChunk = 3072;  // bytes of the table per fill launch (kernel parameters <= 4 KB)
+
+struct TableChunk {
+  unsigned char bytes[kTableChunk];
+};
+
+// dst[0, n) = chunk.bytes[0, n): the table travels in the launch's parameters.
+__global__ void fill_table_kernel(TableChunk chunk, unsigned n, unsigned char* dst) {
+  for (unsigned i = threadIdx.x; i < n; i += blockDim.x) dst[i] = chunk.bytes[i];
+}
+
+// Copy the host table into device memory on `stream` by kernel launches (graph-capturable).
+void upload_table(const void* host, size_t bytes, void* device, cudaStream_t stream) {
+  const auto* src = static_cast<const unsigned char*>(host);
+  auto* dst = static_cast<unsigned char*>(device);
+  for (size_t off = 0; off < bytes; off += kTableChunk) {
+    const size_t n = bytes - off < kTableChunk ? bytes - off : kTableChunk;
+    TableChunk chunk;
+    for (size_t i = 0; i < n; ++i) chunk.bytes[i] = src[off + i];
+    fill_table_kernel<<<1, kThreads, 0, stream>>>(chunk, static_cast<unsigned>(n), dst + off);
+  }
+}
 
 template <typename T>
 struct Layer {
@@ -242,9 +272,10 @@ void forward_impl(const T* const* w, T* const* u, T* const* sigma, const int64_t
   auto* xsq = reinterpret_cast<double*>(base + p.xsq_off);
   T* v = reinterpret_cast<T*>(base + p.v_off);
   T* x = reinterpret_cast<T*>(base + p.x_off);
-  // pageable source: the copy is staged before cudaMemcpyAsync returns, so `host` may go
-  cudaMemcpyAsync(table, host.data(), sizeof(Layer<T>) * L, cudaMemcpyHostToDevice, stream);
-  cudaMemsetAsync(vsq, 0, sizeof(double) * L, stream);
+  upload_table(host.data(), sizeof(Layer<T>) * L, table, stream);
+  // vsq and xsq (and the padding between them): xsq is read by normalize even when no matvec
+  // block (which zeroes it in the loop) runs, i.e. when every layer has m = 0
+  cudaMemsetAsync(base + p.vsq_off, 0, p.v_off - p.vsq_off, stream);
   const int iL = static_cast<int>(L);
   for (int64_t it = 0; it < n_iter; ++it) {
     if (p.row_blocks > 0) matvec_kernel<T><<<p.row_blocks, kThreads, 0, stream>>>(table, iL, v, vsq, xsq);
@@ -276,7 +307,7 @@ void backward_impl(const T* const* grad_sigma, const T* const* w, const T* const
   auto* table = reinterpret_cast<Layer<T>*>(base + p.table_off);
   auto* vsq = reinterpret_cast<double*>(base + p.vsq_off);
   T* v = reinterpret_cast<T*>(base + p.v_off);
-  cudaMemcpyAsync(table, host.data(), sizeof(Layer<T>) * L, cudaMemcpyHostToDevice, stream);
+  upload_table(host.data(), sizeof(Layer<T>) * L, table, stream);
   cudaMemsetAsync(vsq, 0, sizeof(double) * L, stream);
   const int iL = static_cast<int>(L);
   if (p.row_blocks > 0) matvec_kernel<T><<<p.row_blocks, kThreads, 0, stream>>>(table, iL, v, vsq, nullptr);

@@ -75,18 +75,23 @@ def _pads(padding) -> Pads:
     return tuple(padding)
 
 
-def conv_operator(u, weight, stride, pads: Pads, dilation, groups, residual=False):
-    """A u: the linear part of the convolution on u (N, c_in, H, W)."""
+def conv_operator(u, weight, stride, pads: Pads, dilation, groups, residual=False, conv2d=None):
+    """A u: the linear part of the convolution on u (N, c_in, H, W). ``conv2d`` (default
+    ``F.conv2d``) lets a backend pick the convolution (e.g. one that never uses TF32)."""
+    conv2d = F.conv2d if conv2d is None else conv2d
     top, bottom, left, right = pads
     if top == bottom and left == right:
-        out = F.conv2d(u, weight, None, stride, (top, left), dilation, groups)
+        out = conv2d(u, weight, None, stride, (top, left), dilation, groups)
     else:
-        out = F.conv2d(F.pad(u, (left, right, top, bottom)), weight, None, stride, 0, dilation, groups)
+        out = conv2d(F.pad(u, (left, right, top, bottom)), weight, None, stride, 0, dilation, groups)
     return out + u if residual else out
 
 
-def conv_operator_adjoint(v, weight, stride, pads: Pads, dilation, groups, input_hw, residual=False):
-    """Aᵀ v for the operator of :func:`conv_operator` on inputs of spatial size input_hw."""
+def conv_operator_adjoint(v, weight, stride, pads: Pads, dilation, groups, input_hw, residual=False,
+                          conv_transpose2d=None):
+    """Aᵀ v for the operator of :func:`conv_operator` on inputs of spatial size input_hw
+    (``conv_transpose2d`` as ``conv2d`` there)."""
+    conv_transpose2d = F.conv_transpose2d if conv_transpose2d is None else conv_transpose2d
     top, bottom, left, right = pads
     height, width = input_hw
     symmetric = top == bottom and left == right
@@ -98,7 +103,7 @@ def conv_operator_adjoint(v, weight, stride, pads: Pads, dilation, groups, input
         k = weight.shape[2 + axis]
         base = (v.shape[2 + axis] - 1) * stride[axis] - 2 * pad_arg[axis] + dilation[axis] * (k - 1) + 1
         out_pad.append(target[axis] - base)
-    out = F.conv_transpose2d(v, weight, None, stride, pad_arg, tuple(out_pad), groups, dilation)
+    out = conv_transpose2d(v, weight, None, stride, pad_arg, tuple(out_pad), groups, dilation)
     if not symmetric:
         out = out[:, :, top : top + height, left : left + width]
     return out + v if residual else out

@@ -144,3 +144,53 @@ def test_rejects_bad_input(device):
         bottom_logit(f, torch.zeros(2, 2, device=device), 1.0, 0.1)
     with pytest.raises(ValueError):
         bottom_logit(f, torch.zeros(3, 3, dtype=F64, device=device), 1.0, 0.1)
+
+
+def test_autotune_key_leaves_the_batch_size_out():
+    """A new batch size must not re-tune: the key is (C, HAS_CLASSES, FP64) only, and the
+    wide-class configs keep BLOCK_B × 256 within the register budget of their warps."""
+    from gloro_fast.kernels import bottom_logit as bl
+
+    for kernel in (bl._FWD_NARROW, bl._FWD_WIDE):
+        assert list(kernel.keys) == ["C", "HAS_CLASSES", "FP64"]
+    for config in bl._FWD_CONFIGS_WIDE:
+        assert config.kwargs["BLOCK_B"] * bl._MAX_BLOCK_C <= 1024 * config.num_warps
+    assert bl._forward_kernel(64) is bl._FWD_NARROW and bl._forward_kernel(128) is bl._FWD_WIDE
+
+
+def test_deterministic_mode_scatters_without_atomics(device, gen):
+    """Under torch.use_deterministic_algorithms the ∂D scatter is an index_put_ (which torch
+    runs deterministically) instead of float atomics; the values are the same."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class OpLog(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    f, d, k = _inputs(40, 3, F64, device, gen)  # 40 rows over 3 classes: cells shared by many rows
+    _, i_star, j = bottom_logit_forward(f, d, k, 0.5, None)
+    g = torch.randn(40, generator=gen, dtype=F64).to(device)
+    from gloro_fast.kernels.bottom_logit import backward_launch
+
+    with OpLog() as log:
+        free = backward_launch(g, i_star, j, d, k, 0.5)
+    assert not any("index_put" in n for n in log.names)
+    before = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        with OpLog() as log:
+            fixed = backward_launch(g, i_star, j, d, k, 0.5)
+    finally:
+        torch.use_deterministic_algorithms(before)
+    assert any("index_put" in n for n in log.names)
+    refs = [t.detach().cpu().requires_grad_() for t in (f, d, k)]
+    rb, _ = bottom_logit_reference(*refs, 0.5)
+    (rb * g.cpu()).sum().backward()
+    for a, b, ref in zip(free, fixed, refs):
+        torch.testing.assert_close(a.cpu(), ref.grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(b.cpu(), ref.grad, rtol=1e-12, atol=1e-12)

@@ -126,3 +126,42 @@ def test_rejects_bad_input(device):
         class_distances(torch.zeros(0, 3, device=device))
     with pytest.raises(TypeError):
         class_distances(torch.zeros(3, 3, dtype=torch.int32, device=device))
+
+
+# --- the spec's mode choice (torch.cdist, C++ backends): direct differences below 26 classes,
+# centred Gram from 26 on; rows sharing a large offset are where an uncentred Gram form fails
+@pytest.mark.parametrize("exact", [False, True])
+@pytest.mark.parametrize("c", [10, 25, 26, 40])
+def test_float32_rows_sharing_an_offset(c, exact, device, gen):
+    base = torch.randn(c, 64, generator=gen, dtype=F64)
+    w64 = base + 100.0  # every row 100·1 + noise: ‖w‖² ≈ 6.4e5, distances ≈ 11
+    ref = class_distances_reference(w64, exact=True)
+    out = class_distances(w64.float().to(device), exact=exact).double().cpu()
+    off = ~torch.eye(c, dtype=torch.bool)
+    rel = ((out - ref).abs()[off] / ref[off]).max().item()
+    # float32 rounding of the inputs alone moves a distance by ~ulp(100)/11 ≈ 1e-6 relative; the
+    # uncentred Gram form loses ~ulp(‖w‖²)/D² ≈ 5e-4 relative, which this bound rejects
+    assert rel < 2e-5, rel
+
+
+@pytest.mark.parametrize("c", [10, 40])
+def test_float32_offset_rows_gradient(c, device, gen):
+    w64 = torch.randn(c, 48, generator=gen, dtype=F64) + 100.0
+    g = torch.randn(c, c, generator=gen, dtype=F64)
+    w = w64.float().to(device).requires_grad_()
+    (class_distances(w) * g.float().to(device)).sum().backward()
+    w_ref = w64.clone().requires_grad_()
+    (class_distances_reference(w_ref, exact=True) * g).sum().backward()
+    # the gradient terms (w_j − w_i)/D_ji are O(1): without centring, diag(S1)W − SW cancels
+    # two terms of size ~100·ΣS and keeps ~1e-3 of absolute error
+    torch.testing.assert_close(w.grad.double().cpu(), w_ref.grad, rtol=1e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("c", [25, 26])
+def test_mode_threshold_matches_the_spec(c, device, gen):
+    from gloro_fast.kernels.class_distances import GRAM_MIN_CLASSES, uses_gram
+
+    assert GRAM_MIN_CLASSES == 26  # torch.cdist: the GEMM form above 25 rows
+    assert uses_gram(c, exact=False) == (c >= 26) and not uses_gram(c, exact=True)
+    w = _weight((c, 7), F64, device, gen)
+    torch.testing.assert_close(class_distances(w).cpu(), class_distances_reference(w.cpu()), rtol=1e-12, atol=1e-12)

@@ -144,3 +144,64 @@ def test_rejects_bad_input(device):
                                      [torch.zeros(1, 2, 4, 4, device=device)] * 2, 1)
     with pytest.raises(ValueError):
         power_iteration_conv(w, torch.zeros(1, 2, 4, 4, device=device), 1, pads=(1, 2, 3))
+
+
+def test_scale_grid_fits_cuda_limits():
+    """Chunks of a segment on grid axis x, segments on y in launches of ≤ 65,535: a segment
+    of 40 M elements has 78,125 chunks of 512, which axis y would refuse on a GPU."""
+    from gloro_fast.kernels.power_iteration_conv import scale_grids
+
+    assert scale_grids(3) == [(0, 3)]
+    assert scale_grids(70000) == [(0, 65535), (65535, 4465)]
+
+
+def test_scale_in_several_launches(device, gen, monkeypatch):
+    import gloro_fast.kernels.power_iteration_conv as pc
+
+    monkeypatch.setattr(pc, "MAX_GRID_YZ", 2)
+    y = torch.randn(5, 37, generator=gen, dtype=F64).to(device)
+    g = torch.randn(5, generator=gen, dtype=F64).to(device)
+    sigma = torch.tensor([1.5, 0.0, 2.0, 0.5, 3.0], dtype=F64, device=device)
+    out = pc.scale_segments(y, g, sigma, 5)
+    want = torch.where(sigma > 0, g / sigma.clamp_min(1e-300), torch.zeros_like(g))[:, None] * y
+    torch.testing.assert_close(out.cpu(), want.cpu(), rtol=1e-14, atol=0)
+
+
+# weight shape, input (c_in, H, W), stride, pads, dilation, groups
+WGRAD_CASES = [
+    ((4, 3, 3, 3), (3, 7, 6), (1, 1), (1, 1, 1, 1), (1, 1), 1),
+    ((6, 2, 4, 4), (4, 8, 9), (2, 2), (1, 2, 0, 1), (1, 1), 2),
+    ((3, 3, 3, 3), (3, 9, 9), (2, 1), (2, 2, 2, 2), (2, 2), 1),
+    ((8, 1, 3, 2), (4, 6, 7), (1, 3), (0, 1, 1, 0), (1, 2), 4),
+]
+
+
+@pytest.mark.parametrize("case", WGRAD_CASES)
+def test_weight_gradient_as_one_convolution(case, gen):
+    """conv2d_weight_ieee (the weight gradient as ONE convolution, which takes the IEEE
+    precision of conv2d_ieee) against torch's own weight gradient, on CPU in float64."""
+    from gloro_fast.kernels.power_iteration_conv import conv2d_weight_ieee
+
+    wshape, ushape, stride, pads, dilation, groups = case
+    x = torch.randn(1, *ushape, generator=gen, dtype=F64)
+    w = torch.randn(*wshape, generator=gen, dtype=F64, requires_grad=True)
+    top, bottom, left, right = pads
+    padded = torch.nn.functional.pad(x, (left, right, top, bottom))
+    y = torch.nn.functional.conv2d(padded, w, None, stride, 0, dilation, groups)
+    gy = torch.randn(y.shape, generator=gen, dtype=F64)
+    (want,) = torch.autograd.grad(y, w, gy)
+    got = conv2d_weight_ieee(padded, gy, wshape, stride, dilation, groups)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_conv2d_ieee_op(gen):
+    """The IEEE convolution op: equal to aten.convolution off CUDA float32, and a well-formed
+    custom op (schema, fake tensor, no aliasing) for torch.compile."""
+    x = torch.randn(1, 4, 6, 5, generator=gen)
+    w = torch.randn(6, 2, 3, 3, generator=gen)
+    out = torch.ops.gloro_fast.conv2d_ieee(x, w, [2, 1], [1, 0], [1, 1], 2, False, [0, 0])
+    torch.testing.assert_close(out, torch.nn.functional.conv2d(x, w, None, (2, 1), (1, 0), 1, 2))
+    back = torch.ops.gloro_fast.conv2d_ieee(out, w, [2, 1], [1, 0], [1, 1], 2, True, [1, 0])
+    torch.testing.assert_close(back, torch.nn.functional.conv_transpose2d(out, w, None, (2, 1), (1, 0), (1, 0), 2))
+    torch.library.opcheck(torch.ops.gloro_fast.conv2d_ieee, (x, w, [2, 1], [1, 0], [1, 1], 2, False, [0, 0]),
+                          test_utils=("test_schema", "test_faketensor"))

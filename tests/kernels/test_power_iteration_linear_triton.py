@@ -126,3 +126,27 @@ def test_rejects_bad_input(device):
         power_iteration_linear([w], [], 1)
     with pytest.raises(ValueError):
         power_iteration_linear(w, torch.zeros(2, device=device), -1)
+
+
+def test_backward_grid_fits_cuda_limits():
+    """Chunks of a layer on grid axis x (≤ 2³¹ − 1), layers on y (≤ 65,535): an 8192×8193
+    layer needs 65,544 chunks of 1024, which axis y would refuse on a GPU."""
+    from gloro_fast.kernels._utils import MAX_GRID_X, MAX_GRID_YZ
+    from gloro_fast.kernels.power_iteration_linear import backward_grids
+
+    grids = backward_grids(3, 8192 * 8193)
+    assert grids == [(0, (65544, 3))]
+    many = backward_grids(70000, 10)
+    assert [l0 for l0, _ in many] == [0, 65535] and [g[1] for _, g in many] == [65535, 4465]
+    for _, (x, y) in grids + many:
+        assert 1 <= x <= MAX_GRID_X and 1 <= y <= MAX_GRID_YZ
+
+
+def test_backward_in_several_launches(device, gen, monkeypatch):
+    """The layer offset of each launch: with 2 layers per launch, 5 layers take 3 launches."""
+    import gloro_fast.kernels.power_iteration_linear as pl
+
+    monkeypatch.setattr(pl, "MAX_GRID_YZ", 2)
+    assert [l0 for l0, _ in pl.backward_grids(5, 30)] == [0, 2, 4]
+    weights, iterates = _layers([(5, 4), (2, 7), (3, 3), (6, 1), (1, 9)], F64, device, gen)
+    _compare(weights, iterates, 2, gen, 1e-10)

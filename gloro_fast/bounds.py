@@ -37,11 +37,12 @@ import torch
 from .nn import Linear, LipschitzModule, PowerIterationModule, Sequential
 from .ops import class_distances
 from .sound.dense import spectral_norm_upper
-from .sound.forward_error import Affine, Arithmetic, ForwardBound
+from .sound.forward_error import Affine, AffineStep, Arithmetic, ForwardBound
 from .sound.rounding import U64, gamma, up, up_tensor
 
-__all__ = ["BoundCache", "EstimateBounds", "LayerBracket", "SoundBounds", "CERTIFICATES",
-           "check_certificate", "compute_estimate", "compute_sound", "upper_bounds"]
+__all__ = ["Allowance", "BoundCache", "EstimateBounds", "LayerBracket", "SoundBounds",
+           "CERTIFICATES", "check_certificate", "chain_layers", "compute_estimate", "compute_sound",
+           "upper_bounds"]
 
 CERTIFICATES = ("sound", "estimate")
 _SQRT2_UP = up(math.sqrt(2.0))
@@ -83,81 +84,169 @@ class EstimateBounds:
 
 
 @dataclass(frozen=True)
+class Allowance:
+    """Per-sample terms of the sound test, each affine in the radius ε (float64, (B,)):
+    certified at ε iff f̃_j − f̃_i > D_ji·(s1 + ε·s1_slope) + s0 + ε·s0_slope for all i ≠ j
+    and ε ≤ ``eps_max`` (beyond it the ball may overflow; −inf: x itself is not admissible)."""
+
+    s1: torch.Tensor
+    s1_slope: torch.Tensor
+    s0: torch.Tensor
+    s0_slope: torch.Tensor
+    eps_max: torch.Tensor
+
+
+@dataclass(frozen=True)
 class SoundBounds:
-    """Everything a sound certificate needs (see the module docstring)."""
+    """Everything a sound certificate needs (see the module docstring).
+
+    ``steps`` (one per body layer, None for exact ones) enable the per-sample bound that
+    uses the computed activation norms ‖h̃_l(x)‖ of the certifying forward pass; without
+    them (a body that is not a chain of layers) the a-priori bounds, affine in ‖x‖, apply.
+    """
 
     lipschitz: float               # K ≥ Lip(body)
     distances: torch.Tensor        # (C, C) float64 on the model's device, D_ji ≥ ‖w_j − w_i‖
-    body_error: Affine             # Δ(r) ≥ ‖h̃ − h‖
-    head_rounding: Affine          # ρ(r) ≥ |rounding of one computed logit|
-    max_input_norm: float          # inputs (balls) beyond it may overflow: never certified
+    steps: Optional[Tuple[Optional[AffineStep], ...]]
+    body_norm: Affine              # ‖h(x)‖ ≤ body_norm(‖x‖)      (a priori)
+    body_error: Affine             # ‖h̃ − h‖ ≤ body_error(‖x‖)    (a priori)
+    head_gamma: float              # γ_{d+2}: one logit's rounding ≤ γ(w_max‖h̃‖ + b_max) + underflow
+    head_underflow: float
+    w_max: float
+    b_max: float
+    cap: float                     # partial sums must stay below it (half the largest finite)
+    max_input_norm: float          # a priori: larger ‖x‖ may overflow
     uppers: Tuple[Tuple[str, str, float], ...]   # (name, layer type, upper) per bounded layer
     dtype: torch.dtype
 
-    def _input_norms(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.detach().flatten(1).to(torch.float64)
-        norms = torch.linalg.vector_norm(flat, dim=1)
+    # -- the allowance -------------------------------------------------------------
+    @staticmethod
+    def input_norms(x: torch.Tensor) -> torch.Tensor:
+        """‖x‖ per sample, float64, rounded up."""
+        flat = x.detach().flatten(1)
+        norms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64)
         return up_tensor(norms * (1.0 + gamma(max(flat.shape[1], 1), U64)))
 
-    def thresholds(self, x: torch.Tensor, epsilon: float):
-        """Per-sample (s1, s0, admissible): certified iff f̃_j − f̃_i > D_ji·s1 + s0 ∀ i ≠ j
-        and ``admissible`` (float64 tensors of shape (B,))."""
-        r = self._input_norms(x)
-        e = self.body_error
-        rho = self.head_rounding
-        eps = float(epsilon)
-        # Δ(r) + Δ(r + ε) = a(2r + ε) + 2b, likewise for ρ
-        two_r_eps = up_tensor(2.0 * r + eps)
-        s1 = up_tensor(up_tensor(eps * self.lipschitz + e.a * two_r_eps) + 2.0 * e.b)
-        s0 = up_tensor(2.0 * up_tensor(rho.a * two_r_eps + 2.0 * rho.b))
-        admissible = up_tensor(r + eps) <= self.max_input_norm
-        return s1, s0, admissible
+    def _head(self, feat, delta, dp, dp_slope):
+        """ρ(x) and ρ(x′) = c + ε·m for the head, and its overflow limit on ε."""
+        g, w, b, uf = self.head_gamma, self.w_max, self.b_max, self.head_underflow
+        rho = up_tensor(g * up_tensor(w * feat + b) + uf)
+        far = up_tensor(feat + delta + dp)                         # ‖h̃(x′)‖ at ε = 0
+        far_slope = up_tensor(self.lipschitz + dp_slope)
+        rho_far = up_tensor(g * up_tensor(w * far + b) + uf)
+        rho_far_slope = up_tensor(g * w * far_slope)
+        reach = up_tensor(w * feat + b) * up(1.0 + g)
+        reach_far = up_tensor(w * far + b) * up(1.0 + g)
+        eps_max = _eps_limit(reach, reach_far, up_tensor(w * far_slope) * up(1.0 + g), self.cap)
+        return rho, rho_far, rho_far_slope, eps_max
 
-    def bottom(self, logits: torch.Tensor, x: torch.Tensor, epsilon: float):
-        """(f_⊥ rounded up to the logits' dtype, certified mask): f_⊥ = max_{i≠j}(f̃_i +
-        D_ji s1) + s0, so that f̃_j > f_⊥ ⟺ the sound test passes (up to the upward rounding
-        of f_⊥, which only rejects more)."""
+    def allowance(self, x: torch.Tensor, activation_norms=None) -> Allowance:
+        """The sound test's terms for inputs ``x``. ``activation_norms``: the computed
+        ‖h̃_{l−1}(x)‖ entering each affine step and the feature norm ‖h̃(x)‖ (from the
+        certifying forward pass), or None for the a-priori bound."""
+        if activation_norms is None or self.steps is None:
+            return self._allowance_a_priori(self.input_norms(x))
+        step_norms, feat = activation_norms
+        feat = up_tensor(feat)
+        zero = torch.zeros_like(feat)
+        delta, dp, dp_slope = zero, zero, zero       # Δ(x); Δ(x′) = dp + ε·dp_slope
+        eps_max = torch.full_like(feat, math.inf)
+        norms = iter(step_norms)
+        for step in self.steps:
+            if step is None:
+                continue
+            n = up_tensor(next(norms))
+            u_, a, g, b, uf = step.lipschitz, step.abs_norm, step.gamma, step.offset, step.underflow
+            reach = up_tensor(a * n + b)
+            far = up_tensor(up_tensor(n + delta) + dp)               # ‖h̃(x′)‖ at ε = 0
+            far_slope = up_tensor(step.lipschitz_before + dp_slope)
+            reach_far = up_tensor(a * far + b)
+            reach_far_slope = up_tensor(a * far_slope)
+            eps_max = torch.minimum(eps_max, _eps_limit(reach * up(1.0 + g), reach_far * up(1.0 + g),
+                                                        reach_far_slope * up(1.0 + g), self.cap))
+            delta = up_tensor(up_tensor(u_ * delta) + up_tensor(g * reach + uf))
+            dp = up_tensor(up_tensor(u_ * dp) + up_tensor(g * reach_far + uf))
+            dp_slope = up_tensor(up_tensor(u_ * dp_slope) + up_tensor(g * reach_far_slope))
+        if next(norms, None) is not None:
+            raise RuntimeError("activation norms do not match the layers' steps")
+        rho, rho_far, rho_far_slope, head_max = self._head(feat, delta, dp, dp_slope)
+        finite = torch.isfinite(feat) & torch.isfinite(delta)
+        eps_max = torch.where(finite, torch.minimum(eps_max, head_max), torch.full_like(feat, -math.inf))
+        return Allowance(
+            s1=up_tensor(delta + dp), s1_slope=up_tensor(self.lipschitz + dp_slope),
+            s0=up_tensor(2.0 * up_tensor(rho + rho_far)), s0_slope=up_tensor(2.0 * rho_far_slope),
+            eps_max=eps_max,
+        )
+
+    def _allowance_a_priori(self, r: torch.Tensor) -> Allowance:
+        """Δ(x) + Δ(x′) = e.a(2r + ε) + 2e.b and ρ likewise, with ‖h̃‖ ≤ (norm + error)(r)."""
+        e, nrm = self.body_error, self.body_norm
+        delta = up_tensor(e.a * r + e.b)
+        feat = up_tensor(up_tensor((nrm.a + e.a) * r) + (nrm.b + e.b))
+        # at x′ every norm grows by at most ε times the same slopes
+        g, w, b, uf = self.head_gamma, self.w_max, self.b_max, self.head_underflow
+        rho = up_tensor(g * up_tensor(w * feat + b) + uf)
+        rho_slope = up(g * w * up(nrm.a + e.a))
+        eps_max = (self.max_input_norm - r).clamp_min(-math.inf) * (1.0 - 2.0 ** -50)
+        eps_max = torch.where(torch.isfinite(r) & (r <= self.max_input_norm), eps_max,
+                              torch.full_like(r, -math.inf))
+        return Allowance(
+            s1=up_tensor(2.0 * delta), s1_slope=torch.full_like(r, up(self.lipschitz + e.a)),
+            s0=up_tensor(4.0 * rho), s0_slope=torch.full_like(r, up(2.0 * rho_slope)),
+            eps_max=eps_max,
+        )
+
+    # -- decisions ------------------------------------------------------------------
+    def bottom(self, logits: torch.Tensor, allowance: Allowance, epsilon: float):
+        """(f_⊥ rounded up to the logits' dtype, certified mask) at radius ``epsilon``:
+        f_⊥ = max_{i≠j}(f̃_i + D_ji s1(ε)) + s0(ε), so that f̃_j > f_⊥ is the sound test
+        (the upward rounding of f_⊥ only rejects more)."""
         f = logits.detach().to(torch.float64)
         top = f.argmax(dim=1)
-        s1, s0, admissible = self.thresholds(x, epsilon)
+        eps = float(epsilon)
+        s1 = up_tensor(allowance.s1 + up_tensor(eps * allowance.s1_slope))
+        s0 = up_tensor(allowance.s0 + up_tensor(eps * allowance.s0_slope))
         d = self.distances.index_select(0, top)                        # (B, C): D_ji
         rival = up_tensor_signed(f + up_tensor(d * s1.unsqueeze(1)))
         own = torch.nn.functional.one_hot(top, f.shape[1]).bool()
         rival = rival.masked_fill(own, -math.inf).amax(dim=1)
         bottom64 = up_tensor_signed(rival + s0)
-        bottom64 = torch.where(torch.isnan(bottom64), torch.full_like(bottom64, math.inf), bottom64)
         fj = f.gather(1, top.unsqueeze(1)).squeeze(1)
-        finite = torch.isfinite(f).all(dim=1)
-        certified = (fj > bottom64) & admissible & finite
-        bottom64 = torch.where(finite & admissible, bottom64, torch.full_like(bottom64, math.inf))
+        ok = torch.isfinite(f).all(dim=1) & (allowance.eps_max >= eps) & ~torch.isnan(bottom64)
+        certified = (fj > bottom64) & ok
+        bottom64 = torch.where(ok, bottom64, torch.full_like(bottom64, math.inf))
         bottom = bottom64.to(logits.dtype)
         bottom = torch.where(bottom.to(torch.float64) < bottom64,
                              torch.nextafter(bottom, torch.full_like(bottom, math.inf)), bottom)
         return bottom, certified
 
-    def radius(self, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """The largest ε for which the sound test passes (rounded down), per sample:
-        r_ji = (g_ji − 2D_jiΔ(r) − 4ρ(r)) / (D_ji(K + Δ.a) + 2ρ.a), then min over i ≠ j, ≥ 0,
-        and at most ``max_input_norm`` − ‖x‖."""
+    def radius(self, logits: torch.Tensor, allowance: Allowance) -> torch.Tensor:
+        """The largest ε at which the sound test passes, rounded down, per sample:
+        r_ji = (g_ji − D_ji s1 − s0) / (D_ji s1_slope + s0_slope), min over i ≠ j, clamped
+        to [0, eps_max]."""
         f = logits.detach().to(torch.float64)
         top = f.argmax(dim=1)
-        r = self._input_norms(x)
-        e, rho = self.body_error, self.head_rounding
         d = self.distances.index_select(0, top)
         gap = f.gather(1, top.unsqueeze(1)) - f                           # ≥ 0
         gap_down = gap * (1.0 - 2.0 ** -50)
-        delta = up_tensor(e.a * r + e.b)
-        rho_r = up_tensor(rho.a * r + rho.b)
-        numer = gap_down - up_tensor(up_tensor(2.0 * d * delta.unsqueeze(1)) + 4.0 * rho_r.unsqueeze(1))
-        denom = up_tensor(up_tensor(d * up(self.lipschitz + e.a)) + 2.0 * rho.a)
+        numer = gap_down - up_tensor(up_tensor(d * allowance.s1.unsqueeze(1)) + allowance.s0.unsqueeze(1))
+        denom = up_tensor(up_tensor(d * allowance.s1_slope.unsqueeze(1)) + allowance.s0_slope.unsqueeze(1))
         ratio = torch.where(denom > 0, numer / denom,
                             torch.where(numer > 0, torch.full_like(numer, math.inf), torch.zeros_like(numer)))
         ratio = ratio * (1.0 - 2.0 ** -50)
         own = torch.nn.functional.one_hot(top, f.shape[1]).bool()
-        radius = ratio.masked_fill(own, math.inf).amin(dim=1).clamp_min(0.0)
-        radius = torch.minimum(radius, (self.max_input_norm - r).clamp_min(0.0) * (1.0 - 2.0 ** -50))
-        ok = torch.isfinite(f).all(dim=1) & torch.isfinite(r)
+        radius = ratio.masked_fill(own, math.inf).amin(dim=1)
+        radius = torch.minimum(radius, allowance.eps_max * (1.0 - 2.0 ** -50)).clamp_min(0.0)
+        ok = torch.isfinite(f).all(dim=1) & ~torch.isnan(radius)
         return torch.where(ok, radius, torch.zeros_like(radius))
+
+
+def _eps_limit(at_x, far, far_slope, cap):
+    """The largest ε with far + ε·far_slope ≤ cap, or −inf if at_x or far already exceed it."""
+    room = (cap - far) / far_slope.clamp_min(torch.finfo(torch.float64).tiny)
+    room = torch.where(far_slope > 0, room * (1.0 - 2.0 ** -50), torch.full_like(room, math.inf))
+    bad = ~((at_x <= cap) & (far <= cap))
+    return torch.where(bad, torch.full_like(room, -math.inf), room)
 
 
 def up_tensor_signed(x: torch.Tensor) -> torch.Tensor:
@@ -210,8 +299,7 @@ def compute_estimate(model, uppers: Dict[int, Optional[float]]) -> EstimateBound
         layers.append(("head", model.head))
     # K is the product of the layers' values when the body is a chain (Sequential); other
     # containers compose their own bound from their layers' converged iterates
-    chain = all(isinstance(m, Sequential) for m in model.body.modules()
-                if isinstance(m, LipschitzModule) and any(isinstance(c, LipschitzModule) for c in m.children()))
+    chain = _is_chain(model)
     for name, layer in layers:
         if isinstance(layer, PowerIterationModule):
             if not layer.iterate_initialized:
@@ -353,13 +441,11 @@ def compute_sound(model, uppers: Dict[int, Optional[float]]) -> SoundBounds:
     b_max = 0.0
     if head.bias is not None:
         b_max = float(head.bias.detach().to(device="cpu", dtype=torch.float64).abs().max())
-    computed = fb.computed_norm()
-    reach = computed.scale(w_max).shift(b_max)
-    rounding = reach.scale(g).shift(up((head.in_features + 2) * arith.eta))
+    underflow = up((head.in_features + 2) * arith.eta)
+    reach = fb.computed_norm().scale(w_max).shift(b_max)
+    rounding = reach.scale(g).shift(underflow)
     limits = ForwardBound(fb.shape, fb.lipschitz, fb.norm, fb.error,
                           fb.limits + (reach.scale(up(1.0 + g)),))
-    max_norm = limits.max_input_norm(arith)
-    lipschitz = fb.lipschitz
     if not math.isfinite(fb.error.a + fb.error.b + rounding.a + rounding.b):
         warnings.warn(
             f"the rounding error of a {arith.dtype} forward pass of this network cannot be "
@@ -367,6 +453,24 @@ def compute_sound(model, uppers: Dict[int, Optional[float]]) -> SoundBounds:
             RuntimeWarning,
             stacklevel=4,
         )
+    leaves = _named_layers(model)
+    steps = tuple(fb.steps) if _is_chain(model) and len(fb.steps) == len(leaves) else None
     table = tuple((n, t, uppers[i]) for i, (n, t) in names.items() if i in uppers)
-    return SoundBounds(lipschitz, distances.to(head.weight.device), fb.error, rounding, max_norm,
-                       table, arith.dtype)
+    return SoundBounds(
+        lipschitz=fb.lipschitz, distances=distances.to(head.weight.device), steps=steps,
+        body_norm=fb.norm, body_error=fb.error, head_gamma=g, head_underflow=underflow,
+        w_max=w_max, b_max=b_max, cap=arith.realmax / 2.0,
+        max_input_norm=limits.max_input_norm(arith), uppers=table, dtype=arith.dtype,
+    )
+
+
+def _is_chain(model) -> bool:
+    """Whether the body's leaf layers, run in order, are the body (every container in it
+    is a Sequential)."""
+    return all(isinstance(m, Sequential) for m in model.body.modules()
+               if isinstance(m, LipschitzModule) and any(isinstance(c, LipschitzModule) for c in m.children()))
+
+
+def chain_layers(model) -> List[LipschitzModule]:
+    """The body's leaf layers in order (valid as a forward pass when :func:`_is_chain`)."""
+    return [layer for _, layer in _named_layers(model)]

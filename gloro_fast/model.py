@@ -23,14 +23,21 @@ import torch
 from torch import nn
 
 from ._validation import check_epsilon, check_finite, check_positive_int, check_tensor
-from .bounds import (BoundCache, EstimateBounds, LayerBracket, SoundBounds, check_certificate,
-                     compute_estimate, compute_sound, upper_bounds)
+from .bounds import (BoundCache, EstimateBounds, LayerBracket, SoundBounds, chain_layers,
+                     check_certificate, compute_estimate, compute_sound, upper_bounds)
 from .nn import Linear, from_torch
 from .ops import bottom_logit, class_distances
 from .sound.forward_error import ieee_arithmetic
-from .sound.rounding import up_tensor
+from .sound.rounding import U64, gamma, up_tensor
 
 __all__ = ["GloroNet", "GloroOutput"]
+
+
+def _activation_norms(h: torch.Tensor) -> torch.Tensor:
+    """‖h_b‖ per sample in float64 (no float64 copy of h), rounded up."""
+    flat = h.detach().flatten(1)
+    norms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64)
+    return up_tensor(norms * (1.0 + gamma(max(flat.shape[1], 1), U64)))
 
 
 class GloroOutput(NamedTuple):
@@ -216,6 +223,30 @@ class GloroNet(nn.Module):
             self.input_shape = tuple(x.shape[1:])
         return logits
 
+    def sound_forward(self, x: torch.Tensor):
+        """The certifying forward pass: ``(logits, bounds, allowance)`` with the logits in
+        the model's dtype (IEEE arithmetic, autocast off), :class:`~gloro_fast.bounds.SoundBounds`
+        and the per-sample :class:`~gloro_fast.bounds.Allowance` (from the activation norms
+        recorded on the way when the body is a chain of layers). ``bounds.bottom(logits,
+        allowance, ε)`` and ``bounds.radius(logits, allowance)`` decide."""
+        if self.input_shape is None:
+            self._logits(x, certifying=True)  # learn the input size first
+        self._check_input(x)
+        sb = self.sound_bounds()
+        if sb.steps is None:
+            logits = self._logits(x, certifying=True)
+            return logits, sb, sb.allowance(x)
+        norms = []
+        with ieee_arithmetic(x.device.type):
+            h = x
+            for layer, step in zip(chain_layers(self), sb.steps):
+                if step is not None:
+                    norms.append(_activation_norms(h))
+                h = layer(h)
+            features = _activation_norms(h)
+            logits = self.head(h)
+        return logits, sb, sb.allowance(x, (norms, features))
+
     def _epsilon(self, epsilon) -> float:
         return self.epsilon if epsilon is None else check_epsilon(epsilon)
 
@@ -236,14 +267,13 @@ class GloroNet(nn.Module):
             lipschitz, distances = self._training_bounds()
             bottom, _ = bottom_logit(logits, distances, lipschitz, eps)
             return GloroOutput(logits, bottom, lipschitz, distances)
-        check_certificate(certificate)
-        logits = self._logits(x, certifying=True)
-        if certificate == "estimate":
+        if check_certificate(certificate) == "estimate":
+            logits = self._logits(x, certifying=True)
             est = self.estimate_bounds()
             bottom, _ = bottom_logit(logits, est.distances, est.lipschitz, eps)
             return GloroOutput(logits, bottom, est.lipschitz, est.distances)
-        sb = self.sound_bounds()
-        bottom, _ = sb.bottom(logits, x, eps)
+        logits, sb, allowance = self.sound_forward(x)
+        bottom, _ = sb.bottom(logits, allowance, eps)
         lipschitz = torch.tensor(sb.lipschitz, dtype=torch.float64, device=logits.device)
         return GloroOutput(logits, bottom, lipschitz, sb.distances)
 
@@ -262,14 +292,15 @@ class GloroNet(nn.Module):
         for every i ≠ j (sound: plus the rounding allowance, see :mod:`gloro_fast.bounds`),
         else C (⊥). ``epsilon`` defaults to the model's."""
         eps = self._epsilon(epsilon)
-        logits = self._logits(x, certifying=True)
-        top = logits.argmax(dim=1)
         if check_certificate(certificate) == "sound":
-            _, certified = self.sound_bounds().bottom(logits, x, eps)
+            logits, sb, allowance = self.sound_forward(x)
+            _, certified = sb.bottom(logits, allowance, eps)
         else:
+            logits = self._logits(x, certifying=True)
             est = self.estimate_bounds()
             bottom, _ = bottom_logit(logits, est.distances, est.lipschitz, eps)
-            certified = logits.gather(1, top.unsqueeze(1)).squeeze(1) > bottom
+            certified = logits.amax(dim=1) > bottom
+        top = logits.argmax(dim=1)
         return torch.where(certified, top, torch.full_like(top, self.num_classes))
 
     @torch.no_grad()
@@ -279,9 +310,10 @@ class GloroNet(nn.Module):
         ``"estimate"``: r(x) = max(0, min_{i≠j} (f_j − f_i) / K_ji) with converged σ̂ (a pair
         with K_ji = 0 never limits the radius unless f_i = f_j), in the model's dtype.
         ``"sound"``: the largest ε the sound test passes at (float64, rounded down)."""
-        logits = self._logits(x, certifying=True)
         if check_certificate(certificate) == "sound":
-            return self.sound_bounds().radius(logits, x)
+            logits, sb, allowance = self.sound_forward(x)
+            return sb.radius(logits, allowance)
+        logits = self._logits(x, certifying=True)
         est = self.estimate_bounds()
         top = logits.argmax(dim=1)
         gaps = logits.gather(1, top.unsqueeze(1)) - logits

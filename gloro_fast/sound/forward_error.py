@@ -35,13 +35,14 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field, replace
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from .rounding import gamma, largest_finite, underflow_unit, unit_roundoff, up
 
-__all__ = ["Affine", "Arithmetic", "ForwardBound", "affine_layer", "exact_layer", "ieee_arithmetic"]
+__all__ = ["Affine", "AffineStep", "Arithmetic", "ForwardBound", "affine_layer", "exact_layer",
+           "ieee_arithmetic"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,20 @@ class Arithmetic:
 
 
 @dataclass(frozen=True)
+class AffineStep:
+    """One affine layer's constants for the per-sample (a-posteriori) error bound: its
+    Lipschitz bound U, ‖|A|‖ bound α, γ_{n+k}, ‖L(0)‖ bound β, the underflow term, and the
+    Lipschitz bound of everything before it."""
+
+    lipschitz: float
+    abs_norm: float
+    gamma: float
+    offset: float
+    underflow: float
+    lipschitz_before: float
+
+
+@dataclass(frozen=True)
 class ForwardBound:
     """Affine-in-‖x‖ bounds after some layers: the activation shape (no batch axis), an
     upper bound of the Lipschitz constant so far, the exact activation's norm, the
@@ -90,6 +105,7 @@ class ForwardBound:
     norm: Affine = field(default_factory=lambda: Affine(1.0, 0.0))
     error: Affine = field(default_factory=Affine)
     limits: Tuple[Affine, ...] = ()
+    steps: Tuple[Optional[AffineStep], ...] = ()   # one per layer: None for exact layers
 
     def computed_norm(self) -> Affine:
         """‖h̃‖ ≤ ‖h‖ + ‖h̃ − h‖."""
@@ -117,20 +133,23 @@ def affine_layer(bound: ForwardBound, out_shape, lipschitz: float, abs_norm: flo
     computed = bound.computed_norm()
     reach = computed.scale(abs_norm).shift(offset)            # α‖h̃‖ + β
     numel = math.prod(out_shape)
-    local = reach.scale(g).shift(up(terms * arith.eta * math.sqrt(numel)))
+    underflow = up(terms * arith.eta * math.sqrt(numel))
+    local = reach.scale(g).shift(underflow)
+    step = AffineStep(lipschitz, abs_norm, g, offset, underflow, bound.lipschitz)
     return ForwardBound(
         shape=tuple(out_shape),
         lipschitz=up(bound.lipschitz * lipschitz),
         norm=bound.norm.scale(lipschitz).shift(offset),
         error=bound.error.scale(lipschitz) + local,
         limits=bound.limits + (reach.scale(up(1.0 + g)),),
+        steps=bound.steps + (step,),
     )
 
 
 def exact_layer(bound: ForwardBound, out_shape) -> ForwardBound:
     """A 1-Lipschitz layer with L(0) = 0 evaluated exactly (ReLU, MinMax, max-pooling,
     reshapes): norm and error pass through."""
-    return replace(bound, shape=tuple(out_shape))
+    return replace(bound, shape=tuple(out_shape), steps=bound.steps + (None,))
 
 
 @contextlib.contextmanager

@@ -22,6 +22,7 @@ from about 10⁻⁸ until the factorisation completes. The Gershgorin bound max_
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Union
 
@@ -33,6 +34,7 @@ __all__ = ["lambda_max_upper", "lambda_max_estimate"]
 
 _EIGVALSH_MAX = 128     # up to this size the batched symmetric eigensolver is the cheapest guess
 _LANCZOS_STEPS = 400
+_CHECKPOINTS = (40, 80, 160, 320)  # convergence checks (each solves the tridiagonal problem)
 
 
 def _symmetric_from_lower(m: torch.Tensor) -> torch.Tensor:
@@ -40,10 +42,23 @@ def _symmetric_from_lower(m: torch.Tensor) -> torch.Tensor:
     return torch.tril(m) + torch.tril(m, -1).mT
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """Small LAPACK eigenproblems on one thread: on a busy machine, a thread pool makes a
+    400×400 eigh a hundred times slower (its threads wait for each other)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _ritz_top(alpha, beta, k):
     tri = (torch.diag_embed(alpha[:, :k]) + torch.diag_embed(beta[:, : k - 1], 1)
            + torch.diag_embed(beta[:, : k - 1], -1))
-    values, vectors = torch.linalg.eigh(tri)
+    with _one_thread():
+        values, vectors = torch.linalg.eigh(tri)
     return values[:, -1], (beta[:, k - 1] * vectors[:, -1, -1]).abs()
 
 
@@ -59,7 +74,8 @@ def lambda_max_estimate(m: torch.Tensor, max_steps: int = _LANCZOS_STEPS, rtol: 
     batch_shape, n = m.shape[:-2], m.shape[-1]
     a = m.reshape(-1, n, n)
     if n <= _EIGVALSH_MAX:
-        theta = torch.linalg.eigvalsh(a)[:, -1].reshape(batch_shape)
+        with _one_thread():
+            theta = torch.linalg.eigvalsh(a)[:, -1].reshape(batch_shape)
         return theta, torch.zeros_like(theta)
     b = a.shape[0]
     steps = min(max_steps, n)
@@ -82,7 +98,7 @@ def lambda_max_estimate(m: torch.Tensor, max_steps: int = _LANCZOS_STEPS, rtol: 
         # an invariant subspace was found: the rest of that Krylov sequence stays zero
         q = torch.where(alive.unsqueeze(1), w / norm.clamp_min(tiny).unsqueeze(1), torch.zeros_like(w))
         beta[:, k] = torch.where(alive, norm, torch.zeros_like(norm))
-        if (k + 1) % 20 == 0 and k + 1 < steps:
+        if k + 1 in _CHECKPOINTS and k + 1 < steps:
             theta, residual = _ritz_top(alpha, beta, k + 1)
             if bool((residual <= rtol * theta.abs()).all()):
                 return theta.reshape(batch_shape), residual.reshape(batch_shape)

@@ -1,4 +1,5 @@
-"""Tests for gloro_fast.data: the bundled MNIST sample and tiny files in each real format."""
+"""Tests for gloro_fast.data: the bundled MNIST sample, tiny files in each real format, streamed
+image folders, the restricted CIFAR unpickler, bounded IDX reads and augmentation."""
 import gzip
 import pickle
 import struct
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from gloro_fast.data import DATASETS, load_dataset, make_loaders
+from gloro_fast.data import DATASETS, augmentation, load_dataset, make_loaders
 
 # --------------------------------------------------------------------------- mnist-sample
 
@@ -91,8 +92,14 @@ def _write_mnist(folder, rng, n_train=20, n_test=10, gz=False, rows=28, cols=28)
     return data
 
 
+def _materialize(ds):
+    """Every (image, label) of a dataset, stacked (works for in-memory and streamed ones)."""
+    items = [ds[i] for i in range(len(ds))]
+    return torch.stack([x for x, _ in items]), torch.stack([torch.as_tensor(y) for _, y in items])
+
+
 def _check_split(ds, images, labels):
-    x, y = ds.tensors
+    x, y = _materialize(ds)
     assert x.dtype == torch.float32 and y.dtype == torch.int64
     assert torch.equal(x, torch.from_numpy(images).float() / 255)
     assert y.tolist() == [int(v) for v in labels]
@@ -263,10 +270,13 @@ def test_tiny_imagenet_roundtrip(tmp_path):
         assert info == {"name": "tiny-imagenet", "input_shape": (3, 64, 64), "num_classes": 3}
         for ds, ref in ((train, train_ref), (test, val_ref)):
             _check_split(ds, np.stack([r[1] for r in ref]), [r[2] for r in ref])
+    # Streamed from disk, not held in memory.
+    assert not hasattr(train, "tensors") and len(train) == 6 and len(test) == 4
     # The grayscale file became three equal channels.
-    gray = train.tensors[0][2]
+    images = _materialize(train)[0]
+    gray = images[2]
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
-    assert not torch.equal(train.tensors[0][0][0], train.tensors[0][0][1])
+    assert not torch.equal(images[0][0], images[0][1])
 
 
 def test_tiny_imagenet_errors(tmp_path):
@@ -332,3 +342,245 @@ def test_make_loaders(tmp_path):
     for bad in (0, -1):
         with pytest.raises(ValueError, match="batch_size"):
             make_loaders(train, test, bad)
+
+
+# --------------------------------------------------------------------------- split-specific loading
+
+
+def test_test_split_needs_only_test_files(tmp_path):
+    data = _write_mnist(tmp_path, np.random.default_rng(5))
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (tmp_path / name).unlink()
+    train, test, info = load_dataset("mnist", tmp_path, split="test")
+    assert train is None and info["input_shape"] == (1, 28, 28)
+    _check_split(test, data["t10k"][0][:, None], data["t10k"][1])
+    with pytest.raises(FileNotFoundError, match="train-images-idx3-ubyte"):
+        load_dataset("mnist", tmp_path)  # both splits: the training files are missing
+    train, test, _ = load_dataset("mnist-sample", split="train")
+    assert test is None and len(train) == 4000
+    with pytest.raises(ValueError, match="split must be one of"):
+        load_dataset("mnist-sample", split="validation")
+
+
+# --------------------------------------------------------------------------- bounded IDX reads
+
+
+def _gzip_stream(path, header, filler_bytes, chunk=1 << 20):
+    """A .gz of header + filler_bytes zero bytes, compressed chunk by chunk (little memory)."""
+    import zlib
+
+    with gzip.open(path, "wb", compresslevel=9) as f:
+        f.write(header)
+        zeros = bytes(chunk)
+        left = filler_bytes
+        while left:
+            n = min(left, chunk)
+            f.write(zeros[:n])
+            left -= n
+
+
+def test_gzip_bomb_is_refused_before_inflating(tmp_path):
+    import time
+    import tracemalloc
+
+    _write_mnist(tmp_path, np.random.default_rng(0), gz=True)
+    bomb = tmp_path / "train-images-idx3-ubyte.gz"
+    # The header announces 20 images (15,680 bytes), the member inflates to 300 MB.
+    _gzip_stream(bomb, struct.pack(">IIII", 2051, 20, 28, 28), 300 * 2**20)
+    assert bomb.stat().st_size < 2 * 2**20
+    tracemalloc.start()
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="gzip trailer says the file inflates to"):
+        load_dataset("mnist", tmp_path)
+    seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 20 * 2**20  # nothing near the 300 MB was inflated
+    assert seconds < 1.0      # inflating 300 MB alone takes longer than this
+
+
+def test_idx_header_bounds_the_read(tmp_path):
+    _write_mnist(tmp_path, np.random.default_rng(0), gz=True)
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    # A header claiming 4 billion images: refused before any allocation.
+    path.write_bytes(gzip.compress(struct.pack(">IIII", 2051, 2**32 - 1, 28, 28) + bytes(100)))
+    with pytest.raises(ValueError, match="more than a .*-byte gzip file can hold"):
+        load_dataset("mnist", tmp_path)
+    # Trailing bytes after the announced data, in an uncompressed file.
+    _write_mnist(tmp_path, np.random.default_rng(0))
+    (tmp_path / "train-images-idx3-ubyte.gz").unlink()
+    raw = tmp_path / "train-labels-idx1-ubyte"
+    raw.write_bytes(raw.read_bytes() + b"\x00\x01")
+    with pytest.raises(ValueError, match=r"header says shape \(20,\) \(20 bytes of data\) but the file holds 22"):
+        load_dataset("mnist", tmp_path)
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_corrupt_gzip_names_the_file(tmp_path, damage):
+    _write_mnist(tmp_path, np.random.default_rng(0), gz=True)
+    path = tmp_path / "t10k-labels-idx1-ubyte.gz"
+    blob = path.read_bytes()
+    path.write_bytes(b"not a gzip file at all" if damage == "garbage" else blob[: len(blob) - 12])
+    with pytest.raises(ValueError, match="t10k-labels-idx1-ubyte.gz"):
+        load_dataset("mnist", tmp_path)
+
+
+# --------------------------------------------------------------------------- CIFAR: restricted unpickling
+
+
+class _Exploit:
+    """Unpickles to a call of os.system: what a crafted CIFAR batch could do to pickle.load."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_cifar_pickle_cannot_run_code(tmp_path):
+    _write_cifar(tmp_path, np.random.default_rng(0))
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "data_batch_2", "wb") as f:
+        pickle.dump({b"data": _Exploit(marker), b"labels": [0]}, f)
+    with pytest.raises(ValueError, match=r"data_batch_2: not a CIFAR batch: refused to load global (posix|os)\.system"):
+        load_dataset("cifar10", tmp_path)
+    assert not marker.exists()
+    # Control: the stock unpickler would have run it.
+    with open(tmp_path / "data_batch_2", "rb") as f:
+        pickle.load(f)
+    assert marker.exists()
+
+
+def test_truncated_cifar_pickle(tmp_path):
+    _write_cifar(tmp_path, np.random.default_rng(0))
+    path = tmp_path / "test_batch"
+    path.write_bytes(path.read_bytes()[:-40])
+    with pytest.raises(ValueError, match="test_batch: truncated or corrupt CIFAR batch"):
+        load_dataset("cifar10", tmp_path)
+    # the training split alone does not open test_batch
+    train, test, _ = load_dataset("cifar10", tmp_path, split="train")
+    assert test is None and len(train) == 20
+
+
+def test_cifar100_roundtrip(tmp_path):
+    rng = np.random.default_rng(7)
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    data = {}
+    for name, n in (("train", 6), ("test", 3)):
+        images = rng.integers(0, 256, size=(n, 3072), dtype=np.uint8)
+        fine = rng.integers(0, 100, size=n).tolist()
+        data[name] = (images, fine)
+        with open(folder / name, "wb") as f:
+            pickle.dump({b"data": images, b"fine_labels": fine, b"coarse_labels": [0] * n,
+                         b"filenames": [b"x"] * n}, f)
+    train, test, info = load_dataset("cifar100", tmp_path)
+    assert info == {"name": "cifar100", "input_shape": (3, 32, 32), "num_classes": 100}
+    _check_split(train, data["train"][0].reshape(-1, 3, 32, 32), data["train"][1])
+    _check_split(test, data["test"][0].reshape(-1, 3, 32, 32), data["test"][1])
+
+
+# --------------------------------------------------------------------------- streamed image folders
+
+
+def test_garbage_jpeg_is_named_when_loading(tmp_path):
+    folder, _, _ = _write_tiny(tmp_path, np.random.default_rng(4))
+    bad = folder / "train" / WNIDS[1] / "images" / f"{WNIDS[1]}_1.JPEG"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG " * 10)
+    with pytest.raises(ValueError, match=f"{bad}: not a readable image"):
+        load_dataset("tiny-imagenet", tmp_path)
+    # the test split does not read training images
+    _, test, _ = load_dataset("tiny-imagenet", tmp_path, split="test")
+    assert len(test) == 4
+
+
+def test_truncated_jpeg_fails_with_its_name_when_decoded(tmp_path):
+    folder, _, _ = _write_tiny(tmp_path, np.random.default_rng(4))
+    from PIL import Image
+
+    path = folder / "val" / "images" / "val_2.JPEG"
+    noise = np.random.default_rng(5).integers(0, 256, size=(64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(path, quality=95)  # ~5 KB, most of it image data
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])  # header intact, data cut
+    _, test, _ = load_dataset("tiny-imagenet", tmp_path, split="test")
+    names = [p for p, _ in test.samples]
+    with pytest.raises(ValueError, match="val_2.JPEG: cannot decode image"):
+        test[names.index(str(path))]
+
+
+def test_streamed_loader_with_workers_matches_in_process(tmp_path):
+    _write_tiny(tmp_path, np.random.default_rng(6))
+    train, test, _ = load_dataset("tiny-imagenet", tmp_path)
+    batches = {}
+    for workers in (0, 2):
+        tr, te = make_loaders(train, test, batch_size=4, seed=3, num_workers=workers)
+        batches[workers] = [torch.cat([x.flatten() for x, _ in loader]) for loader in (tr, te)]
+    for a, b in zip(batches[0], batches[2]):
+        assert torch.equal(a, b)
+
+
+def _write_image_folder(root, rng, classes=("cat", "ant", "bee"), per_class=2, size=(12, 10)):
+    from PIL import Image
+
+    expected = {"train": [], "val": []}
+    for part in expected:
+        for name in classes:
+            for k in range(per_class):
+                pixels = rng.integers(0, 256, size=(size[1], size[0], 3), dtype=np.uint8)
+                path = root / part / name / f"{k}.png"  # PNG: lossless, exact pixels
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(path)
+                expected[part].append((name, k, pixels.transpose(2, 0, 1)))
+    return expected
+
+
+def test_image_folder_roundtrip(tmp_path):
+    expected = _write_image_folder(tmp_path, np.random.default_rng(8))
+    train, test, info = load_dataset("imagefolder", tmp_path)
+    assert info == {"name": "imagefolder", "input_shape": (3, 10, 12), "num_classes": 3}
+    order = {"ant": 0, "bee": 1, "cat": 2}  # sorted folder names
+    for ds, part in ((train, "train"), (test, "val")):
+        ref = sorted(expected[part], key=lambda t: (t[0], t[1]))
+        _check_split(ds, np.stack([r[2] for r in ref]), [order[r[0]] for r in ref])
+    (tmp_path / "val" / "bee").rename(tmp_path / "val" / "wasp")
+    with pytest.raises(ValueError, match="same class folders"):
+        load_dataset("imagefolder", tmp_path)
+    with pytest.raises(FileNotFoundError, match="train"):
+        load_dataset("imagefolder", tmp_path / "val")
+
+
+def test_image_folder_sizes_must_agree(tmp_path):
+    from PIL import Image
+
+    _write_image_folder(tmp_path, np.random.default_rng(9))
+    odd = tmp_path / "train" / "bee" / "9.png"
+    Image.new("RGB", (13, 10)).save(odd)
+    with pytest.raises(ValueError, match=f"{odd}: expected a 12x10 image, got 13x10"):
+        load_dataset("imagefolder", tmp_path)
+
+
+# --------------------------------------------------------------------------- augmentation
+
+
+def test_crop_flip_is_a_shifted_and_mirrored_view():
+    torch.manual_seed(0)
+    image = torch.rand(3, 32, 32)
+    padded = torch.nn.functional.pad(image, (4, 4, 4, 4))
+    transform = augmentation("crop-flip", (3, 32, 32))
+    flips = shifts = 0
+    for _ in range(40):
+        out = transform(image)
+        matches = [(i, j, f) for i in range(9) for j in range(9) for f in (False, True)
+                   if torch.equal(out, (lambda c: c.flip(-1) if f else c)(padded[:, i:i + 32, j:j + 32]))]
+        assert matches, "output is not a flipped/unflipped crop of the zero-padded image"
+        flips += any(f for _, _, f in matches)
+        shifts += all((i, j) != (4, 4) for i, j, _ in matches)
+    assert 5 < flips < 35 and shifts > 20  # both kinds of randomness are used
+    assert augmentation("none", (1, 28, 28)) is None
+    crop = augmentation("crop", (1, 28, 28))
+    assert crop(torch.rand(1, 28, 28)).shape == (1, 28, 28)
+    with pytest.raises(ValueError, match="augment"):
+        augmentation("mixup", (3, 32, 32))

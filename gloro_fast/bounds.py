@@ -94,6 +94,8 @@ class Allowance:
     s0: torch.Tensor
     s0_slope: torch.Tensor
     eps_max: torch.Tensor
+    body_error: torch.Tensor       # Δ(x) ≥ ‖h̃(x) − h(x)‖ (the computed features' error)
+    logit_error: torch.Tensor      # ρ(x) ≥ |f̃_i(x) − (w_iᵀh̃(x) + b_i)| (one logit's rounding)
 
 
 @dataclass(frozen=True)
@@ -175,7 +177,7 @@ class SoundBounds:
         return Allowance(
             s1=up_tensor(delta + dp), s1_slope=up_tensor(self.lipschitz + dp_slope),
             s0=up_tensor(2.0 * up_tensor(rho + rho_far)), s0_slope=up_tensor(2.0 * rho_far_slope),
-            eps_max=eps_max,
+            eps_max=eps_max, body_error=delta, logit_error=rho,
         )
 
     def _allowance_a_priori(self, r: torch.Tensor) -> Allowance:
@@ -193,7 +195,7 @@ class SoundBounds:
         return Allowance(
             s1=up_tensor(2.0 * delta), s1_slope=torch.full_like(r, up(self.lipschitz + e.a)),
             s0=up_tensor(4.0 * rho), s0_slope=torch.full_like(r, up(2.0 * rho_slope)),
-            eps_max=eps_max,
+            eps_max=eps_max, body_error=delta, logit_error=rho,
         )
 
     # -- decisions ------------------------------------------------------------------
@@ -446,7 +448,8 @@ def compute_sound(model, uppers: Dict[int, Optional[float]]) -> SoundBounds:
     rounding = reach.scale(g).shift(underflow)
     limits = ForwardBound(fb.shape, fb.lipschitz, fb.norm, fb.error,
                           fb.limits + (reach.scale(up(1.0 + g)),))
-    if not math.isfinite(fb.error.a + fb.error.b + rounding.a + rounding.b):
+    finite_weights = all(math.isfinite(v) for v in uppers.values() if v is not None)
+    if finite_weights and not math.isfinite(fb.error.a + fb.error.b + rounding.a + rounding.b):
         warnings.warn(
             f"the rounding error of a {arith.dtype} forward pass of this network cannot be "
             "bounded usefully (unit roundoff × fan-in ≥ ½): nothing will be certified soundly",

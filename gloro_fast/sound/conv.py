@@ -125,8 +125,9 @@ def _grid(length_in: int, s: int, out: int, qrange) -> int:
     return max(hp - qrange[0], out + qrange[1], hp, out)
 
 
-def conv_circular_upper(weight: torch.Tensor, g: ConvGeometry) -> float:
-    """The circular-embedding bound (module docstring); ``weight`` float64 on the CPU."""
+def conv_circular_upper(weight: torch.Tensor, g: ConvGeometry, identity: float = 1.0) -> float:
+    """The circular-embedding bound (module docstring); ``weight`` float64 on the CPU. With
+    ``g.residual`` the operator is ``identity``·I + A (a power of two keeps it exact)."""
     kp, (qh0, qh1), (qw0, qw1) = _phase_kernel(weight, g)
     groups, co_g, ci_p, nqh, nqw = kp.shape
     n_h = _grid(g.height, g.stride[0], g.out_height, (qh0, qh1))
@@ -146,13 +147,13 @@ def conv_circular_upper(weight: torch.Tensor, g: ConvGeometry) -> float:
     # entrywise error of the computed symbol (and of R), independent of the frequency
     s_abs = kp.abs().sum(dim=(3, 4))  # (groups, co_g, ci_p)
     if g.residual:
-        s_abs = s_abs + torch.eye(co_g, ci_p, dtype=torch.float64)
+        s_abs = s_abs + identity * torch.eye(co_g, ci_p, dtype=torch.float64)
     coef = up(gamma(taps + 1, U64) * (1.0 + _TWIDDLE_ERR) + _TWIDDLE_ERR)
     s_fro = float(torch.linalg.vector_norm(s_abs.reshape(groups, -1), dim=1).amax())
     sym_err = up(2.0 * coef * up(s_fro * (1.0 + gamma(s_abs[0].numel(), U64))))
     rows, cols = 2 * co_g, 2 * ci_p
     side = min(rows, cols)
-    eye = torch.eye(co_g, ci_p, dtype=torch.float64) if g.residual else None
+    eye = identity * torch.eye(co_g, ci_p, dtype=torch.float64) if g.residual else None
     lam = 0.0
     for start in range(0, cos.shape[0], _FREQ_CHUNK):
         c, s = cos[start:start + _FREQ_CHUNK], sin[start:start + _FREQ_CHUNK]
@@ -217,14 +218,18 @@ def _pairs_sharing(key: torch.Tensor, other: torch.Tensor, tap: torch.Tensor, ta
     return other[first], other[second], tap[first], tap[second]
 
 
-def conv_explicit_upper(weight: torch.Tensor, g: ConvGeometry, circular: float = math.inf) -> float:
-    """The explicit-Gram bound (module docstring); ``weight`` float64 on the CPU. Skips the
-    certificate (returns ``circular``) when the Gram's Lanczos estimate already reaches
-    ``circular``², i.e. when the circular bound is tight."""
+def conv_explicit_upper(weight: torch.Tensor, g: ConvGeometry, circular: float = math.inf,
+                        identity: float = 1.0) -> float:
+    """The explicit-Gram bound (module docstring); ``weight`` float64 on the CPU (with
+    ``g.residual``: ``identity``·I + A). Skips the certificate (returns ``circular``) when the
+    Gram's Lanczos estimate already reaches ``circular``², i.e. when the circular bound is
+    tight."""
     kh, kw = g.kernel
     taps = kh * kw + (1 if g.residual else 0)
     co_g, ci_g = g.c_out // g.groups, g.c_in // g.groups
     out_pix, tap, in_pix = _taps_of_outputs(g)
+    if out_pix.numel() == 0:
+        return 0.0  # every tap reads padding: A = 0
     use_outputs = g.outputs <= g.inputs
     if use_outputs:  # AAᵀ: blocks (p, p') over taps reading a common input pixel
         x1, x2, t1, t2 = _pairs_sharing(in_pix, out_pix, tap, taps)
@@ -242,7 +247,7 @@ def conv_explicit_upper(weight: torch.Tensor, g: ConvGeometry, circular: float =
     for grp in range(g.groups):
         kg = k[grp].permute(2, 0, 1)  # (T, co_g, ci_g)
         if g.residual:
-            kg = torch.cat([kg, torch.eye(co_g, ci_g, dtype=torch.float64).unsqueeze(0)])
+            kg = torch.cat([kg, identity * torch.eye(co_g, ci_g, dtype=torch.float64).unsqueeze(0)])
         if use_outputs:
             prod = torch.einsum("aoc,bpc->abop", kg, kg)
         else:
@@ -255,9 +260,11 @@ def conv_explicit_upper(weight: torch.Tensor, g: ConvGeometry, circular: float =
         kfro2 = float((kg[: kh * kw] ** 2).sum(dim=(1, 2)).amax()) * n_valid
         fro = up(math.sqrt(up(kfro2 * (1.0 + gamma(kg.numel() + 1, U64)))))
         if g.residual:
-            fro = up(fro + math.sqrt(g.inputs))
+            fro = up(fro + identity * math.sqrt(g.inputs))
         inner = (ci_g if use_outputs else co_g) * taps + taps * taps
         err = up(up(gamma(inner, U64) * up(fro * fro)) + inner * gram.shape[0] * ETA64)
+        if not bool(torch.isfinite(gram).all()):
+            return math.inf
         estimate = lambda_max_estimate(gram)
         if math.isfinite(circular) and float(estimate[0]) >= circular * circular * (1.0 - 1e-12):
             best = max(best, circular)
@@ -278,14 +285,16 @@ def conv_norm_upper(weight: torch.Tensor, input_shape: Sequence[int], stride, pa
     w = weight.detach().to(device="cpu", dtype=torch.float64)
     if not bool(torch.isfinite(w).all()):
         return math.inf
-    e = 0
-    if not residual:  # the identity fixes the scale of I + A; A alone scales freely
-        w, e = power_of_two_scale(w)
-        if float(w.abs().max()) == 0.0:
-            return 0.0
-    bound = conv_circular_upper(w, g)
+    # scale by a power of two (exact): ‖A‖ = 2ᵉ‖2⁻ᵉA‖ and ‖I + A‖ = 2ᵉ‖2⁻ᵉI + 2⁻ᵉA‖
+    w, e = power_of_two_scale(w)
+    if not residual and float(w.abs().max()) == 0.0:
+        return 0.0
+    if residual and e < 0:  # small kernels: I dominates, keep it at 1
+        w, e = torch.ldexp(w, torch.tensor(e, dtype=torch.float64)), 0
+    identity = math.ldexp(1.0, -e)
+    bound = conv_circular_upper(w, g, identity)
     if explicit_limit is not None and min(g.inputs, g.outputs) <= explicit_limit:
-        bound = min(bound, conv_explicit_upper(w, g, bound))
+        bound = min(bound, conv_explicit_upper(w, g, bound, identity))
     # the scaled kernel may have lost subnormal bits: ≤ 2⁻¹⁰⁷⁵ per entry, ≤ √(nnz)·2⁻¹⁰⁷⁴ in norm
     underflow = math.sqrt(g.outputs * (g.c_in // g.groups) * g.kernel[0] * g.kernel[1]) * ETA64
     return up(math.ldexp(up(bound + underflow), e))

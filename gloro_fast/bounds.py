@@ -285,11 +285,13 @@ def _named_layers(model) -> List[Tuple[str, LipschitzModule]]:
     """The leaf Lipschitz layers of the body (and the head), in order, with their names."""
     out = []
     for name, module in model.body.named_modules(prefix="body"):
-        if isinstance(module, LipschitzModule) and not any(
-            isinstance(child, LipschitzModule) for child in module.children()
-        ):
+        if isinstance(module, LipschitzModule) and not _has_lipschitz_descendant(module):
             out.append((name, module))
     return out
+
+
+def _has_lipschitz_descendant(module) -> bool:
+    return any(isinstance(m, LipschitzModule) for m in module.modules() if m is not module)
 
 
 def compute_estimate(model, uppers: Dict[int, Optional[float]]) -> EstimateBounds:
@@ -471,7 +473,7 @@ def _is_chain(model) -> bool:
     """Whether the body's leaf layers, run in order, are the body (every container in it
     is a Sequential)."""
     return all(isinstance(m, Sequential) for m in model.body.modules()
-               if isinstance(m, LipschitzModule) and any(isinstance(c, LipschitzModule) for c in m.children()))
+               if isinstance(m, LipschitzModule) and _has_lipschitz_descendant(m))
 
 
 def chain_layers(model) -> List[LipschitzModule]:

@@ -42,7 +42,7 @@ from .sound.rounding import U64, gamma, up, up_tensor
 
 __all__ = ["Allowance", "BoundCache", "EstimateBounds", "LayerBracket", "SoundBounds",
            "CERTIFICATES", "check_certificate", "chain_layers", "compute_estimate", "compute_sound",
-           "upper_bounds"]
+           "upper_bounds", "with_uppers"]
 
 CERTIFICATES = ("sound", "estimate")
 _SQRT2_UP = up(math.sqrt(2.0))
@@ -294,9 +294,12 @@ def _has_lipschitz_descendant(module) -> bool:
     return any(isinstance(m, LipschitzModule) for m in module.modules() if m is not module)
 
 
-def compute_estimate(model, uppers: Dict[int, Optional[float]]) -> EstimateBounds:
-    """Converged power iterations (stop rule of :meth:`PowerIterationModule.converge`);
-    ``uppers`` from :func:`upper_bounds` (they only decide when a bracket has closed)."""
+def compute_estimate(model) -> EstimateBounds:
+    """Converged power iterations, the GloRo paper's rule: each layer until σ̂ changes by
+    ≤ tol relatively in one iteration (:meth:`PowerIterationModule.converge` without an
+    upper bound, so the result never depends on one), or max_iter. The brackets' lower
+    ends come from the converged iterates; their upper ends are filled in by
+    :func:`with_uppers`."""
     brackets = []
     layers = [(n, m) for n, m in _named_layers(model)]
     if model.bound == "global":
@@ -311,18 +314,15 @@ def compute_estimate(model, uppers: Dict[int, Optional[float]]) -> EstimateBound
                     "the model's input size is unknown: pass input_shape= to GloroNet or run a "
                     "forward pass before asking for its bounds"
                 )
-            upper = uppers.get(id(layer))
-            upper = math.inf if upper is None else upper
-            result = layer.converge(model.tol, model.max_iter, upper=upper, update=not chain)
+            result = layer.converge(model.tol, model.max_iter, upper=math.inf, update=not chain)
             lower = float(result.lower)
-            brackets.append(LayerBracket(name, type(layer).__name__, lower, upper,
+            brackets.append(LayerBracket(name, type(layer).__name__, lower, math.nan,
                                          float(result.estimate), result.iterations, result.status))
-            wide = lower <= 0 or upper / lower - 1.0 > _BRACKET_WARN
-            if result.status == "max_iter" or (result.status == "stalled" and wide):
+            if result.status == "max_iter":
                 warnings.warn(
-                    f"power iteration of {name} ({type(layer).__name__}) ended "
-                    f"'{result.status}' after {result.iterations} iterations with bracket "
-                    f"[{lower:.6g}, {upper:.6g}]: its σ̂ may underestimate the norm "
+                    f"power iteration of {name} ({type(layer).__name__}) ended 'max_iter' after "
+                    f"{result.iterations} iterations (σ̂ = {float(result.estimate):.6g}, provable "
+                    f"lower bound {lower:.6g}): its σ̂ may underestimate the norm "
                     "(certificate='estimate' is not a proof; the sound certificate is unaffected)",
                     RuntimeWarning,
                     stacklevel=4,
@@ -355,6 +355,28 @@ def compute_estimate(model, uppers: Dict[int, Optional[float]]) -> EstimateBound
         else:
             distances = model._global_distances(head_sigma).detach()
     return EstimateBounds(lipschitz, distances, tuple(brackets))
+
+
+def with_uppers(model, brackets, uppers: Dict[int, Optional[float]]) -> List[LayerBracket]:
+    """The brackets with their provable upper ends, warning when a power iteration stopped
+    with a bracket wider than 5 % (its estimate may be far below the norm)."""
+    by_name = {name: id(layer) for name, layer in _named_layers(model) + [("head", model.head)]}
+    out = []
+    for b in brackets:
+        upper = uppers.get(by_name.get(b.name))
+        upper = math.nan if upper is None else upper
+        b = LayerBracket(b.name, b.layer, b.lower, upper, b.estimate, b.iterations, b.status)
+        if b.status is not None and not b.ratio - 1.0 <= _BRACKET_WARN:
+            warnings.warn(
+                f"power iteration of {b.name} ({b.layer}) stopped ('{b.status}', {b.iterations} "
+                f"iterations) with bracket [{b.lower:.6g}, {b.upper:.6g}]: its σ̂ may be far "
+                "below the norm (certificate='estimate' is not a proof; the sound certificate "
+                "is unaffected)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        out.append(b)
+    return out
 
 
 def upper_bounds(model) -> Dict[int, Optional[float]]:

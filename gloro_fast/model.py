@@ -24,7 +24,7 @@ from torch import nn
 
 from ._validation import check_epsilon, check_finite, check_positive_int, check_tensor
 from .bounds import (BoundCache, EstimateBounds, LayerBracket, SoundBounds, chain_layers,
-                     check_certificate, compute_estimate, compute_sound, upper_bounds)
+                     check_certificate, compute_estimate, compute_sound, upper_bounds, with_uppers)
 from .nn import Linear, from_torch
 from .ops import bottom_logit, class_distances
 from .sound.forward_error import ieee_arithmetic
@@ -159,13 +159,21 @@ class GloroNet(nn.Module):
         values = cache.valid_for(self, extra=(self.bound, self.tol, self.max_iter, self.input_shape))
         if kind not in values:
             with torch.no_grad():
-                if "uppers" not in values:
+                if kind in ("sound", "uppers") and "uppers" not in values:
                     values["uppers"] = upper_bounds(self)
                 if kind == "sound":
                     values[kind] = compute_sound(self, values["uppers"])
-                else:
-                    values[kind] = compute_estimate(self, values["uppers"])
+                elif kind == "estimate":
+                    values[kind] = compute_estimate(self)
+                elif kind == "brackets":
+                    values[kind] = with_uppers(self, self._cached("estimate").brackets,
+                                               self._cached("uppers"))
         return values[kind]
+
+    def clear_bound_cache(self) -> None:
+        """Forget every cached bound (they are recomputed when next needed). Never needed
+        for correctness: any change of a parameter already invalidates them."""
+        self.__dict__.pop("_bound_cache", None)
 
     def sound_bounds(self) -> SoundBounds:
         """The provable bounds sound certificates use (cached; see :mod:`gloro_fast.bounds`)."""
@@ -194,9 +202,10 @@ class GloroNet(nn.Module):
         return est.lipschitz * est.distances
 
     def lipschitz_bracket(self) -> List[LayerBracket]:
-        """Per layer, the provable bracket [lower, upper] of its Lipschitz constant (lower
-        from the converged power iteration), with the iteration's outcome."""
-        return list(self.estimate_bounds().brackets)
+        """Per layer, the provable bracket [lower, upper] of its Lipschitz constant: lower
+        from the converged power iteration (the estimate's), upper the sound bound; with the
+        iteration's count and outcome. Warns when a bracket is wider than 5 %."""
+        return list(self._cached("brackets"))
 
     # -- forward ----------------------------------------------------------------------
     def _check_input(self, x) -> None:

@@ -48,6 +48,7 @@ __all__ = ["ConvGeometry", "conv_geometry", "conv_norm_upper", "conv_abs_norm_up
            "conv_circular_upper", "conv_explicit_upper", "EXPLICIT_LIMIT"]
 
 EXPLICIT_LIMIT = 4096      # coordinates on the Gram's side; its Cholesky takes ~0.5 s on 2 cores
+_TIGHT_ENOUGH = 2e-4       # circular bounds this close to a power-iteration lower bound are kept
 _FREQ_CHUNK = 256
 _TWIDDLE_ERR = 64 * U64
 
@@ -263,14 +264,40 @@ def conv_explicit_upper(weight: torch.Tensor, g: ConvGeometry, circular: float =
             fro = up(fro + identity * math.sqrt(g.inputs))
         inner = (ci_g if use_outputs else co_g) * taps + taps * taps
         err = up(up(gamma(inner, U64) * up(fro * fro)) + inner * gram.shape[0] * ETA64)
-        if not bool(torch.isfinite(gram).all()):
-            return math.inf
+        if not bool(torch.isfinite(gram.diagonal()).all()):
+            return math.inf  # a Gram's diagonal dominates: any overflow shows there
         estimate = lambda_max_estimate(gram)
         if math.isfinite(circular) and float(estimate[0]) >= circular * circular * (1.0 - 1e-12):
             best = max(best, circular)
             continue
         best = max(best, up(math.sqrt(lambda_max_upper(gram, err, estimate))))
     return best
+
+
+def _power_lower(weight: torch.Tensor, g: ConvGeometry, identity: float, steps: int = 60) -> float:
+    """A lower bound of ‖A‖ (or ‖identity·I + A‖) from a short power iteration in float64
+    from a fixed start (deterministic); it only decides whether the explicit bound is worth
+    computing, so its own rounding (≪ the 2·10⁻⁴ it is compared at) does not matter."""
+    from ..ops.power_iteration_conv import conv_operator, conv_operator_adjoint
+
+    gen = torch.Generator(device="cpu").manual_seed(0x51)
+    u = torch.randn((1, g.c_in, g.height, g.width), generator=gen, dtype=torch.float64)
+    args = (g.stride, g.pads, g.dilation, g.groups)
+
+    def apply(x):
+        out = conv_operator(x, weight, *args)
+        return out + identity * x if g.residual else out
+
+    sigma = 0.0
+    for _ in range(steps):
+        u = u / torch.linalg.vector_norm(u)
+        v = apply(u)
+        sigma = float(torch.linalg.vector_norm(v))
+        if sigma == 0.0 or not math.isfinite(sigma):
+            return 0.0
+        back = conv_operator_adjoint(v, weight, *args, (g.height, g.width))
+        u = back + identity * v if g.residual else back
+    return sigma
 
 
 # ---------------------------------------------------------------------- public entries
@@ -293,7 +320,8 @@ def conv_norm_upper(weight: torch.Tensor, input_shape: Sequence[int], stride, pa
         w, e = torch.ldexp(w, torch.tensor(e, dtype=torch.float64)), 0
     identity = math.ldexp(1.0, -e)
     bound = conv_circular_upper(w, g, identity)
-    if explicit_limit is not None and min(g.inputs, g.outputs) <= explicit_limit:
+    if (explicit_limit is not None and min(g.inputs, g.outputs) <= explicit_limit
+            and bound > _power_lower(w, g, identity) * (1.0 + _TIGHT_ENOUGH)):
         bound = min(bound, conv_explicit_upper(w, g, bound, identity))
     # the scaled kernel may have lost subnormal bits: ≤ 2⁻¹⁰⁷⁵ per entry, ≤ √(nnz)·2⁻¹⁰⁷⁴ in norm
     underflow = math.sqrt(g.outputs * (g.c_in // g.groups) * g.kernel[0] * g.kernel[1]) * ETA64

@@ -254,9 +254,11 @@ def conv_explicit_upper(weight: torch.Tensor, g: ConvGeometry, circular: float =
         else:
             prod = torch.einsum("aoc,bod->abcd", kg, kg)
         blocks = (count @ prod.reshape(taps * taps, c * c)).reshape(-1, c, c)
-        gram = torch.zeros(n_pix * n_pix, c, c, dtype=torch.float64)
-        gram[rows] = blocks
-        gram = gram.reshape(n_pix, n_pix, c, c).permute(0, 2, 1, 3).reshape(n_pix * c, n_pix * c)
+        gram = torch.zeros(n_pix, c, n_pix, c, dtype=torch.float64)
+        gram.permute(0, 2, 1, 3)[rows // n_pix, rows % n_pix] = blocks
+        gram = gram.reshape(n_pix * c, n_pix * c)
+        # pixel-major order: blocks (p, p′) vanish beyond the largest |p − p′| that occurs
+        band = (int((rows // n_pix - rows % n_pix).abs().max()) + 1) * c
         # ‖A‖_F² ≤ (Σ over reading taps of ‖K_a‖_F² )… counted per output pixel, + √n for I
         kfro2 = float((kg[: kh * kw] ** 2).sum(dim=(1, 2)).amax()) * n_valid
         fro = up(math.sqrt(up(kfro2 * (1.0 + gamma(kg.numel() + 1, U64)))))
@@ -266,22 +268,24 @@ def conv_explicit_upper(weight: torch.Tensor, g: ConvGeometry, circular: float =
         err = up(up(gamma(inner, U64) * up(fro * fro)) + inner * gram.shape[0] * ETA64)
         if not bool(torch.isfinite(gram.diagonal()).all()):
             return math.inf  # a Gram's diagonal dominates: any overflow shows there
-        estimate = lambda_max_estimate(gram)
+        estimate = lambda_max_estimate(gram, band=band)
         if math.isfinite(circular) and float(estimate[0]) >= circular * circular * (1.0 - 1e-12):
             best = max(best, circular)
             continue
-        best = max(best, up(math.sqrt(lambda_max_upper(gram, err, estimate))))
+        best = max(best, up(math.sqrt(lambda_max_upper(gram, err, estimate, band=band))))
     return best
 
 
 def _power_lower(weight: torch.Tensor, g: ConvGeometry, identity: float, steps: int = 60) -> float:
-    """A lower bound of ‖A‖ (or ‖identity·I + A‖) from a short power iteration in float64
-    from a fixed start (deterministic); it only decides whether the explicit bound is worth
+    """About ‖A‖ (or ‖identity·I + A‖) from below: a short float32 power iteration from a
+    fixed start (deterministic). It only decides whether the explicit bound is worth
     computing, so its own rounding (≪ the 2·10⁻⁴ it is compared at) does not matter."""
     from ..ops.power_iteration_conv import conv_operator, conv_operator_adjoint
 
     gen = torch.Generator(device="cpu").manual_seed(0x51)
-    u = torch.randn((1, g.c_in, g.height, g.width), generator=gen, dtype=torch.float64)
+    # float32: a heuristic needs no float64, and float64 convolutions are slow on CPU
+    weight = weight.to(torch.float32)
+    u = torch.randn((1, g.c_in, g.height, g.width), generator=gen, dtype=torch.float32)
     args = (g.stride, g.pads, g.dilation, g.groups)
 
     def apply(x):

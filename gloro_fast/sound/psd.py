@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Union
+from typing import Optional, Union
 
 import torch
 
@@ -35,11 +35,6 @@ __all__ = ["lambda_max_upper", "lambda_max_estimate"]
 _EIGVALSH_MAX = 128     # up to this size the batched symmetric eigensolver is the cheapest guess
 _LANCZOS_STEPS = 400
 _CHECKPOINTS = (40, 80, 160, 320)  # convergence checks (each solves the tridiagonal problem)
-
-
-def _symmetric_from_lower(m: torch.Tensor) -> torch.Tensor:
-    # exact: every entry is a copy (x + 0)
-    return torch.tril(m) + torch.tril(m, -1).mT
 
 
 @contextlib.contextmanager
@@ -62,14 +57,17 @@ def _ritz_top(alpha, beta, k):
     return values[:, -1], (beta[:, k - 1] * vectors[:, -1, -1]).abs()
 
 
-def lambda_max_estimate(m: torch.Tensor, max_steps: int = _LANCZOS_STEPS, rtol: float = 1e-6):
+def lambda_max_estimate(m: torch.Tensor, max_steps: int = _LANCZOS_STEPS, rtol: float = 1e-4,
+                        band: Optional[int] = None):
     """Estimate of λ_max of each symmetric matrix in ``m`` (..., n, n), float64.
 
     Returns ``(theta, residual)``: the top Ritz value (from below in exact arithmetic)
     and its residual norm ‖Mz − θz‖ (some eigenvalue lies within it of θ). Up to
     ``_EIGVALSH_MAX`` the symmetric eigensolver (residual 0); above it Lanczos with full
     re-orthogonalisation from a fixed start vector (so the result depends on M only),
-    until residual ≤ rtol·θ or ``max_steps``.
+    until residual ≤ rtol·θ or ``max_steps`` (the Ritz value's error is of the order of
+    residual²/gap, far below the residual). A single matrix with a narrow ``band``
+    (entries ≥ band off the diagonal are zero) is multiplied one band of rows at a time.
     """
     batch_shape, n = m.shape[:-2], m.shape[-1]
     a = m.reshape(-1, n, n)
@@ -78,23 +76,38 @@ def lambda_max_estimate(m: torch.Tensor, max_steps: int = _LANCZOS_STEPS, rtol: 
             theta = torch.linalg.eigvalsh(a)[:, -1].reshape(batch_shape)
         return theta, torch.zeros_like(theta)
     b = a.shape[0]
+    # the estimate only guides τ, to ~1e-6 at best: float32 matrix-vector products halve the
+    # memory traffic of these memory-bound steps
+    a = a.to(torch.float32)
+    if b == 1 and band is not None and 4 * band < n:
+        dense = a[0]
+        spans = [(r, min(r + band, n), max(0, r - band), min(n, r + 2 * band)) for r in range(0, n, band)]
+
+        def apply(v):
+            out = torch.empty_like(v)
+            for r0, r1, c0, c1 in spans:
+                torch.mv(dense[r0:r1, c0:c1], v[0, c0:c1], out=out[0, r0:r1])
+            return out
+    else:
+        def apply(v):
+            return torch.bmm(a, v.unsqueeze(2)).squeeze(2)
     steps = min(max_steps, n)
     gen = torch.Generator(device="cpu").manual_seed(0x6C0)
-    q = torch.randn(n, generator=gen, dtype=torch.float64).to(a.device).expand(b, n).clone()
+    q = torch.randn(n, generator=gen, dtype=torch.float32).to(a.device).expand(b, n).clone()
     q = q / torch.linalg.vector_norm(q, dim=1, keepdim=True)
-    basis = torch.zeros(b, steps, n, dtype=torch.float64, device=a.device)
+    basis = torch.zeros(b, steps, n, dtype=torch.float32, device=a.device)
     alpha = torch.zeros(b, steps, dtype=torch.float64, device=a.device)
     beta = torch.zeros(b, steps, dtype=torch.float64, device=a.device)
-    tiny = torch.finfo(torch.float64).tiny
+    tiny = torch.finfo(torch.float32).tiny
     for k in range(steps):
         basis[:, k] = q
-        w = torch.bmm(a, q.unsqueeze(2)).squeeze(2)
-        alpha[:, k] = (q * w).sum(1)
+        w = apply(q)
+        alpha[:, k] = (q * w).sum(1, dtype=torch.float64)
         # full re-orthogonalisation, twice ("twice is enough")
         for _ in range(2):
             w = w - torch.bmm(basis[:, : k + 1].mT, torch.bmm(basis[:, : k + 1], w.unsqueeze(2))).squeeze(2)
         norm = torch.linalg.vector_norm(w, dim=1)
-        alive = norm > 1e-12 * alpha[:, : k + 1].abs().amax(1).clamp_min(tiny)
+        alive = norm > 1e-6 * alpha[:, : k + 1].abs().amax(1).to(torch.float32).clamp_min(tiny)
         # an invariant subspace was found: the rest of that Krylov sequence stays zero
         q = torch.where(alive.unsqueeze(1), w / norm.clamp_min(tiny).unsqueeze(1), torch.zeros_like(w))
         beta[:, k] = torch.where(alive, norm, torch.zeros_like(norm))
@@ -107,22 +120,48 @@ def lambda_max_estimate(m: torch.Tensor, max_steps: int = _LANCZOS_STEPS, rtol: 
 
 
 def _gershgorin(m: torch.Tensor) -> float:
+    """max_i Σ_j |s_ij| for the symmetric S defined by m's lower triangle, bounded by the
+    row plus the column sum of |m| (S's row i takes each entry from one of them)."""
     n = m.shape[-1]
-    rows = m.abs().sum(-1).amax()
-    return up(float(rows) * (1.0 + gamma(n, U64)))
+    a = m.abs()
+    rows = (a.sum(-1) + a.sum(-2)).amax()
+    return up(float(rows) * (1.0 + gamma(2 * n, U64)))
 
 
-def _certified_at(m: torch.Tensor, tau: float):
+def _banded_cholesky_completes(a: torch.Tensor, band: int, block: int = 256) -> bool:
+    """Blocked right-looking Cholesky of the symmetric matrix given by the lower triangle of
+    ``a`` (n, n), whose entries ≥ ``band`` off the diagonal are zero, touching only the band
+    (where the dense algorithm would compute exact zeros). Each entry of the factor is still
+    (a_ij − Σ_k l_ik l_jk)/l_jj with the sum grouped by blocks, so the componentwise error
+    bound of the certificate holds. ``a`` is overwritten."""
+    n = a.shape[0]
+    for k0 in range(0, n, block):
+        k1 = min(k0 + block, n)
+        factor, info = torch.linalg.cholesky_ex(a[k0:k1, k0:k1])
+        if int(info) != 0:
+            return False
+        end = min(n, k1 + band)
+        if end > k1:
+            panel = torch.linalg.solve_triangular(factor, a[k1:end, k0:k1].t(), upper=False).t()
+            a[k1:end, k1:end] -= panel @ panel.t()
+    return True
+
+
+def _certified_at(m: torch.Tensor, tau: float, band: Optional[int] = None):
     """λ_max bound certified by a Cholesky factorisation of τI − M (all batch entries), or
     None if one of them fails."""
     n = m.shape[-1]
-    eye = torch.eye(n, dtype=torch.float64, device=m.device)
-    shifted = tau * eye - m  # off-diagonal entries are exact negations
-    # the input is finite (checked by the caller): a completed factorisation is too
-    _, info = torch.linalg.cholesky_ex(shifted)
-    if bool((info != 0).any()):
-        return None
-    diag = shifted.diagonal(dim1=-2, dim2=-1)
+    shifted = -m  # exact; the diagonal then carries the one rounding of τ − m_ii
+    shifted.diagonal(dim1=-2, dim2=-1).add_(tau)
+    diag = shifted.diagonal(dim1=-2, dim2=-1).clone()
+    if band is not None and m.dim() == 2 and 2 * band < n:
+        if not _banded_cholesky_completes(shifted, band):
+            return None
+    else:
+        # LAPACK reads the lower triangle only: the matrix factorised is τI − S
+        _, info = torch.linalg.cholesky_ex(shifted)
+        if bool((info != 0).any()):
+            return None
     if not bool((diag > 0).all()):
         return None
     g = gamma(2 * (n + 1), U64)
@@ -134,11 +173,16 @@ def _certified_at(m: torch.Tensor, tau: float):
     return up(up(tau + up(c * trace)) + diag_err)
 
 
-def lambda_max_upper(m: torch.Tensor, error: Union[float, torch.Tensor] = 0.0, estimate=None) -> float:
+def lambda_max_upper(m: torch.Tensor, error: Union[float, torch.Tensor] = 0.0, estimate=None,
+                     band: Optional[int] = None) -> float:
     """Provable upper bound of max λ_max(M★) over the batch ``m`` (..., n, n), where each
     exact matrix M★ is within ``error`` (float, or a tensor broadcasting to the batch) of
-    the symmetric matrix given by the lower triangle of ``m`` in spectral norm.
+    the symmetric matrix S given by the lower triangle of ``m`` in spectral norm (the
+    factorisation reads only that triangle; the Lanczos estimate that guides τ may read a
+    matrix that is symmetric up to rounding, e.g. a computed Gram matrix).
     ``estimate``: a precomputed :func:`lambda_max_estimate` of ``m`` (it only guides τ).
+    ``band``: entries of the single matrix ``m`` at ≥ band off the diagonal are zero (a
+    promise the caller's structure keeps); the factorisation then stays inside the band.
 
     Returns +inf when ``m`` or ``error`` holds a non-finite value (fail closed).
     """
@@ -152,11 +196,10 @@ def lambda_max_upper(m: torch.Tensor, error: Union[float, torch.Tensor] = 0.0, e
         return up(err)
     if not bool(torch.isfinite(m).all()):
         return math.inf
-    m = _symmetric_from_lower(m)
     cap = _gershgorin(m)
     if cap == 0.0:
         return up(err)
-    theta, residual = lambda_max_estimate(m) if estimate is None else estimate
+    theta, residual = lambda_max_estimate(m, band=band) if estimate is None else estimate
     top = int(theta.reshape(-1).argmax())
     guess = float(theta.reshape(-1)[top])
     n = m.shape[-1]
@@ -173,12 +216,12 @@ def lambda_max_upper(m: torch.Tensor, error: Union[float, torch.Tensor] = 0.0, e
         tau = up(base * (1.0 + delta))
         if tau >= best:
             break
-        bound = _certified_at(m, tau)
+        bound = _certified_at(m, tau, band)
         if bound is not None:
             best = min(best, bound)
             if failed is not None:
                 mid = math.sqrt(failed * delta)
-                bound = _certified_at(m, up(base * (1.0 + mid)))
+                bound = _certified_at(m, up(base * (1.0 + mid)), band)
                 if bound is not None:
                     best = min(best, bound)
             break

@@ -129,8 +129,9 @@ def test_upper_exact_lower(index):
     assert upper >= exact * (1 - SVD_RTOL), (case, upper, exact)
     assert lower <= exact * (1 + SVD_RTOL), (case, lower, exact)
     if exact > 0:
-        # small operators: the explicit Gram and the Cholesky certificate are ~exact
-        assert upper <= exact * (1 + 1e-5), (case, upper / exact)
+        # small operators: the explicit Gram with the Cholesky certificate is ~exact, and
+        # it is skipped only where the circular bound is within 2e-4 of a power iteration
+        assert upper <= exact * (1 + 3e-4), (case, upper / exact)
     if isinstance(layer, gnn.PowerIterationModule) and 1e-3 <= case["scale"] <= 1e3:
         # a converged iterate gives a lower bound near the norm (power iteration squares the
         # scale of the weights: at 1e±30 in float32 or 1e±200 in float64 it over/underflows,

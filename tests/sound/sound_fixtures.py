@@ -53,6 +53,27 @@ def trained_cnn():
     return model.eval()
 
 
+@functools.lru_cache(maxsize=None)
+def trained_dense():
+    """A float64 dense GloroNet (784-64-64, MinMax) trained for 150 TRADES steps on the real
+    MNIST sample (eval mode; do not modify: copy it)."""
+    X, y = mnist()
+    X = X.double()
+    torch.manual_seed(0)
+    body = gnn.Sequential(gnn.Flatten(), gnn.Linear(784, 64), gnn.MinMax(), gnn.Linear(64, 64), gnn.MinMax())
+    model = gf.GloroNet(body, gnn.Linear(64, 10), epsilon=0.3, input_shape=INPUT_SHAPE).double()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(2)
+    for _ in range(150):
+        idx = torch.randint(0, 4000, (128,), generator=gen)
+        out = model.forward_parts(X[idx])
+        loss = gf.losses.trades_loss(out.augmented, y[idx], lam=1.0)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
 def sample_points(n=300):
     X, y = mnist()
     return X[4000:4000 + n], y[4000:4000 + n]

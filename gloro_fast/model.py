@@ -27,17 +27,16 @@ from .bounds import (BoundCache, EstimateBounds, LayerBracket, SoundBounds, chai
                      check_certificate, compute_estimate, compute_sound, upper_bounds, with_uppers)
 from .nn import Linear, from_torch
 from .ops import bottom_logit, class_distances
-from .sound.forward_error import ieee_arithmetic
-from .sound.rounding import U64, gamma, up_tensor
+from .sound.forward_error import activation_norm_upper, ieee_arithmetic
+from .sound.rounding import up_tensor
 
 __all__ = ["GloroNet", "GloroOutput"]
 
 
 def _activation_norms(h: torch.Tensor) -> torch.Tensor:
-    """‖h_b‖ per sample in float64 (no float64 copy of h), rounded up."""
-    flat = h.detach().flatten(1)
-    norms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64)
-    return up_tensor(norms * (1.0 + gamma(max(flat.shape[1], 1), U64)))
+    """‖h_b‖ per sample, float64, rounded up (mostly computed in h's precision: see
+    :func:`~gloro_fast.sound.forward_error.activation_norm_upper`)."""
+    return activation_norm_upper(h)
 
 
 class GloroOutput(NamedTuple):

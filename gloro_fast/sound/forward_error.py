@@ -39,10 +39,10 @@ from typing import Optional, Tuple
 
 import torch
 
-from .rounding import gamma, largest_finite, underflow_unit, unit_roundoff, up
+from .rounding import U64, gamma, largest_finite, underflow_unit, unit_roundoff, up, up_tensor
 
-__all__ = ["Affine", "AffineStep", "Arithmetic", "ForwardBound", "affine_layer", "exact_layer",
-           "ieee_arithmetic"]
+__all__ = ["Affine", "AffineStep", "Arithmetic", "ForwardBound", "activation_norm_upper", "affine_layer",
+           "exact_layer", "ieee_arithmetic"]
 
 
 @dataclass(frozen=True)
@@ -172,3 +172,34 @@ def ieee_arithmetic(device_type: str):
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
         torch.set_float32_matmul_precision(saved[2])
+
+
+def activation_norm_upper(h: torch.Tensor) -> torch.Tensor:
+    """‖h_b‖₂ per sample (B,), float64, rounded up: the certifying pass's activation norms.
+
+    Two levels, so that most of the work runs in h's own precision (float32 for float32,
+    float16 and bfloat16 h; float64 for float64 h — a float64 reduction of float32 data is
+    several times slower): r̃_c = fl(‖x_c‖) over each row x_c of the view (B, G, m) (the
+    channels of an image activation; G = 1 for a vector), then R̃ = fl(‖r̃‖) in float64.
+    Each level is a square root of a sum of squares, summed in any order (torch's kernels,
+    ONNX Runtime's). For m terms in a format with unit roundoff u and smallest subnormal η:
+    fl(x²) ≥ x²(1 − u) − η, each addition of non-negative terms loses at most a factor
+    1 − u, the square root one more, so ‖x‖² ≤ r̃²/(1 − u)^{m+2} + mη/(1 − u) and
+
+        ‖x‖ ≤ r̃ (1 + γ_{m+2}) + √(2mη).
+
+    Applied to both levels and combined by Minkowski's inequality over c:
+    ‖h_b‖ ≤ (1 + γ_{m+2}(u))(1 + γ_{G+2}(u₆₄)) R̃ + √(2Gmη) + 2√(2Gη₆₄). A square that
+    overflows gives +inf, and nothing is certified then.
+    """
+    work = torch.float64 if h.dtype == torch.float64 else torch.float32
+    flat = h.detach()
+    flat = flat.flatten(2) if flat.dim() > 2 else flat.unsqueeze(1)
+    groups, terms = flat.shape[1], flat.shape[2]
+    u, eta = unit_roundoff(work), underflow_unit(work)
+    factor = up(up(1.0 + gamma(terms + 2, u)) * up(1.0 + gamma(groups + 2, U64)))
+    offset = up(up(math.sqrt(up(2.0 * groups * terms * eta)))
+                + up(2.0 * up(math.sqrt(up(2.0 * groups * underflow_unit(torch.float64))))))
+    parts = torch.linalg.vector_norm(flat, dim=2, dtype=work)
+    total = torch.linalg.vector_norm(parts, dim=1, dtype=torch.float64)
+    return up_tensor(up_tensor(total * factor) + offset)

@@ -420,6 +420,29 @@ def test_minmax_is_pairwise_permutation(gen):
         mm(torch.randn(2, 3))
 
 
+def test_minmax_gradient_routes_like_a_permutation(gen):
+    """The gradient of each output goes to the input it came from (on exact ties a takes the
+    min's and b the max's), eagerly and under torch.compile alike, for any layout."""
+    mm = gnn.MinMax()
+    x = torch.randn(4, 6, 3, 5, generator=gen, dtype=F64)
+    x[:, 0] = x[:, 3]  # exact ties on one channel pair
+    x = x.permute(0, 1, 3, 2)  # a non-contiguous input
+    g = torch.randn(4, 6, 5, 3, generator=gen, dtype=F64)
+    a, b = x[:, :3], x[:, 3:]
+    low = a <= b
+    g_lo, g_hi = g[:, :3], g[:, 3:]
+    expect = torch.cat([torch.where(low, g_lo, g_hi), torch.where(low, g_hi, g_lo)], dim=1)
+    eager = x.clone().requires_grad_(True)
+    mm(eager).backward(g)
+    assert torch.equal(eager.grad, expect)
+    compiled = x.clone().requires_grad_(True)
+    out = torch.compile(mm, fullgraph=True)(compiled)
+    assert torch.equal(out, mm(x))
+    out.backward(g)
+    assert torch.equal(compiled.grad, expect)
+    assert torch.autograd.gradcheck(mm, (torch.randn(2, 4, 3, generator=gen, dtype=F64).requires_grad_(),))
+
+
 def test_relu_flatten_bounds(gen):
     assert gnn.ReLU().lipschitz_bound() == 1.0
     assert gnn.Flatten().lipschitz_bound() == 1.0

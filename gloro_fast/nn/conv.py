@@ -5,6 +5,7 @@ import math
 from typing import Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..ops import power_iteration_conv
@@ -108,11 +109,16 @@ class Conv2d(nn.Conv2d, PowerIterationModule):
                 f"input must have shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
             )
         self.set_input_shape(x.shape[1:])
-        out = conv_operator(x, self.weight, self.stride, self.pads_for(x.shape[2:]), self.dilation,
-                            self.groups, residual=self.residual)
-        if self.bias is not None:
-            out = out + self.bias.view(1, -1, 1, 1)
-        return out
+        top, bottom, left, right = self.pads_for(x.shape[2:])
+        # the bias goes into the convolution's epilogue, as torch.nn.Conv2d does (a separate
+        # add is one more pass over the output); zero padding into its own argument when it
+        # is symmetric
+        if top == bottom and left == right:
+            out = F.conv2d(x, self.weight, self.bias, self.stride, (top, left), self.dilation, self.groups)
+        else:
+            out = F.conv2d(F.pad(x, (left, right, top, bottom)), self.weight, self.bias, self.stride, 0,
+                           self.dilation, self.groups)
+        return out + x if self.residual else out
 
     def _power_step(self, n_iter: int, u: torch.Tensor):
         return power_iteration_conv(

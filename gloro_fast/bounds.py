@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -96,6 +96,11 @@ class Allowance:
     eps_max: torch.Tensor
     body_error: torch.Tensor       # Δ(x) ≥ ‖h̃(x) − h(x)‖ (the computed features' error)
     logit_error: torch.Tensor      # ρ(x) ≥ |f̃_i(x) − (w_iᵀh̃(x) + b_i)| (one logit's rounding)
+
+    def refuse_unless(self, ok: torch.Tensor) -> "Allowance":
+        """The same allowance, admitting nothing where ``ok`` (a bool tensor broadcasting
+        to (B,)) is False."""
+        return replace(self, eps_max=torch.where(ok, self.eps_max, torch.full_like(self.eps_max, -math.inf)))
 
 
 @dataclass(frozen=True)
@@ -260,8 +265,11 @@ class BoundCache:
     """Computed bounds of one model, valid until any parameter changes.
 
     The key holds every parameter's storage pointer, version counter, dtype, device and
-    shape; version counters miss in-place edits through ``p.data``, so a copy of the
-    weights is kept and compared as well.
+    shape (host-side, no synchronisation). Version counters miss in-place edits through
+    ``p.data``, so a copy of the weights is kept and compared as well: with a host
+    decision on the slow path (:meth:`valid_for`, which then recomputes), as a 0-dim
+    boolean tensor on the hot path (:meth:`current`), which certification turns into "not
+    certified" — a changed weight never meets a cached bound, and no host synchronisation.
     """
 
     def __init__(self) -> None:
@@ -269,16 +277,37 @@ class BoundCache:
         self._snapshot: List[torch.Tensor] = []
         self.values: Dict[str, object] = {}
 
+    @staticmethod
+    def _key_of(model, extra):
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape))
+                     for p in model.parameters()) + tuple(extra)
+
+    def _refresh(self, key, params) -> None:
+        self._key = key
+        self._snapshot = [p.clone() for p in params]
+        self.values = {}
+
     def valid_for(self, model: torch.nn.Module, extra=()) -> Dict[str, object]:
-        key = tuple((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape))
-                    for p in model.parameters()) + tuple(extra)
+        """The values, emptied first unless the weights are exactly those cached (slow path:
+        the value comparison synchronises with the host)."""
+        key = self._key_of(model, extra)
         params = [p.detach() for p in model.parameters()]
         if not (self._key == key and len(self._snapshot) == len(params)
                 and all(torch.equal(a, b) for a, b in zip(self._snapshot, params))):
-            self._key = key
-            self._snapshot = [p.clone() for p in params]
-            self.values = {}
+            self._refresh(key, params)
         return self.values
+
+    def current(self, model: torch.nn.Module, extra=()):
+        """``(values, same)`` without a host synchronisation when the key is unchanged:
+        ``same`` is a 0-dim bool tensor, False when a weight was edited behind the version
+        counter; a changed key empties the values (``same`` is then None)."""
+        key = self._key_of(model, extra)
+        params = [p.detach() for p in model.parameters()]
+        if self._key == key and len(self._snapshot) == len(params):
+            same = torch.stack([torch.eq(a, b).all() for a, b in zip(self._snapshot, params)]).all()
+            return self.values, same
+        self._refresh(key, params)
+        return self.values, None
 
 
 def _named_layers(model) -> List[Tuple[str, LipschitzModule]]:

@@ -151,11 +151,18 @@ class GloroNet(nn.Module):
             distances = self._global_distances(self.head.lipschitz_bound(self.n_iter))
         return lipschitz, distances
 
-    def _cached(self, kind: str):
-        """The cached bounds of ``kind`` ("sound" or "estimate"), recomputed after any change
-        of a parameter (see :class:`gloro_fast.bounds.BoundCache`)."""
+    def _cached(self, kind: str, hot: bool = False):
+        """The cached bounds of ``kind`` ("sound", "estimate", "uppers", "brackets"),
+        recomputed after any change of a parameter (:class:`gloro_fast.bounds.BoundCache`).
+        ``hot``: returns ``(value, same)`` without a host synchronisation once cached, where
+        ``same`` (a 0-dim bool tensor or None) is False if a weight changed behind the
+        version counters since — the caller must then certify nothing."""
         cache = self.__dict__.setdefault("_bound_cache", BoundCache())
-        values = cache.valid_for(self, extra=(self.bound, self.tol, self.max_iter, self.input_shape))
+        extra = (self.bound, self.tol, self.max_iter, self.input_shape)
+        if hot:
+            values, same = cache.current(self, extra)
+        else:
+            values, same = cache.valid_for(self, extra), None
         if kind not in values:
             with torch.no_grad():
                 if kind in ("sound", "uppers") and "uppers" not in values:
@@ -167,7 +174,7 @@ class GloroNet(nn.Module):
                 elif kind == "brackets":
                     values[kind] = with_uppers(self, self._cached("estimate").brackets,
                                                self._cached("uppers"))
-        return values[kind]
+        return (values[kind], same) if hot else values[kind]
 
     def clear_bound_cache(self) -> None:
         """Forget every cached bound (they are recomputed when next needed). Never needed
@@ -241,20 +248,31 @@ class GloroNet(nn.Module):
         if self.input_shape is None:
             self._logits(x, certifying=True)  # learn the input size first
         self._check_input(x)
-        sb = self.sound_bounds()
+        sb, same = self._cached("sound", hot=True)
         if sb.steps is None:
             logits = self._logits(x, certifying=True)
-            return logits, sb, sb.allowance(x)
-        norms = []
-        with ieee_arithmetic(x.device.type):
-            h = x
-            for layer, step in zip(chain_layers(self), sb.steps):
-                if step is not None:
-                    norms.append(_activation_norms(h))
-                h = layer(h)
-            features = _activation_norms(h)
-            logits = self.head(h)
-        return logits, sb, sb.allowance(x, (norms, features))
+            allowance = sb.allowance(x)
+        else:
+            norms = []
+            with ieee_arithmetic(x.device.type):
+                h = x
+                for layer, step in zip(chain_layers(self), sb.steps):
+                    if step is not None:
+                        norms.append(_activation_norms(h))
+                    h = layer(h)
+                features = _activation_norms(h)
+                logits = self.head(h)
+            allowance = sb.allowance(x, (norms, features))
+        if same is not None:  # a weight edited behind the version counters: certify nothing
+            allowance = allowance.refuse_unless(same)
+        return logits, sb, allowance
+
+    def _estimate_forward(self, x: torch.Tensor):
+        """(logits, estimate bounds, same): the certifying forward of the estimate, with the
+        hot-path staleness flag of :meth:`_cached`."""
+        logits = self._logits(x, certifying=True)
+        est, same = self._cached("estimate", hot=True)
+        return logits, est, same
 
     def _epsilon(self, epsilon) -> float:
         return self.epsilon if epsilon is None else check_epsilon(epsilon)
@@ -277,9 +295,10 @@ class GloroNet(nn.Module):
             bottom, _ = bottom_logit(logits, distances, lipschitz, eps)
             return GloroOutput(logits, bottom, lipschitz, distances)
         if check_certificate(certificate) == "estimate":
-            logits = self._logits(x, certifying=True)
-            est = self.estimate_bounds()
+            logits, est, same = self._estimate_forward(x)
             bottom, _ = bottom_logit(logits, est.distances, est.lipschitz, eps)
+            if same is not None:
+                bottom = torch.where(same, bottom, torch.full_like(bottom, math.inf))
             return GloroOutput(logits, bottom, est.lipschitz, est.distances)
         logits, sb, allowance = self.sound_forward(x)
         bottom, _ = sb.bottom(logits, allowance, eps)
@@ -305,10 +324,11 @@ class GloroNet(nn.Module):
             logits, sb, allowance = self.sound_forward(x)
             _, certified = sb.bottom(logits, allowance, eps)
         else:
-            logits = self._logits(x, certifying=True)
-            est = self.estimate_bounds()
+            logits, est, same = self._estimate_forward(x)
             bottom, _ = bottom_logit(logits, est.distances, est.lipschitz, eps)
             certified = logits.amax(dim=1) > bottom
+            if same is not None:
+                certified = certified & same
         top = logits.argmax(dim=1)
         return torch.where(certified, top, torch.full_like(top, self.num_classes))
 
@@ -322,15 +342,15 @@ class GloroNet(nn.Module):
         if check_certificate(certificate) == "sound":
             logits, sb, allowance = self.sound_forward(x)
             return sb.radius(logits, allowance)
-        logits = self._logits(x, certifying=True)
-        est = self.estimate_bounds()
+        logits, est, same = self._estimate_forward(x)
         top = logits.argmax(dim=1)
         gaps = logits.gather(1, top.unsqueeze(1)) - logits
         k_ji = est.lipschitz * est.distances.index_select(0, top)
         ratio = torch.where(k_ji > 0, gaps / k_ji, torch.where(gaps > 0, math.inf, 0.0))
         own = torch.nn.functional.one_hot(top, self.num_classes).bool()
         ratio = ratio.masked_fill(own, math.inf)
-        return ratio.min(dim=1).values.clamp_min(0.0)
+        radius = ratio.min(dim=1).values.clamp_min(0.0)
+        return radius if same is None else torch.where(same, radius, torch.zeros_like(radius))
 
     def extra_repr(self) -> str:
         return f"epsilon={self.epsilon}, bound={self.bound!r}, input_shape={self.input_shape}"

@@ -541,6 +541,25 @@ def test_cache_refreshes_after_inplace_edit(how):
         assert abs(float(net.lipschitz_constant()) / K0 - 1.7) < 1e-6
 
 
+@pytest.mark.parametrize("certificate", ["sound", "estimate"])
+def test_edit_behind_the_version_counter_certifies_nothing_until_refreshed(certificate):
+    """An in-place edit through ``.data`` leaves the cache key unchanged: the hot path (no
+    host synchronisation) then certifies nothing, rather than use the stale bound; the next
+    slow-path query recomputes, and certification resumes with the new weights."""
+    net = dense_net(seed=4, eps=0.05).eval()
+    x = torch.randn(50, 6, dtype=DT)
+    before = net.certify(x, certificate=certificate)
+    assert (before < 4).sum() > 10
+    net.body[0].weight.data.mul_(1.5)
+    assert (net.certify(x, certificate=certificate) == 4).all()
+    assert (net.certified_radius(x, certificate=certificate) == 0).all()
+    assert (net.forward_parts(x, certificate=certificate).augmented.argmax(1) == 4).all()
+    K = net.lipschitz_constant(certificate)  # slow path: compares values, recomputes
+    check_K(K, exact_K(net), certificate)
+    after = net.certify(x, certificate=certificate)
+    assert (after < 4).sum() > 0 and not torch.equal(after, torch.full_like(after, 4))
+
+
 def test_cache_refreshes_after_double():
     net = dense_net(seed=6, dtype=torch.float32, tol=1e-5, max_iter=1000)
     k32 = net.lipschitz_constant("estimate")

@@ -155,10 +155,12 @@ def test_overflowing_iterate_recovers_after_the_weights_do():
             layer.weight.mul_(1e30)
             layer.lipschitz_bound(3)
             layer.weight.copy_(saved)
-        sigma = float(layer.lipschitz_bound(20).detach())
+        sigma = float(layer.lipschitz_bound(200).detach())
     finally:
         set_backend(before)
-    assert abs(sigma / float(layer.lipschitz_upper_bound()) - 1) < 1e-2
+    assert torch.isfinite(layer.power_iterate).all()
+    upper = float(layer.lipschitz_upper_bound())
+    assert 0.98 * upper <= sigma <= upper
 
 
 def test_nonfinite_weights_certify_nothing_and_warn():

@@ -112,11 +112,11 @@ gpu-check-build: gpu-check-deps
 		$(GPU_PY) setup.py build_ext --inplace > $(GPU_OUT)/build.log 2>&1; then tail -3 $(GPU_OUT)/build.log; \
 	else tail -60 $(GPU_OUT)/build.log; exit 1; fi
 	ln -sfn ../kernels gloro_fast/kernels
-	$(GPU_ENV) $(GPU_PY) -c "import torch; from gloro_fast.ops._extension import has_kernel; \
-		from gloro_fast.ops import resolve_backend; ops = ('class_distances', 'bottom_logit', 'power_iteration_linear', 'power_iteration_conv'); \
-		missing = [o for o in ops if not has_kernel(o, torch.device('cuda'))]; \
+	$(GPU_ENV) $(GPU_PY) -c "import torch; from gloro_fast.ops import resolve_backend, set_backend; \
+		ops = ('class_distances', 'bottom_logit', 'power_iteration_linear', 'power_iteration_conv'); \
+		set_backend('cpp'); missing = [o for o in ops if resolve_backend(torch.device('cuda'), o) != 'cpp']; \
 		assert not missing, f'no CUDA kernels for {missing}: was nvcc found?'; \
-		assert resolve_backend(torch.device('cuda'), 'bottom_logit') == 'triton', 'Triton kernels unusable'; \
+		set_backend('auto'); assert resolve_backend(torch.device('cuda'), 'bottom_logit') == 'triton', 'Triton kernels unusable'; \
 		print('gpu-check: CUDA kernels and Triton kernels ready')"
 
 # the whole suite on the GPU, in two halves (kernel/op tests, the rest), then the CUDA-graph test

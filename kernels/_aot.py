@@ -67,41 +67,41 @@ def cases() -> Iterator[Case]:
     for dt in ("fp32", "bf16", "fp64"):
         acc = "fp64" if dt == "fp64" else "fp32"
         fp64 = dt == "fp64"
-        yield Case(f"class_distances.gram.{dt}", cd._GRAM[fp64],
+        yield Case(f"class_distances.gram.{dt}", cd.GRAM_KERNELS[fp64],
                    {"w_ptr": _ptr(dt), "mean_ptr": _ptr(acc), "out_ptr": _ptr(dt), "C": "i32", "d": "i32"},
                    {"FP64": fp64})
-        yield Case(f"class_distances.exact.{dt}", cd._EXACT[fp64],
+        yield Case(f"class_distances.exact.{dt}", cd.EXACT_KERNELS[fp64],
                    {"w_ptr": _ptr(dt), "out_ptr": _ptr(dt), "C": "i32", "d": "i32"}, {"FP64": fp64})
-        yield Case(f"class_distances.bwd_s.{dt}", cd._BWD_S[fp64],
+        yield Case(f"class_distances.bwd_s.{dt}", cd.BACKWARD_S_KERNELS[fp64],
                    {"g_ptr": _ptr(dt), "d_ptr": _ptr(dt), "s_ptr": _ptr(acc), "rowsum_ptr": _ptr(acc), "C": "i32"},
                    {"FP64": fp64})
         for block_c in (32, 256):
             for has_classes in (False, True):
-                kernel = bl._forward_kernel(block_c)
+                kernel = bl.forward_kernel(block_c)
                 yield Case(f"bottom_logit.fwd.C{block_c}.{'cls' if has_classes else 'argmax'}.{dt}", kernel,
                            {"f_ptr": _ptr(dt), "d_ptr": _ptr(dt), "ek_ptr": _ptr(acc), "cls_ptr": "*i64",
                             "fbot_ptr": _ptr(dt), "istar_ptr": "*i64", "j_ptr": "*i64", "B": "i32", "C": "i32"},
                            {"HAS_CLASSES": has_classes, "FP64": fp64, "BLOCK_C": block_c})
-            yield Case(f"bottom_logit.bwd.C{block_c}.{dt}", bl._bottom_logit_bwd_kernel,
+            yield Case(f"bottom_logit.bwd.C{block_c}.{dt}", bl.backward_kernel,
                        {"g_ptr": _ptr(dt), "istar_ptr": "*i64", "j_ptr": "*i64", "d_ptr": _ptr(dt),
                         "ek_ptr": _ptr(acc), "gf_ptr": _ptr(dt), "gd_ptr": _ptr(acc), "gk_part_ptr": _ptr(acc),
                         "B": "i32", "C": "i32"},
-                       {"FP64": fp64, "ATOMIC_D": True, "BLOCK_B": bl._BWD_BLOCK_B, "BLOCK_C": block_c},
+                       {"FP64": fp64, "ATOMIC_D": True, "BLOCK_B": bl.BACKWARD_BLOCK_B, "BLOCK_C": block_c},
                        configs=[triton.Config({}, num_warps=4)])
-        yield Case(f"power_iteration_linear.fwd.{dt}", pl._power_iteration_linear_kernel,
+        yield Case(f"power_iteration_linear.fwd.{dt}", pl.forward_kernel,
                    {"w_ptr": _ptr(dt), "u_in_ptr": _ptr(dt), "meta_ptr": "*i64", "u_out_ptr": _ptr(dt),
                     "sigma_ptr": _ptr(dt), "v_ptr": _ptr(acc), "cur_ptr": _ptr(acc), "t_ptr": _ptr(acc),
                     "n_iter": "i32", "L": "i32", "MAX_M": "i32", "MAX_N": "i32"},
                    {"FP64": fp64})
-        yield Case(f"power_iteration_linear.bwd.{dt}", pl._power_iteration_linear_bwd_kernel,
+        yield Case(f"power_iteration_linear.bwd.{dt}", pl.backward_kernel,
                    {"g_ptr": _ptr(dt), "sigma_ptr": _ptr(dt), "v_ptr": _ptr(acc), "u_ptr": _ptr(dt),
                     "meta_ptr": "*i64", "gw_ptr": _ptr(dt), "layer0": "i32"},
-                   {"FP64": fp64, "BLOCK": pl._BWD_BLOCK}, configs=[triton.Config({}, num_warps=4)])
-        yield Case(f"power_iteration_conv.normalize.{dt}", pc._normalize_segments_kernel,
+                   {"FP64": fp64, "BLOCK": pl.BACKWARD_BLOCK}, configs=[triton.Config({}, num_warps=4)])
+        yield Case(f"power_iteration_conv.normalize.{dt}", pc.normalize_segments_kernel,
                    {"x_ptr": _ptr(dt), "old_ptr": _ptr(dt), "out_ptr": _ptr(dt), "seg_len": "i32"}, {"FP64": fp64})
-        yield Case(f"power_iteration_conv.norms.{dt}", pc._segment_norms_kernel,
+        yield Case(f"power_iteration_conv.norms.{dt}", pc.segment_norms_kernel,
                    {"y_ptr": _ptr(dt), "out_ptr": _ptr(dt), "seg_len": "i32"}, {"FP64": fp64})
-        yield Case(f"power_iteration_conv.scale.{dt}", pc._scale_segments_kernel,
+        yield Case(f"power_iteration_conv.scale.{dt}", pc.scale_segments_kernel,
                    {"y_ptr": _ptr(dt), "g_ptr": _ptr(dt), "sigma_ptr": _ptr(dt), "out_ptr": _ptr(dt),
                     "seg_len": "i32", "seg0": "i32"}, {"FP64": fp64})
 

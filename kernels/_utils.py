@@ -28,11 +28,9 @@ __all__ = [
     "MAX_GRID_YZ",
     "SUPPORTED_DTYPES",
     "acc_dtype",
-    "check_device",
     "check_dtype",
     "configs",
     "contiguous",
-    "is_interpreted",
     "unusable_reason",
 ]
 
@@ -60,40 +58,24 @@ def contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.is_contiguous() else t.contiguous()
 
 
-def check_device(*tensors: torch.Tensor) -> None:
-    """Triton kernels need CUDA tensors, or CPU tensors under the interpreter."""
-    for t in tensors:
-        if t.device.type == "cuda" or (INTERPRET and t.device.type == "cpu"):
-            continue
-        raise ValueError(
-            "gloro_fast Triton kernels need CUDA tensors (CPU tensors only under "
-            f"TRITON_INTERPRET=1, set before triton is imported), got a tensor on {t.device}"
-        )
-
-
 def check_dtype(name: str, t: torch.Tensor) -> None:
+    """The op accepts any floating dtype; the kernels load and store these four."""
     if t.dtype not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {t.dtype}")
 
 
-def is_interpreted(kernel) -> bool:
-    """Whether a (possibly autotuned) kernel object runs under the Triton interpreter."""
-    fn = getattr(kernel, "fn", kernel)
-    while hasattr(fn, "fn") and not type(fn).__name__ == "InterpretedFunction":
-        fn = fn.fn
-    return type(fn).__name__ == "InterpretedFunction"
-
-
-def unusable_reason(device: torch.device) -> "str | None":
-    """Why the kernels cannot run on ``device`` in this process (None when they can).
+def unusable_reason(device_type: str) -> "str | None":
+    """Why the kernels cannot run on tensors of ``device_type`` in this process (None when
+    they can).
 
     CUDA needs a GPU; CPU needs the interpreter, which must have been on when *triton itself*
     was imported (triton.language's own jit helpers are decorated then) and when these
-    kernel modules were imported.
+    kernel modules were imported. Other devices have no Triton kernels here.
     """
-    device = torch.device(device)
-    if device.type == "cuda":
+    if device_type == "cuda":
         return None if torch.cuda.is_available() else "no CUDA device"
+    if device_type != "cpu":
+        return f"no Triton kernels for {device_type} tensors"
     from triton.language import standard
 
     language_interpreted = type(standard.zeros_like).__name__ == "InterpretedFunction"

@@ -15,24 +15,36 @@ summation order of rows sharing a (j, i*) pair is not deterministic, so under
 ``torch.use_deterministic_algorithms(True)`` a deterministic ``index_put_`` does it), grad_K =
 ε Σ_b g_b D[j_b, i*_b] (per-program partial sums, then one deterministic sum).
 
-Public entry: :func:`bottom_logit` (same signature as ``gloro_fast.ops.bottom_logit``),
-backed by ``gloro_fast::bottom_logit_triton`` with ``register_autograd``.
+Class indices outside [0, C) (the op rejects them; the kernels may be called directly) give
+f_⊥ = NaN and i* = −1, and nothing outside D is read or written.
+
+Registered in the backend table (:mod:`gloro_fast.ops.registry`) as the ``triton``
+implementation of the op ``gloro_fast::bottom_logit``: :func:`_forward` and :func:`_backward`
+take exactly the op's and its backward's schema arguments.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+from typing import Optional, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from gloro_fast.ops.bottom_logit import _check_args
+from gloro_fast.ops.registry import register_kernels
 
-from ._utils import acc_dtype, check_device, check_dtype, configs, contiguous
+from ._utils import acc_dtype, check_dtype, configs, contiguous, unusable_reason
 
-__all__ = ["bottom_logit", "bottom_logit_forward", "bottom_logit_backward"]
+__all__ = [
+    "BACKWARD_BLOCK_B",
+    "FORWARD_CONFIGS_NARROW",
+    "FORWARD_CONFIGS_WIDE",
+    "MAX_BLOCK_C",
+    "backward_kernel",
+    "block_c",
+    "forward_kernel",
+]
 
-_MAX_BLOCK_C = 256  # classes per chunk; larger C loops over chunks
+MAX_BLOCK_C = 256  # classes per chunk; larger C loops over chunks
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -50,7 +62,9 @@ def _bottom_logit_fwd_kernel(
     ek = tl.load(ek_ptr).to(acc_t)
 
     if HAS_CLASSES:
-        j = tl.load(cls_ptr + rb, mask=mask_b, other=0).to(tl.int32)
+        j_given = tl.load(cls_ptr + rb, mask=mask_b, other=0).to(tl.int64)
+        valid = (j_given >= 0) & (j_given < C)  # the op rejects others; here they read nothing
+        j = tl.where(valid, j_given, 0).to(tl.int32)
     else:
         best = tl.full((BLOCK_B,), float("-inf"), acc_t)
         j = tl.zeros((BLOCK_B,), dtype=tl.int32)
@@ -70,7 +84,10 @@ def _bottom_logit_fwd_kernel(
         cc = c0 + rc
         m = mask_b[:, None] & (cc < C)[None, :]
         f = tl.load(f_ptr + row[:, None] + cc[None, :], mask=m, other=0.0).to(acc_t)
-        dj = tl.load(d_ptr + drow[:, None] + cc[None, :], mask=m, other=0.0).to(acc_t)
+        if HAS_CLASSES:
+            dj = tl.load(d_ptr + drow[:, None] + cc[None, :], mask=m & valid[:, None], other=0.0).to(acc_t)
+        else:
+            dj = tl.load(d_ptr + drow[:, None] + cc[None, :], mask=m, other=0.0).to(acc_t)
         extra = f + ek * dj
         extra = tl.where(m & (cc[None, :] != j[:, None]), extra, float("-inf"))
         cmax, carg = tl.max(extra, axis=1, return_indices=True, return_indices_tie_break_left=True)
@@ -78,13 +95,18 @@ def _bottom_logit_fwd_kernel(
         i_star = tl.where(take, carg.to(tl.int32) + c0, i_star)
         bottom = tl.where(take, cmax, bottom)
 
+    if HAS_CLASSES:
+        bottom = tl.where(valid, bottom, float("nan"))
+        i_star = tl.where(valid, i_star, -1)
+        tl.store(j_ptr + rb, j_given, mask=mask_b)
+    else:
+        tl.store(j_ptr + rb, j.to(tl.int64), mask=mask_b)
     tl.store(fbot_ptr + rb, bottom.to(fbot_ptr.dtype.element_ty), mask=mask_b)
     tl.store(istar_ptr + rb, i_star.to(tl.int64), mask=mask_b)
-    tl.store(j_ptr + rb, j.to(tl.int64), mask=mask_b)
 
 
 @triton.jit
-def _bottom_logit_bwd_kernel(
+def backward_kernel(
     g_ptr, istar_ptr, j_ptr, d_ptr, ek_ptr, gf_ptr, gd_ptr, gk_part_ptr, B, C,
     FP64: tl.constexpr, ATOMIC_D: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -106,11 +128,12 @@ def _bottom_logit_bwd_kernel(
     # grad wrt D: ε·K·g at [j, i*] (rows may share a pair: atomics; with ATOMIC_D off the
     # launcher scatters deterministically instead)
     ek = tl.load(ek_ptr).to(acc_t)
+    inside = mask_b & (i_star >= 0) & (i_star < C) & (j >= 0) & (j < C)
     pair = j * C + i_star
     if ATOMIC_D:
-        tl.atomic_add(gd_ptr + pair, ek * g, mask=mask_b)
+        tl.atomic_add(gd_ptr + pair, ek * g, mask=inside)
     # grad wrt K (without the factor ε, applied by the launcher): Σ g·D[j, i*]
-    dji = tl.load(d_ptr + pair, mask=mask_b, other=0.0).to(acc_t)
+    dji = tl.load(d_ptr + pair, mask=inside, other=0.0).to(acc_t)
     tl.store(gk_part_ptr + pid, tl.sum(g * dji, axis=0))
 
 
@@ -118,32 +141,33 @@ def _bottom_logit_bwd_kernel(
 # leaves the batch size out (a new B must not re-tune), and the configs are split by
 # BLOCK_C so that no tile of BLOCK_B × BLOCK_C values spills registers: ≤ 4,096 values for
 # 4 warps and ≤ 8,192 for 8 (``make kernels-check``).
-_FWD_CONFIGS_NARROW = [  # BLOCK_C ≤ 64
+FORWARD_CONFIGS_NARROW = [  # BLOCK_C ≤ 64
     triton.Config({"BLOCK_B": 16}, num_warps=4),
     triton.Config({"BLOCK_B": 4}, num_warps=1),
     triton.Config({"BLOCK_B": 8}, num_warps=4),
     triton.Config({"BLOCK_B": 32}, num_warps=4),
     triton.Config({"BLOCK_B": 64}, num_warps=8),
 ]
-_FWD_CONFIGS_WIDE = [  # BLOCK_C 128 or 256
+FORWARD_CONFIGS_WIDE = [  # BLOCK_C 128 or 256
     triton.Config({"BLOCK_B": 8}, num_warps=4),
     triton.Config({"BLOCK_B": 2}, num_warps=2),
     triton.Config({"BLOCK_B": 4}, num_warps=4),
     triton.Config({"BLOCK_B": 16}, num_warps=8),
 ]
 _FWD_KEY = ["C", "HAS_CLASSES", "FP64"]
-_FWD_NARROW = triton.autotune(configs=configs(_FWD_CONFIGS_NARROW), key=_FWD_KEY)(_bottom_logit_fwd_kernel)
-_FWD_WIDE = triton.autotune(configs=configs(_FWD_CONFIGS_WIDE), key=_FWD_KEY)(_bottom_logit_fwd_kernel)
+_FWD_NARROW = triton.autotune(configs=configs(FORWARD_CONFIGS_NARROW), key=_FWD_KEY)(_bottom_logit_fwd_kernel)
+_FWD_WIDE = triton.autotune(configs=configs(FORWARD_CONFIGS_WIDE), key=_FWD_KEY)(_bottom_logit_fwd_kernel)
 
 
-def _forward_kernel(block_c: int):
+def forward_kernel(block_c: int):
     """The autotuned forward kernel for chunks of ``block_c`` classes."""
     return _FWD_NARROW if block_c <= 64 else _FWD_WIDE
 
 
 # ----------------------------------------------------------------------------- launchers
-def _block_c(C: int) -> int:
-    return min(triton.next_power_of_2(C), _MAX_BLOCK_C)
+def block_c(C: int) -> int:
+    """Classes per chunk for C classes."""
+    return min(triton.next_power_of_2(C), MAX_BLOCK_C)
 
 
 def _scaled_lipschitz(lipschitz: torch.Tensor, epsilon: float, acc: torch.dtype) -> torch.Tensor:
@@ -152,15 +176,9 @@ def _scaled_lipschitz(lipschitz: torch.Tensor, epsilon: float, acc: torch.dtype)
     return (lipschitz.detach().to(acc) * epsilon).reshape(1)
 
 
-@torch.library.triton_op("gloro_fast::bottom_logit_triton", mutates_args=())
-def bottom_logit_forward(
-    logits: torch.Tensor,
-    distances: torch.Tensor,
-    lipschitz: torch.Tensor,
-    epsilon: float,
-    classes: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _forward(logits, distances, lipschitz, epsilon: float, classes: Optional[torch.Tensor]):
     """(f_⊥, i*, j): f_⊥ (B,) in the logits' dtype, i* and j (B,) int64."""
+    check_dtype("logits", logits)
     logits = contiguous(logits)
     distances = contiguous(distances)
     B, C = logits.shape
@@ -171,44 +189,28 @@ def bottom_logit_forward(
     j = torch.empty((B,), dtype=torch.int64, device=logits.device)
     has_classes = classes is not None
     cls = contiguous(classes) if has_classes else j  # placeholder pointer, never read
-    block_c = _block_c(C)
-    torch.library.wrap_triton(_forward_kernel(block_c))[
-        lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)
-    ](
+    chunk = block_c(C)
+    forward_kernel(chunk)[lambda meta: (triton.cdiv(B, meta["BLOCK_B"]),)](
         logits, distances, ek, cls, f_bot, i_star, j, B, C,
-        HAS_CLASSES=has_classes, FP64=acc == torch.float64, BLOCK_C=block_c,
+        HAS_CLASSES=has_classes, FP64=acc == torch.float64, BLOCK_C=chunk,
     )
     return f_bot, i_star, j
 
 
-_BWD_BLOCK_B = 32
+BACKWARD_BLOCK_B = 32
 
 
-@torch.library.triton_op("gloro_fast::bottom_logit_backward_triton", mutates_args=())
-def bottom_logit_backward(
-    grad: torch.Tensor,
-    i_star: torch.Tensor,
-    j: torch.Tensor,
-    distances: torch.Tensor,
-    lipschitz: torch.Tensor,
-    epsilon: float,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _backward(grad_bottom, distances, lipschitz, epsilon: float, i_star, classes, num_classes: int):
     """(grad_logits, grad_distances, grad_lipschitz) for the upstream gradient of f_⊥."""
-    return backward_launch(grad, i_star, j, distances, lipschitz, epsilon)
-
-
-def backward_launch(grad, i_star, j, distances, lipschitz, epsilon: float):
-    """The body of :func:`bottom_logit_backward` (callable outside the custom op, e.g. to see
-    which torch ops it runs)."""
-    grad = contiguous(grad)
+    grad = contiguous(grad_bottom)
     i_star = contiguous(i_star)
-    j = contiguous(j)
+    j = contiguous(classes)
     distances = contiguous(distances)
     (B,) = grad.shape
-    C = distances.shape[0]
+    C = num_classes
     acc = acc_dtype(distances.dtype)
     ek = _scaled_lipschitz(lipschitz, epsilon, acc)
-    n_prog = triton.cdiv(B, _BWD_BLOCK_B)
+    n_prog = triton.cdiv(B, BACKWARD_BLOCK_B)
     grad_logits = torch.empty((B, C), dtype=distances.dtype, device=distances.device)
     grad_d = torch.zeros((C, C), dtype=acc, device=distances.device)
     gk_part = torch.empty((n_prog,), dtype=acc, device=distances.device)
@@ -216,9 +218,9 @@ def backward_launch(grad, i_star, j, distances, lipschitz, epsilon: float):
     # torch.use_deterministic_algorithms the cells are summed by index_put_ instead, which
     # torch then runs deterministically (sorting the indices)
     atomic = not torch.are_deterministic_algorithms_enabled()
-    torch.library.wrap_triton(_bottom_logit_bwd_kernel)[(n_prog,)](
+    backward_kernel[(n_prog,)](
         grad, i_star, j, distances, ek, grad_logits, grad_d, gk_part, B, C,
-        FP64=acc == torch.float64, ATOMIC_D=atomic, BLOCK_B=_BWD_BLOCK_B, BLOCK_C=_block_c(C), num_warps=4,
+        FP64=acc == torch.float64, ATOMIC_D=atomic, BLOCK_B=BACKWARD_BLOCK_B, BLOCK_C=block_c(C), num_warps=4,
     )
     if not atomic:
         grad_d.view(-1).index_put_((j * C + i_star,), grad.to(acc) * ek, accumulate=True)
@@ -226,58 +228,4 @@ def backward_launch(grad, i_star, j, distances, lipschitz, epsilon: float):
     return grad_logits, grad_d.to(distances.dtype), grad_k
 
 
-def _setup_context(ctx, inputs, output):
-    _logits, distances, lipschitz, epsilon, _classes = inputs
-    _f_bot, i_star, j = output
-    ctx.save_for_backward(i_star, j, distances, lipschitz)
-    ctx.epsilon = epsilon
-    ctx.batch = _logits.shape[0]
-
-
-def _backward(ctx, grad_f_bot, _grad_i_star, _grad_j):
-    i_star, j, distances, lipschitz = ctx.saved_tensors
-    if grad_f_bot is None:  # pragma: no cover - autograd passes zeros for unused outputs
-        grad_f_bot = torch.zeros((ctx.batch,), dtype=distances.dtype, device=distances.device)
-    grad_logits, grad_d, grad_k = torch.ops.gloro_fast.bottom_logit_backward_triton(
-        grad_f_bot, i_star, j, distances, lipschitz, ctx.epsilon
-    )
-    needs = ctx.needs_input_grad
-    return (
-        grad_logits if needs[0] else None,
-        grad_d if needs[1] else None,
-        grad_k if needs[2] else None,
-        None,
-        None,
-    )
-
-
-bottom_logit_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ----------------------------------------------------------------------------- public entry
-def bottom_logit(
-    logits: torch.Tensor,
-    distances: torch.Tensor,
-    lipschitz: Union[torch.Tensor, float],
-    epsilon: float,
-    classes: Optional[torch.Tensor] = None,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """⊥ logit and its maximising class (Triton), differentiable w.r.t. f, D and K.
-
-    Same contract as :func:`gloro_fast.ops.bottom_logit` (which validates values too; this
-    entry runs only its shape, dtype and device checks, plus what the kernels need).
-
-    Returns:
-        ``(f_bot, i_star)``: shapes (B,) (dtype of f) and (B,) int64.
-    """
-    lipschitz = _check_args(logits, distances, lipschitz)
-    check_dtype("logits", logits)
-    if classes is not None:
-        if classes.shape != (logits.shape[0],) or classes.dtype not in (torch.int32, torch.int64):
-            raise ValueError(f"classes must be an integer tensor of shape ({logits.shape[0]},)")
-        check_device(classes)
-    check_device(logits, distances, lipschitz)
-    f_bot, i_star, _j = torch.ops.gloro_fast.bottom_logit_triton(
-        logits, distances, lipschitz, float(epsilon), classes
-    )
-    return f_bot, i_star
+register_kernels("bottom_logit", "triton", forward=_forward, backward=_backward, unusable=unusable_reason)

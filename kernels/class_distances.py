@@ -19,9 +19,9 @@ grad_W = diag(S·1) V − S V on the centred rows V (the expression is translati
 invariant, and centring keeps the two terms small). A Triton kernel builds S and its row
 sums in one pass over G and D; the C×C by C×d product is a library GEMM (``torch.addmm``).
 
-Public entry: :func:`class_distances` (same signature as ``gloro_fast.ops.class_distances``),
-backed by the custom op ``gloro_fast::class_distances_triton`` (``torch.library.triton_op``,
-so ``torch.compile`` sees the kernels) with ``register_autograd``.
+Registered in the backend table (:mod:`gloro_fast.ops.registry`) as the ``triton``
+implementation of the op ``gloro_fast::class_distances``: :func:`_forward` and
+:func:`_backward` take exactly the op's and its backward's schema arguments.
 """
 from __future__ import annotations
 
@@ -29,11 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
-from gloro_fast.ops.class_distances import _backward_with, _check_args, _setup_context
+from gloro_fast.ops.registry import register_kernels
 
-from ._utils import acc_dtype, check_device, check_dtype, configs, contiguous
+from ._utils import acc_dtype, check_dtype, configs, contiguous, unusable_reason
 
-__all__ = ["class_distances", "class_distances_forward", "class_distances_backward", "GRAM_MIN_CLASSES"]
+__all__ = ["BACKWARD_S_KERNELS", "EXACT_KERNELS", "GRAM_KERNELS", "GRAM_MIN_CLASSES", "uses_gram"]
 
 # torch.cdist (the spec) and the C++ backends use the GEMM form from 26 rows on
 GRAM_MIN_CLASSES = 26
@@ -113,7 +113,7 @@ def _class_distances_exact_kernel(
     _store_distances(out_ptr, acc, rm, rn, mask_m, mask_n, C)
 
 
-# Autotuning configs, per accumulation dtype: every one compiles for sm_90 in seconds without
+# Autotuning configs, per accumulation dtype (the dicts below are keyed by "float64?"): every one compiles for sm_90 in seconds without
 # spilling (``make kernels-check``). The 3-D broadcast tile of the exact kernel holds
 # BLOCK_M·BLOCK_N·BLOCK_K values in registers, so its fp64 tiles are half the size.
 _GRAM_FP32 = [
@@ -141,11 +141,11 @@ _EXACT_FP64 = [
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 16, "BLOCK_K": 8}, num_warps=4),
 ]
 _KEY = ["C", "d"]
-_GRAM = {
+GRAM_KERNELS = {
     False: triton.autotune(configs=configs(_GRAM_FP32), key=_KEY)(_class_distances_gram_kernel),
     True: triton.autotune(configs=configs(_GRAM_FP64), key=_KEY)(_class_distances_gram_kernel),
 }
-_EXACT = {
+EXACT_KERNELS = {
     False: triton.autotune(configs=configs(_EXACT_FP32), key=_KEY)(_class_distances_exact_kernel),
     True: triton.autotune(configs=configs(_EXACT_FP64), key=_KEY)(_class_distances_exact_kernel),
 }
@@ -177,7 +177,7 @@ def _class_distances_bwd_s_kernel(
     tl.store(rowsum_ptr + rm, rowsum, mask=mask_m)
 
 
-_BWD_S = {
+BACKWARD_S_KERNELS = {
     False: triton.autotune(configs=configs([
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 32}, num_warps=4),
         triton.Config({"BLOCK_M": 32, "BLOCK_N": 64}, num_warps=4),
@@ -203,9 +203,9 @@ def uses_gram(num_classes: int, exact: bool) -> bool:
     return not exact and num_classes >= GRAM_MIN_CLASSES
 
 
-@torch.library.triton_op("gloro_fast::class_distances_triton", mutates_args=())
-def class_distances_forward(weight: torch.Tensor, exact: bool = False) -> torch.Tensor:
+def _forward(weight: torch.Tensor, exact: bool) -> torch.Tensor:
     """D (C×C) from W (C×d): direct differences (exact, or C < 26) or the centred Gram form."""
+    check_dtype("weight", weight)
     weight = contiguous(weight)
     C, d = weight.shape
     out = torch.empty((C, C), dtype=weight.dtype, device=weight.device)
@@ -213,16 +213,13 @@ def class_distances_forward(weight: torch.Tensor, exact: bool = False) -> torch.
     fp64 = acc == torch.float64
     if uses_gram(C, exact):
         mean = weight.to(acc).mean(0)
-        torch.library.wrap_triton(_GRAM[fp64])[_grid2(C)](weight, mean, out, C, d, FP64=fp64)
+        GRAM_KERNELS[fp64][_grid2(C)](weight, mean, out, C, d, FP64=fp64)
     else:
-        torch.library.wrap_triton(_EXACT[fp64])[_grid2(C)](weight, out, C, d, FP64=fp64)
+        EXACT_KERNELS[fp64][_grid2(C)](weight, out, C, d, FP64=fp64)
     return out
 
 
-@torch.library.triton_op("gloro_fast::class_distances_backward_triton", mutates_args=())
-def class_distances_backward(
-    grad: torch.Tensor, weight: torch.Tensor, distances: torch.Tensor
-) -> torch.Tensor:
+def _backward(grad: torch.Tensor, weight: torch.Tensor, distances: torch.Tensor) -> torch.Tensor:
     """grad_W = diag(S·1) W − S W with S = G/D + (G/D)ᵀ (0 where D = 0)."""
     grad = contiguous(grad)
     weight = contiguous(weight)
@@ -232,27 +229,10 @@ def class_distances_backward(
     s = torch.empty((C, C), dtype=acc, device=weight.device)
     rowsum = torch.empty((C,), dtype=acc, device=weight.device)
     fp64 = acc == torch.float64
-    torch.library.wrap_triton(_BWD_S[fp64])[
-        lambda meta: (triton.cdiv(C, meta["BLOCK_M"]),)
-    ](grad, distances, s, rowsum, C, FP64=fp64)
+    BACKWARD_S_KERNELS[fp64][lambda meta: (triton.cdiv(C, meta["BLOCK_M"]),)](grad, distances, s, rowsum, C, FP64=fp64)
     w = weight.to(acc)
     w = w - w.mean(0)  # centred rows: the same gradient, less cancellation between the terms
     return torch.addmm(w * rowsum[:, None], s, w, alpha=-1.0).to(weight.dtype)
 
 
-class_distances_forward.register_autograd(
-    _backward_with("class_distances_backward_triton"), setup_context=_setup_context
-)
-
-
-# ----------------------------------------------------------------------------- public entry
-def class_distances(weight: torch.Tensor, exact: bool = False) -> torch.Tensor:
-    """Pairwise row distances of ``weight`` (C, d) → (C, C), differentiable (Triton).
-
-    Same contract as :func:`gloro_fast.ops.class_distances`; ``weight`` must be a CUDA
-    tensor (or a CPU tensor under ``TRITON_INTERPRET=1``).
-    """
-    _check_args(weight)
-    check_dtype("weight", weight)
-    check_device(weight)
-    return torch.ops.gloro_fast.class_distances_triton(weight, bool(exact))
+register_kernels("class_distances", "triton", forward=_forward, backward=_backward, unusable=unusable_reason)

@@ -3,8 +3,8 @@
 The operator A is the real zero-padded, strided, dilated, grouped convolution on the input
 size of the iterate; Aᵀ is ``conv_transpose2d`` with output padding (plus a crop for
 asymmetric padding). Both are the library convolutions of
-:func:`gloro_fast.ops.power_iteration_conv.conv_operator` / ``conv_operator_adjoint``
-(cuDNN on a GPU): the kernels here fuse only the work around them.
+:func:`gloro_fast.ops.convolution.conv_operator` / ``conv_operator_adjoint`` (cuDNN on a
+GPU): the kernels here fuse only the work around them.
 
     repeat n_iter times:  u ← Aᵀ A u / ‖Aᵀ A u‖   (u kept where the norm is 0)
     σ = ‖A u‖                                      (gradient w.r.t. the kernel only)
@@ -17,45 +17,45 @@ layer: ‖x_l‖², then u_l = x_l / ‖x_l‖ or the old u_l where that norm is
 kernel (σ_l = ‖y_l‖) do no host synchronisation, so a step can be captured in a CUDA graph.
 
 Backward: ∂σ_l/∂K_l = conv-weight-gradient of (u_l, g_l y_l / σ_l) (0 where σ_l = 0), with
-y_l = A_l u_l kept from the forward; the scaling is a Triton kernel, the weight gradient is
-itself one library convolution (:func:`conv2d_weight_ieee`: the padded iterate's channels
-as the batch, the scaled output as the kernel, stride and dilation swapped).
+y_l = A_l u_l computed again (one convolution); the scaling is a Triton kernel, the weight
+gradient is itself one library convolution (:func:`conv2d_weight_ieee`: the padded iterate's
+channels as the batch, the scaled output as the kernel, stride and dilation swapped).
 
-Precision: every float32 convolution here runs in IEEE float32 through the custom op
-``gloro_fast::conv2d_ieee`` (cuDNN with ``allow_tf32=False``, whatever the global
-``torch.backends.cudnn.allow_tf32`` says, which is True by default): TF32 would cost
-~1e-4 relative error on σ̂. Being a custom op, it stays one opaque call under
-``torch.compile`` too, where an ``aten.convolution`` would follow the global flag.
+Precision: every float32 convolution here runs in IEEE float32 through :func:`conv2d_ieee`
+(cuDNN with ``allow_tf32=False``, whatever the global ``torch.backends.cudnn.allow_tf32``
+says, which is True by default): TF32 would cost ~1e-4 relative error on σ̂. The kernels run
+inside the op ``gloro_fast::power_iteration_conv``, which torch.compile sees as one opaque
+call, so no traced ``aten.convolution`` can fall back to the global flag.
 
-Public entries: :func:`power_iteration_conv` (same arguments as the reference
-``power_iteration_conv_reference``; ints, pairs and 4-tuples accepted for the geometry)
-and :func:`power_iteration_conv_batched` (lists of equal-shape layers), backed by
-``gloro_fast::power_iteration_conv_triton`` with ``register_autograd``.
+Registered in the backend table (:mod:`gloro_fast.ops.registry`) as the ``triton``
+implementation of the op ``gloro_fast::power_iteration_conv``: :func:`_forward` and
+:func:`_backward` take exactly the op's and its backward's schema arguments (N layers
+stacked on axis 0 of the iterate, which is their channel stack once reshaped to
+(1, N·C_in, H, W)).
 """
 from __future__ import annotations
 
-from typing import List, Sequence, Tuple, Union
+from typing import List, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from gloro_fast.ops.power_iteration_conv import _check_batched, conv_operator, conv_operator_adjoint
+from gloro_fast.ops.convolution import conv_operator, conv_operator_adjoint, pad_input
+from gloro_fast.ops.registry import register_kernels
 
-from ._utils import MAX_GRID_YZ, acc_dtype, check_device, check_dtype, configs, contiguous
+from ._utils import MAX_GRID_YZ, acc_dtype, check_dtype, configs, contiguous, unusable_reason
 
 __all__ = [
-    "power_iteration_conv",
-    "power_iteration_conv_batched",
-    "power_iteration_conv_forward",
-    "power_iteration_conv_backward",
     "conv2d_ieee",
     "conv2d_weight_ieee",
     "normalize_segments",
+    "normalize_segments_kernel",
     "scale_grids",
     "scale_segments",
+    "scale_segments_kernel",
     "segment_norms",
+    "segment_norms_kernel",
 ]
 
 
@@ -83,7 +83,7 @@ def _segment_norm(x_ptr, base, seg_len, FP64: tl.constexpr, BLOCK: tl.constexpr)
 
 @triton.autotune(configs=configs(_SEG_CONFIGS), key=["seg_len", "FP64"])
 @triton.jit
-def _normalize_segments_kernel(
+def normalize_segments_kernel(
     x_ptr, old_ptr, out_ptr, seg_len, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """out_l = x_l / ‖x_l‖ (out_l = old_l where ‖x_l‖ = 0) for the l-th segment of seg_len."""
@@ -105,7 +105,7 @@ def _normalize_segments_kernel(
 
 @triton.autotune(configs=configs(_SEG_CONFIGS), key=["seg_len", "FP64"])
 @triton.jit
-def _segment_norms_kernel(y_ptr, out_ptr, seg_len, FP64: tl.constexpr, BLOCK: tl.constexpr):
+def segment_norms_kernel(y_ptr, out_ptr, seg_len, FP64: tl.constexpr, BLOCK: tl.constexpr):
     """out_l = ‖y_l‖ for the l-th segment of seg_len elements."""
     seg = tl.program_id(0)
     norm = _segment_norm(y_ptr, seg.to(tl.int64) * seg_len, seg_len, FP64, BLOCK)
@@ -114,7 +114,7 @@ def _segment_norms_kernel(y_ptr, out_ptr, seg_len, FP64: tl.constexpr, BLOCK: tl
 
 @triton.autotune(configs=configs(_SEG_CONFIGS), key=["seg_len", "FP64"])
 @triton.jit
-def _scale_segments_kernel(
+def scale_segments_kernel(
     y_ptr, g_ptr, sigma_ptr, out_ptr, seg_len, seg0, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
     """out_l = (g_l / σ_l) y_l (0 where σ_l = 0); grid (chunks, segments): the chunks of a
@@ -133,20 +133,21 @@ def _scale_segments_kernel(
 
 
 # ----------------------------------------------------------------------------- IEEE convolutions
-@torch.library.custom_op("gloro_fast::conv2d_ieee", mutates_args=())
 def conv2d_ieee(
     input: torch.Tensor,
     weight: torch.Tensor,
-    stride: List[int],
-    padding: List[int],
-    dilation: List[int],
+    stride: Sequence[int],
+    padding: Sequence[int],
+    dilation: Sequence[int],
     groups: int,
     transposed: bool,
-    output_padding: List[int],
+    output_padding: Sequence[int],
 ) -> torch.Tensor:
     """``aten.convolution`` without bias, never in TF32: float32 CUDA tensors go to cuDNN with
     ``allow_tf32=False`` (benchmark/deterministic as torch would pass them); other dtypes and
     devices, or a disabled cuDNN, take ``aten.convolution`` (no cuDNN TF32 there)."""
+    stride, padding, dilation, output_padding = (list(stride), list(padding), list(dilation),
+                                                 list(output_padding))
     if input.is_cuda and input.dtype == torch.float32 and _cudnn_usable():
         benchmark = bool(torch.backends.cudnn.benchmark)
         deterministic = bool(torch.backends.cudnn.deterministic or torch.are_deterministic_algorithms_enabled())
@@ -159,28 +160,18 @@ def conv2d_ieee(
     return torch.ops.aten.convolution(input, weight, None, stride, padding, dilation, transposed, output_padding, groups)
 
 
-@conv2d_ieee.register_fake
-def _conv2d_ieee_fake(input, weight, stride, padding, dilation, groups, transposed, output_padding):
-    return torch.ops.aten.convolution(input, weight, None, stride, padding, dilation, transposed, output_padding, groups)
-
-
 def _cudnn_usable() -> bool:
     return torch.backends.cudnn.is_available() and torch.backends.cudnn.enabled
 
 
 def _conv2d(u, weight, bias, stride, padding, dilation, groups):
     """``F.conv2d``'s signature (bias None), through :func:`conv2d_ieee`."""
-    return torch.ops.gloro_fast.conv2d_ieee(
-        u, weight, list(_two(stride)), list(_two(padding)), list(_two(dilation)), groups, False, [0, 0]
-    )
+    return conv2d_ieee(u, weight, _two(stride), _two(padding), _two(dilation), groups, False, (0, 0))
 
 
 def _conv_transpose2d(v, weight, bias, stride, padding, output_padding, groups, dilation):
     """``F.conv_transpose2d``'s signature (bias None), through :func:`conv2d_ieee`."""
-    return torch.ops.gloro_fast.conv2d_ieee(
-        v, weight, list(_two(stride)), list(_two(padding)), list(_two(dilation)), groups, True,
-        list(_two(output_padding)),
-    )
+    return conv2d_ieee(v, weight, _two(stride), _two(padding), _two(dilation), groups, True, _two(output_padding))
 
 
 def _two(value) -> Tuple[int, int]:
@@ -201,7 +192,7 @@ def conv2d_weight_ieee(
     _, channels, hp, wp = padded.shape
     x = padded.reshape(groups, c_in, hp, wp).transpose(0, 1)
     k = grad_out.reshape(c_out, 1, grad_out.shape[2], grad_out.shape[3])
-    out = torch.ops.gloro_fast.conv2d_ieee(x, k, list(dilation), [0, 0], list(stride), groups, False, [0, 0])
+    out = conv2d_ieee(x, k, dilation, (0, 0), stride, groups, False, (0, 0))
     return out[:, :, :kh, :kw].transpose(0, 1).contiguous()
 
 
@@ -220,7 +211,7 @@ def scale_segments(y: torch.Tensor, grad_sigma: torch.Tensor, sigma: torch.Tenso
     seg_len = y.numel() // n_seg
     fp64 = acc_dtype(y.dtype) == torch.float64
     for seg0, count in scale_grids(n_seg):
-        torch.library.wrap_triton(_scale_segments_kernel)[
+        scale_segments_kernel[
             lambda meta, count=count: (triton.cdiv(seg_len, meta["BLOCK"]), count)
         ](y, grad_sigma, sigma, out, seg_len, seg0, FP64=fp64)
     return out
@@ -232,7 +223,7 @@ def normalize_segments(x: torch.Tensor, old: torch.Tensor, n_seg: int) -> torch.
     old = contiguous(old)
     out = torch.empty_like(x)
     seg_len = x.numel() // n_seg
-    torch.library.wrap_triton(_normalize_segments_kernel)[(n_seg,)](
+    normalize_segments_kernel[(n_seg,)](
         x, old, out, seg_len, FP64=acc_dtype(x.dtype) == torch.float64
     )
     return out
@@ -242,140 +233,48 @@ def segment_norms(y: torch.Tensor, n_seg: int) -> torch.Tensor:
     """(n_seg,) l2 norms of the n_seg equal contiguous segments of y."""
     y = contiguous(y)
     out = torch.empty((n_seg,), dtype=y.dtype, device=y.device)
-    torch.library.wrap_triton(_segment_norms_kernel)[(n_seg,)](
+    segment_norms_kernel[(n_seg,)](
         y, out, y.numel() // n_seg, FP64=acc_dtype(y.dtype) == torch.float64
     )
     return out
 
 
-def _stack(weights: List[torch.Tensor], iterates: List[torch.Tensor]):
-    if len(weights) == 1:
-        return contiguous(weights[0]), contiguous(iterates[0])
-    return torch.cat(weights, 0), torch.cat(iterates, 1)
+def _channel_stack(iterate: torch.Tensor) -> torch.Tensor:
+    """(N, C_in, H, W) → (1, N·C_in, H, W): the N layers' iterates as the channels of one input."""
+    blocks, c_in, height, width = iterate.shape
+    return contiguous(iterate).reshape(1, blocks * c_in, height, width)
 
 
-@torch.library.triton_op("gloro_fast::power_iteration_conv_triton", mutates_args=())
-def power_iteration_conv_forward(
-    weights: List[torch.Tensor],
-    iterates: List[torch.Tensor],
-    n_iter: int,
-    stride: List[int],
-    pads: List[int],
-    dilation: List[int],
-    groups: int,
-    residual: bool,
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(u_new (1, L·c_in, H, W), sigma (L,), y = A u (1, L·c_out, H', W')) for L equal-shape layers."""
-    L = len(weights)
-    weight, u = _stack(weights, iterates)
-    args = (tuple(stride), tuple(pads), tuple(dilation), groups * L)
+def _forward(weight: torch.Tensor, iterate: torch.Tensor, n_iter: int, stride: List[int], padding: List[int],
+             dilation: List[int], groups: int, residual: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(u_new (N, C_in, H, W), sigma (N,)) for the N layers stacked on axis 0."""
+    check_dtype("weight", weight)
+    blocks = iterate.shape[0]
+    weight = contiguous(weight)
+    u = _channel_stack(iterate)
+    args = (tuple(stride), tuple(padding), tuple(dilation), groups * blocks)
     hw = tuple(u.shape[2:])
     if n_iter == 0:
         u = u.clone()  # outputs must not alias inputs
     for _ in range(n_iter):
         v = conv_operator(u, weight, *args, residual=residual, conv2d=_conv2d)
         x = conv_operator_adjoint(v, weight, *args, hw, residual=residual, conv_transpose2d=_conv_transpose2d)
-        u = normalize_segments(x, u, L)
+        u = normalize_segments(x, u, blocks)
     y = contiguous(conv_operator(u, weight, *args, residual=residual, conv2d=_conv2d))
-    sigma = segment_norms(y, L)
-    return u, sigma, y
+    return u.reshape(iterate.shape), segment_norms(y, blocks)
 
 
-@torch.library.triton_op("gloro_fast::power_iteration_conv_backward_triton", mutates_args=())
-def power_iteration_conv_backward(
-    grad_sigma: torch.Tensor,
-    sigma: torch.Tensor,
-    u: torch.Tensor,
-    y: torch.Tensor,
-    weight_shape: List[int],
-    stride: List[int],
-    pads: List[int],
-    dilation: List[int],
-    groups: int,
-) -> torch.Tensor:
-    """Gradient w.r.t. the stacked kernel (L·c_out, c_in/g, kh, kw) of Σ_l g_l σ_l."""
-    L = sigma.shape[0]
-    gy = scale_segments(y, grad_sigma, sigma, L)
-    top, bottom, left, right = pads
-    padded = F.pad(u, (left, right, top, bottom))
-    return conv2d_weight_ieee(padded, gy, weight_shape, stride, dilation, groups * L)
+def _backward(grad_sigma: torch.Tensor, weight: torch.Tensor, iterate: torch.Tensor, sigma: torch.Tensor,
+              stride: List[int], padding: List[int], dilation: List[int], groups: int,
+              residual: bool) -> torch.Tensor:
+    """Gradient w.r.t. the stacked kernel (N·c_out, c_in/g, kh, kw) of Σ_l g_l σ_l."""
+    blocks = iterate.shape[0]
+    weight = contiguous(weight)
+    u = _channel_stack(iterate)
+    args = (tuple(stride), tuple(padding), tuple(dilation), groups * blocks)
+    y = contiguous(conv_operator(u, weight, *args, residual=residual, conv2d=_conv2d))
+    gy = scale_segments(y, grad_sigma.reshape(blocks).to(y.dtype), sigma.reshape(blocks).to(y.dtype), blocks)
+    return conv2d_weight_ieee(pad_input(u, tuple(padding)), gy, weight.shape, stride, dilation, groups * blocks)
 
 
-def _setup_context(ctx, inputs, output):
-    weights, _iterates, _n_iter, stride, pads, dilation, groups, _residual = inputs
-    u, sigma, y = output
-    ctx.save_for_backward(sigma, u, y)
-    ctx.geometry = (list(stride), list(pads), list(dilation), groups)
-    ctx.weight_shape = list(weights[0].shape)
-    ctx.n_layers = len(weights)
-
-
-def _backward(ctx, _grad_u, grad_sigma, _grad_y):
-    sigma, u, y = ctx.saved_tensors
-    stride, pads, dilation, groups = ctx.geometry
-    L = ctx.n_layers
-    if grad_sigma is None:  # pragma: no cover
-        grad_sigma = torch.zeros_like(sigma)
-    shape = [ctx.weight_shape[0] * L] + ctx.weight_shape[1:]
-    grad = torch.ops.gloro_fast.power_iteration_conv_backward_triton(
-        grad_sigma, sigma, u, y, shape, stride, pads, dilation, groups
-    )
-    grads = list(grad.chunk(L, 0)) if L > 1 else [grad]
-    return grads, [None] * L, None, None, None, None, None, None
-
-
-power_iteration_conv_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ----------------------------------------------------------------------------- public entries
-def power_iteration_conv_batched(
-    weights: Sequence[torch.Tensor],
-    iterates: Sequence[torch.Tensor],
-    n_iter: int = 1,
-    stride: Union[int, Sequence[int]] = 1,
-    pads: Union[int, Sequence[int]] = 0,
-    dilation: Union[int, Sequence[int]] = 1,
-    groups: int = 1,
-    residual: bool = False,
-) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    """Power iteration on L convolutions of equal shape and geometry, batched (Triton).
-
-    Returns ``(list of u_new, list of sigma)``: u_new (1, c_in, H, W) detached, sigma 0-dim
-    and differentiable w.r.t. its kernel.
-    """
-    weights, iterates, checked = _check_batched(
-        weights, iterates, n_iter, stride, pads, dilation, groups, residual
-    )
-    if not weights:
-        raise ValueError("weights and iterates must be non-empty lists of the same length")
-    n_iter, stride, pads, dilation, groups = checked
-    check_dtype("weight", weights[0])
-    check_device(weights[0])
-    L = len(weights)
-    u, sigma, _y = torch.ops.gloro_fast.power_iteration_conv_triton(
-        weights, iterates, n_iter, list(stride), list(pads), list(dilation), groups, bool(residual)
-    )
-    u = u.detach()
-    us = list(u.chunk(L, 1)) if L > 1 else [u]
-    return us, list(sigma.unbind(0))
-
-
-def power_iteration_conv(
-    weight: torch.Tensor,
-    iterate: torch.Tensor,
-    n_iter: int = 1,
-    stride: Union[int, Sequence[int]] = 1,
-    pads: Union[int, Sequence[int]] = 0,
-    dilation: Union[int, Sequence[int]] = 1,
-    groups: int = 1,
-    residual: bool = False,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Power iteration on one convolution operator (or I + conv) (Triton epilogues).
-
-    Same semantics as ``gloro_fast.ops.power_iteration_conv_reference(weight, iterate,
-    n_iter, stride, pads, dilation, groups, residual)``; returns ``(u_new, sigma)``.
-    """
-    us, sigmas = power_iteration_conv_batched(
-        [weight], [iterate], n_iter, stride, pads, dilation, groups, residual
-    )
-    return us[0], sigmas[0]
+register_kernels("power_iteration_conv", "triton", forward=_forward, backward=_backward, unusable=unusable_reason)

@@ -9,29 +9,32 @@ One launch runs every iteration of every layer: one program per layer walks its 
 (BLOCK_M × BLOCK_N) tiles. Layers are packed into one flat buffer with an int64 table of
 (weight offset, iterate offset, row offset, m, n) per layer; an iteration is three fused
 phases separated by CTA barriers: v = W u (row-block sweep), t = Wᵀ v with ‖t‖² on the
-fly (column-block sweep), u = t / ‖t‖. The last v = W u gives σ and is kept for backward:
-grad_W_l = g_l (W_l u_l) u_lᵀ / σ_l (0 where σ_l = 0), one launch for all layers.
+fly (column-block sweep), u = t / ‖t‖. The last v = W u gives σ. Backward: v = W u again
+(the same kernel with no iteration), then grad_W_l = g_l (W_l u_l) u_lᵀ / σ_l (0 where
+σ_l = 0), one launch for all layers.
 
 Note: one program per layer keeps the whole iteration in one launch without a grid-wide
 barrier, at the price of one SM per layer; for a few very large layers a split-K design
 with one launch per phase would use the GPU better.
 
-Public entry: :func:`power_iteration_linear` (same signature as
-``gloro_fast.ops.power_iteration_linear``), backed by ``gloro_fast::power_iteration_linear_triton``.
+Registered in the backend table (:mod:`gloro_fast.ops.registry`) as the ``triton``
+implementation of the op ``gloro_fast::power_iteration_linear``: :func:`_forward` and
+:func:`_backward` take exactly the op's and its backward's schema arguments. Layers of
+different dtypes run in one launch per dtype.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Sequence, Tuple
 
 import torch
 import triton
 import triton.language as tl
 
-from gloro_fast.ops.power_iteration_linear import _check_args
+from gloro_fast.ops.registry import register_kernels
 
-from ._utils import MAX_GRID_X, MAX_GRID_YZ, acc_dtype, check_device, check_dtype, configs, contiguous
+from ._utils import MAX_GRID_X, MAX_GRID_YZ, acc_dtype, check_dtype, configs, contiguous, unusable_reason
 
-__all__ = ["power_iteration_linear", "power_iteration_linear_forward", "power_iteration_linear_backward"]
+__all__ = ["BACKWARD_BLOCK", "backward_grids", "backward_kernel", "forward_kernel", "layer_table"]
 
 _META_COLS = 5  # w_off, u_off, v_off, m, n
 
@@ -72,7 +75,7 @@ def _matvec(w_base, x_ptr, y_ptr, m, n, FP64: tl.constexpr, BLOCK_M: tl.constexp
     key=["L", "MAX_M", "MAX_N", "FP64"],
 )
 @triton.jit
-def _power_iteration_linear_kernel(
+def forward_kernel(
     w_ptr, u_in_ptr, meta_ptr, u_out_ptr, sigma_ptr, v_ptr, cur_ptr, t_ptr,
     n_iter, L, MAX_M, MAX_N,
     FP64: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -139,7 +142,7 @@ def _power_iteration_linear_kernel(
 
 
 @triton.jit
-def _power_iteration_linear_bwd_kernel(
+def backward_kernel(
     g_ptr, sigma_ptr, v_ptr, u_ptr, meta_ptr, gw_ptr, layer0,
     FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
@@ -170,22 +173,22 @@ def _power_iteration_linear_bwd_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
-_meta_cache: Dict[tuple, torch.Tensor] = {}
+_tables: Dict[tuple, torch.Tensor] = {}
 
 
-def _meta(shapes: Sequence[Tuple[int, int]], device: torch.device) -> torch.Tensor:
+def layer_table(shapes: Sequence[Tuple[int, int]], device: torch.device) -> torch.Tensor:
     """(L, 5) int64 table: weight offset, iterate offset, row offset, m, n. Cached per shapes
     and device, so repeated calls (and CUDA-graph replays) do no host-to-device copy."""
     key = (tuple(shapes), str(device))
-    if not torch.compiler.is_compiling() and key in _meta_cache:
-        return _meta_cache[key]
+    if not torch.compiler.is_compiling() and key in _tables:
+        return _tables[key]
     rows, w_off, u_off, v_off = [], 0, 0, 0
     for m, n in shapes:
         rows.append([w_off, u_off, v_off, m, n])
         w_off, u_off, v_off = w_off + m * n, u_off + n, v_off + m
     meta = torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, _META_COLS)
     if not torch.compiler.is_compiling():
-        _meta_cache[key] = meta
+        _tables[key] = meta
     return meta
 
 
@@ -195,18 +198,14 @@ def _flat(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
     return torch.cat([t.reshape(-1) for t in tensors])
 
 
-@torch.library.triton_op("gloro_fast::power_iteration_linear_triton", mutates_args=())
-def power_iteration_linear_forward(
-    weights: List[torch.Tensor], iterates: List[torch.Tensor], n_iter: int
-) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Packed (u_new (Σn,), sigma (L,), v = W u (Σm,), accumulation dtype) for all layers."""
+def _launch_forward(weights: List[torch.Tensor], iterates: List[torch.Tensor], n_iter: int):
+    """Packed (u_new (Σn,), sigma (L,), v = W u (Σm,), accumulation dtype) for layers of one dtype."""
+    check_dtype("weights[0]", weights[0])
     shapes = [tuple(w.shape) for w in weights]
     L = len(shapes)
     dtype, device = weights[0].dtype, weights[0].device
     acc = acc_dtype(dtype)
-    w_flat = _flat(weights)
-    u_flat = _flat(iterates)
-    meta = _meta(shapes, device)
+    meta = layer_table(shapes, device)
     sum_m = sum(s[0] for s in shapes)
     sum_n = sum(s[1] for s in shapes)
     u_out = torch.empty((sum_n,), dtype=dtype, device=device)
@@ -214,18 +213,18 @@ def power_iteration_linear_forward(
     v = torch.empty((sum_m,), dtype=acc, device=device)
     cur = torch.empty((sum_n,), dtype=acc, device=device)
     t = torch.empty((sum_n,), dtype=acc, device=device)
-    torch.library.wrap_triton(_power_iteration_linear_kernel)[(L,)](
-        w_flat, u_flat, meta, u_out, sigma, v, cur, t,
+    forward_kernel[(L,)](
+        _flat(weights), _flat(iterates), meta, u_out, sigma, v, cur, t,
         n_iter, L, max(s[0] for s in shapes), max(s[1] for s in shapes),
         FP64=acc == torch.float64,
     )
     return u_out, sigma, v
 
 
-_BWD_BLOCK = 1024
+BACKWARD_BLOCK = 1024
 
 
-def backward_grids(n_layers: int, max_numel: int, block: int = _BWD_BLOCK):
+def backward_grids(n_layers: int, max_numel: int, block: int = BACKWARD_BLOCK):
     """(layer0, grid) of each backward launch: chunks of a layer on axis x, layers on axis y
     in groups within CUDA's grid limits (x ≤ 2³¹ − 1, y ≤ 65,535)."""
     chunks = max(1, triton.cdiv(max_numel, block))
@@ -234,88 +233,48 @@ def backward_grids(n_layers: int, max_numel: int, block: int = _BWD_BLOCK):
     return [(l0, (chunks, min(MAX_GRID_YZ, n_layers - l0))) for l0 in range(0, n_layers, MAX_GRID_YZ)]
 
 
-@torch.library.triton_op("gloro_fast::power_iteration_linear_backward_triton", mutates_args=())
-def power_iteration_linear_backward(
-    grad_sigma: torch.Tensor,
-    sigma: torch.Tensor,
-    v: torch.Tensor,
-    u: torch.Tensor,
-    shapes: List[int],
-) -> torch.Tensor:
-    """Packed grad_W (Σ m·n,) = (g_l / σ_l) v_l u_lᵀ per layer; ``shapes`` is [m0, n0, m1, n1, ...]."""
-    pairs = [(shapes[2 * k], shapes[2 * k + 1]) for k in range(len(shapes) // 2)]
-    grad_sigma = contiguous(grad_sigma)
-    meta = _meta(pairs, sigma.device)
-    total = sum(m * n for m, n in pairs)
-    grad_w = torch.empty((total,), dtype=sigma.dtype, device=sigma.device)
-    for layer0, grid in backward_grids(len(pairs), max(m * n for m, n in pairs)):
-        torch.library.wrap_triton(_power_iteration_linear_bwd_kernel)[grid](
-            grad_sigma, sigma, v, u, meta, grad_w, layer0,
-            FP64=v.dtype == torch.float64, BLOCK=_BWD_BLOCK, num_warps=4,
-        )
-    return grad_w
-
-
-def _setup_context(ctx, inputs, output):
-    weights, _iterates, _n_iter = inputs
-    u_out, sigma, v = output
-    ctx.save_for_backward(sigma, v, u_out)
-    ctx.shapes = [d for w in weights for d in w.shape]
-
-
-def _backward(ctx, _grad_u, grad_sigma, _grad_v):
-    sigma, v, u = ctx.saved_tensors
-    if grad_sigma is None:  # pragma: no cover
-        grad_sigma = torch.zeros_like(sigma)
-    grad_w = torch.ops.gloro_fast.power_iteration_linear_backward_triton(
-        grad_sigma, sigma, v, u, ctx.shapes
-    )
-    grads, off = [], 0
-    for k in range(len(ctx.shapes) // 2):
-        m, n = ctx.shapes[2 * k], ctx.shapes[2 * k + 1]
-        grads.append(grad_w[off : off + m * n].view(m, n))
-        off += m * n
-    return grads, [None] * len(grads), None
-
-
-power_iteration_linear_forward.register_autograd(_backward, setup_context=_setup_context)
-
-
-# ----------------------------------------------------------------------------- public entry
-def _run_group(weights, iterates, n_iter):
-    u_flat, sigma, _v = torch.ops.gloro_fast.power_iteration_linear_triton(weights, iterates, n_iter)
-    u_flat = u_flat.detach()
-    new_iterates = list(u_flat.split([w.shape[1] for w in weights]))
-    return new_iterates, list(sigma.unbind(0))
-
-
-def power_iteration_linear(
-    weights: Union[torch.Tensor, Sequence[torch.Tensor]],
-    iterates: Union[torch.Tensor, Sequence[torch.Tensor]],
-    n_iter: int = 1,
-):
-    """``n_iter`` power iterations on one or many dense layers, all in one kernel launch (Triton).
-
-    Same contract as :func:`gloro_fast.ops.power_iteration_linear`: returns ``(u_new, sigma)``
-    for a single layer or ``(list of u_new, list of sigma)`` for lists; u_new is detached,
-    sigma is differentiable w.r.t. the weights. Layers of different dtypes or devices are
-    run in one launch per (dtype, device) group.
-    """
-    single, weights, iterates, n_iter = _check_args(weights, iterates, n_iter)
+def _by_dtype(weights: Sequence[torch.Tensor]) -> Dict[torch.dtype, List[int]]:
+    """Layer indices per dtype: one launch per dtype (one group in the usual case)."""
+    groups: Dict[torch.dtype, List[int]] = {}
     for k, w in enumerate(weights):
-        if w.shape[0] < 1 or w.shape[1] < 1:
-            raise ValueError(f"weights[{k}] must have shape (m, n) with m, n >= 1, got {tuple(w.shape)}")
-        check_dtype(f"weights[{k}]", w)
-        check_device(w)
-    groups: Dict[tuple, List[int]] = {}
-    for k, w in enumerate(weights):
-        groups.setdefault((w.dtype, w.device), []).append(k)
+        groups.setdefault(w.dtype, []).append(k)
+    return groups
+
+
+def _forward(weights: List[torch.Tensor], iterates: List[torch.Tensor], n_iter: int):
+    """(new iterates, sigmas): every layer of a dtype in one launch."""
     new_iterates: List[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
     sigmas: List[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
-    for idx in groups.values():
-        us, ss = _run_group([weights[k] for k in idx], [iterates[k] for k in idx], n_iter)
-        for k, u, s in zip(idx, us, ss):
+    for idx in _by_dtype(weights).values():
+        group = [weights[k] for k in idx]
+        u_flat, sigma, _v = _launch_forward(group, [iterates[k] for k in idx], n_iter)
+        for k, u, s in zip(idx, u_flat.split([w.shape[1] for w in group]), sigma.unbind(0)):
             new_iterates[k], sigmas[k] = u, s
-    if single:
-        return new_iterates[0], sigmas[0]
     return new_iterates, sigmas
+
+
+def _backward(grad_sigmas: List[torch.Tensor], weights: List[torch.Tensor], iterates: List[torch.Tensor],
+              sigmas: List[torch.Tensor]) -> List[torch.Tensor]:
+    """grad_W_l = (g_l / σ_l) (W_l u_l) u_lᵀ (0 where σ_l = 0), every layer of a dtype in two launches."""
+    grads: List[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
+    for idx in _by_dtype(weights).values():
+        group = [weights[k] for k in idx]
+        u = _flat([iterates[k] for k in idx])
+        _u, _sigma, v = _launch_forward(group, [iterates[k] for k in idx], 0)
+        grad_sigma = torch.stack([grad_sigmas[k].reshape(()) for k in idx]).to(group[0].dtype)
+        sigma = torch.stack([sigmas[k].reshape(()) for k in idx]).to(group[0].dtype)
+        pairs = [tuple(w.shape) for w in group]
+        meta = layer_table(pairs, u.device)
+        grad_w = torch.empty((sum(m * n for m, n in pairs),), dtype=group[0].dtype, device=u.device)
+        for layer0, grid in backward_grids(len(pairs), max(m * n for m, n in pairs)):
+            backward_kernel[grid](
+                grad_sigma, sigma, v, u, meta, grad_w, layer0,
+                FP64=v.dtype == torch.float64, BLOCK=BACKWARD_BLOCK, num_warps=4,
+            )
+        for k, g in zip(idx, grad_w.split([m * n for m, n in pairs])):
+            grads[k] = g.view(weights[k].shape)
+    return grads
+
+
+register_kernels("power_iteration_linear", "triton", forward=_forward, backward=_backward,
+                 unusable=unusable_reason)

@@ -1,7 +1,6 @@
 """Shared test helpers: a seeded generator and explicit matrices of linear operators."""
 from __future__ import annotations
 
-import contextlib
 import math
 
 import pytest
@@ -32,17 +31,11 @@ def planted_matrix(m, n, gen, top, rest, dtype=torch.float64):
     return q1[:, :r] @ torch.diag(s) @ q2[:, :r].t()
 
 
-@contextlib.contextmanager
 def reference_backend():
     """Force the reference backend inside the block, restoring the previous choice."""
-    from gloro_fast.ops import _backend
+    from gloro_fast.ops import use_backend
 
-    before = _backend._state["backend"]
-    _backend.set_backend("reference")
-    try:
-        yield
-    finally:
-        _backend._state["backend"] = before
+    return use_backend("reference")
 
 
 @pytest.fixture
@@ -70,16 +63,10 @@ def single_thread():
 @pytest.fixture
 def backend():
     """Run a function under a named backend, restoring the configured one afterwards."""
-    from gloro_fast.ops import get_backend, set_backend
-
-    before = get_backend()
+    from gloro_fast.ops import use_backend
 
     def run(name, fn, *args, **kwargs):
-        set_backend(name)
-        try:
+        with use_backend(name):
             return fn(*args, **kwargs)
-        finally:
-            set_backend(before)
 
-    yield run
-    set_backend(before)
+    return run

@@ -21,21 +21,10 @@
 #include <type_traits>
 #include <vector>
 
+#include "../utils.h"
+
 namespace gloro_fast {
 namespace {
-
-void check_common(const at::Tensor& distances, const at::Tensor& lipschitz, int64_t C, at::ScalarType dtype,
-                  const char* op) {
-  TORCH_CHECK(C >= 2, op, ": need at least 2 classes, got ", C);
-  TORCH_CHECK(distances.dim() == 2 && distances.size(0) == C && distances.size(1) == C, op,
-              ": distances must have shape (", C, ", ", C, "), got ", distances.sizes());
-  TORCH_CHECK(lipschitz.dim() == 0, op, ": lipschitz must be 0-dim, got ", lipschitz.sizes());
-  TORCH_CHECK(distances.scalar_type() == dtype && lipschitz.scalar_type() == dtype, op,
-              ": distances and lipschitz must have dtype ", dtype);
-  TORCH_CHECK(at::isFloatingType(dtype), op, ": expected a floating-point dtype, got ", dtype);
-  TORCH_CHECK(distances.device().is_cpu() && lipschitz.device().is_cpu(), op,
-              " (CPU kernel): tensors must be on CPU");
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> bottom_logit_cpu(const at::Tensor& logits_in,
                                                                  const at::Tensor& distances_in,
@@ -43,18 +32,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bottom_logit_cpu(const at::Tensor
                                                                  double epsilon,
                                                                  const std::optional<at::Tensor>& classes_in) {
   TORCH_CHECK(logits_in.dim() == 2, "bottom_logit: logits must be 2-D (B, C), got ", logits_in.sizes());
-  TORCH_CHECK(logits_in.device().is_cpu(), "bottom_logit (CPU kernel): logits must be on CPU");
+  const at::Device cpu = kernel_device(logits_in, at::kCPU, "bottom_logit", "logits");
   const int64_t B = logits_in.size(0), C = logits_in.size(1);
-  check_common(distances_in, lipschitz, C, logits_in.scalar_type(), "bottom_logit");
+  check_margin_operands(distances_in, lipschitz, C, logits_in.scalar_type(), cpu, "bottom_logit");
   TORCH_CHECK(std::isfinite(epsilon) && epsilon >= 0, "bottom_logit: epsilon must be finite and >= 0");
   const bool has_classes = classes_in.has_value() && classes_in->defined();
   at::Tensor classes;
   if (has_classes) {
-    TORCH_CHECK(classes_in->dim() == 1 && classes_in->size(0) == B, "bottom_logit: classes must have shape (",
-                B, "), got ", classes_in->sizes());
-    TORCH_CHECK(!at::isFloatingType(classes_in->scalar_type()) && classes_in->scalar_type() != at::kBool,
-                "bottom_logit: classes must be integer");
-    TORCH_CHECK(classes_in->device().is_cpu(), "bottom_logit (CPU kernel): classes must be on CPU");
+    check_classes(*classes_in, B, cpu);
     classes = classes_in->to(at::kLong).contiguous();
   }
   const at::Tensor logits = logits_in.contiguous();
@@ -128,16 +113,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bottom_logit_backward_cpu(
     const at::Tensor& i_star_in, const at::Tensor& classes_in, int64_t num_classes) {
   const int64_t C = num_classes;
   const auto dtype = distances_in.scalar_type();
-  check_common(distances_in, lipschitz, C, dtype, "bottom_logit_backward");
-  TORCH_CHECK(grad_bottom_in.dim() == 1, "bottom_logit_backward: grad must be 1-D, got ", grad_bottom_in.sizes());
+  const at::Device cpu = kernel_device(grad_bottom_in, at::kCPU, "bottom_logit_backward", "grad");
+  check_margin_operands(distances_in, lipschitz, C, dtype, cpu, "bottom_logit_backward");
+  check_margin_backward(grad_bottom_in, i_star_in, classes_in, dtype, cpu);
   const int64_t B = grad_bottom_in.size(0);
-  TORCH_CHECK(grad_bottom_in.scalar_type() == dtype, "bottom_logit_backward: grad must have dtype ", dtype);
-  TORCH_CHECK(i_star_in.dim() == 1 && i_star_in.size(0) == B && classes_in.dim() == 1 && classes_in.size(0) == B,
-              "bottom_logit_backward: i_star and classes must have shape (", B, ")");
-  TORCH_CHECK(i_star_in.scalar_type() == at::kLong && classes_in.scalar_type() == at::kLong,
-              "bottom_logit_backward: i_star and classes must be int64");
-  TORCH_CHECK(grad_bottom_in.device().is_cpu() && i_star_in.device().is_cpu() && classes_in.device().is_cpu(),
-              "bottom_logit_backward (CPU kernel): tensors must be on CPU");
   // contiguous(): the incoming gradient is often an expanded, stride-0 tensor (.sum() backward)
   const at::Tensor grad = grad_bottom_in.contiguous();
   const at::Tensor distances = distances_in.contiguous();
@@ -191,7 +170,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bottom_logit_backward_cpu(
 }  // namespace
 }  // namespace gloro_fast
 
-TORCH_LIBRARY_IMPL(gloro_fast, CPU, m) {
+TORCH_LIBRARY_IMPL(_gloro_fast_cpp, CPU, m) {
   m.impl("bottom_logit", &gloro_fast::bottom_logit_cpu);
   m.impl("bottom_logit_backward", &gloro_fast::bottom_logit_backward_cpu);
 }

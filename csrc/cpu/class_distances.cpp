@@ -19,22 +19,13 @@
 #include <algorithm>
 #include <cmath>
 
+#include "../utils.h"
+
 namespace gloro_fast {
 namespace {
 
 constexpr int64_t kGramMinClasses = 26;  // torch.cdist uses the GEMM form above 25 rows
 constexpr int64_t kTile = 64;
-
-void check_weight(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2, "class_distances: weight must be 2-D (C, d), got ", weight.sizes());
-  TORCH_CHECK(weight.size(0) >= 1 && weight.size(1) >= 1,
-              "class_distances: weight must have C, d >= 1, got ", weight.sizes());
-  TORCH_CHECK(at::isFloatingType(weight.scalar_type()),
-              "class_distances: weight must be floating point, got ", weight.scalar_type());
-  TORCH_CHECK(weight.device().is_cpu(), "class_distances (CPU kernel): weight must be on CPU");
-}
-
-bool is_reduced(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
 template <typename scalar_t>
 inline scalar_t squared_distance(const scalar_t* a, const scalar_t* b, int64_t d) {
@@ -119,7 +110,8 @@ at::Tensor distances_impl(const at::Tensor& weight, bool exact) {
 }
 
 at::Tensor class_distances_cpu(const at::Tensor& weight, bool exact) {
-  check_weight(weight);
+  check_class_weight(weight, "class_distances");
+  kernel_device(weight, at::kCPU, "class_distances", "weight");
   const auto dtype = weight.scalar_type();
   if (is_reduced(dtype)) {  // accumulate in float32 (at::opmath_type of bf16/half)
     return distances_impl(weight.to(at::kFloat).contiguous(), exact).to(dtype);
@@ -192,17 +184,9 @@ at::Tensor distances_backward_impl(const at::Tensor& grad, const at::Tensor& wei
 
 at::Tensor class_distances_backward_cpu(const at::Tensor& grad, const at::Tensor& weight,
                                         const at::Tensor& distances) {
-  check_weight(weight);
-  const int64_t C = weight.size(0);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == C && grad.size(1) == C,
-              "class_distances_backward: grad must have shape (", C, ", ", C, "), got ", grad.sizes());
-  TORCH_CHECK(distances.dim() == 2 && distances.size(0) == C && distances.size(1) == C,
-              "class_distances_backward: distances must have shape (", C, ", ", C, "), got ",
-              distances.sizes());
-  TORCH_CHECK(grad.scalar_type() == weight.scalar_type() && distances.scalar_type() == weight.scalar_type(),
-              "class_distances_backward: grad, weight and distances must share a dtype");
-  TORCH_CHECK(grad.device().is_cpu() && distances.device().is_cpu(),
-              "class_distances_backward (CPU kernel): tensors must be on CPU");
+  check_class_weight(weight, "class_distances_backward");
+  check_class_backward(grad, weight, distances,
+                       kernel_device(weight, at::kCPU, "class_distances_backward", "weight"));
   const auto dtype = weight.scalar_type();
   if (is_reduced(dtype)) {
     return distances_backward_impl(grad.to(at::kFloat).contiguous(), weight.to(at::kFloat).contiguous(),
@@ -216,7 +200,7 @@ at::Tensor class_distances_backward_cpu(const at::Tensor& grad, const at::Tensor
 }  // namespace
 }  // namespace gloro_fast
 
-TORCH_LIBRARY_IMPL(gloro_fast, CPU, m) {
+TORCH_LIBRARY_IMPL(_gloro_fast_cpp, CPU, m) {
   m.impl("class_distances", &gloro_fast::class_distances_cpu);
   m.impl("class_distances_backward", &gloro_fast::class_distances_backward_cpu);
 }

@@ -28,16 +28,12 @@
 #include <tuple>
 #include <vector>
 
+#include "../power_iteration_conv.h"
+
 namespace gloro_fast {
 namespace pi_conv {
 
 using at::Tensor;
-
-// Epilogues, given the (N, per) blocks of x (contiguous) and of add (undefined: none):
-//   NormalizeFn: out_b = y_b / ||y_b|| with y = x + add, or old_b where ||y_b|| = 0 (new tensor)
-//   NormFn:      sigma_b = ||x_b + add_b||, a tensor (N,) of x's dtype
-using NormalizeFn = Tensor (*)(const Tensor& x, const Tensor& add, const Tensor& old, int64_t blocks);
-using NormFn = Tensor (*)(const Tensor& x, const Tensor& add, int64_t blocks);
 
 struct Geometry {
   int64_t blocks, c_in, c_out;  // c_in, c_out per layer
@@ -306,7 +302,7 @@ Tensor power_iteration_conv_backward_cpu(const Tensor& grad_sigma, const Tensor&
 }  // namespace
 }  // namespace gloro_fast
 
-TORCH_LIBRARY_IMPL(gloro_fast, CPU, m) {
+TORCH_LIBRARY_IMPL(_gloro_fast_cpp, CPU, m) {
   m.impl("power_iteration_conv", &gloro_fast::power_iteration_conv_cpu);
   m.impl("power_iteration_conv_backward", &gloro_fast::power_iteration_conv_backward_cpu);
 }

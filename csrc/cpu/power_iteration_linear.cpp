@@ -19,8 +19,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <map>
 #include <vector>
+
+#include "../utils.h"
 
 namespace gloro_fast {
 namespace {
@@ -176,30 +177,6 @@ struct Stack {
   }
 };
 
-void check_lists(const char* op, at::TensorList weights, at::TensorList iterates) {
-  TORCH_CHECK(weights.size() == iterates.size(), op, ": weights and iterates must have the same length, got ",
-              weights.size(), " and ", iterates.size());
-  for (size_t l = 0; l < weights.size(); ++l) {
-    const Tensor& w = weights[l];
-    const Tensor& u = iterates[l];
-    TORCH_CHECK(w.dim() == 2, op, ": weights[", l, "] must be 2-D, got ", w.sizes());
-    TORCH_CHECK(u.dim() == 1 && u.size(0) == w.size(1), op, ": iterates[", l, "] must have shape (",
-                w.size(1), "), got ", u.sizes());
-    TORCH_CHECK(at::isFloatingType(w.scalar_type()) && u.scalar_type() == w.scalar_type(), op,
-                ": weights[", l, "] and iterates[", l, "] must share one floating dtype, got ",
-                w.scalar_type(), " and ", u.scalar_type());
-    TORCH_CHECK(w.device().is_cpu() && u.device().is_cpu(), op, " (CPU kernel): layer ", l,
-                " must be on CPU");
-  }
-}
-
-// Layer indices grouped by dtype (one group in the usual case).
-std::map<at::ScalarType, std::vector<size_t>> by_dtype(at::TensorList weights) {
-  std::map<at::ScalarType, std::vector<size_t>> groups;
-  for (size_t l = 0; l < weights.size(); ++l) groups[weights[l].scalar_type()].push_back(l);
-  return groups;
-}
-
 template <typename scalar_t>
 void forward_group(at::TensorList weights, at::TensorList iterates, const std::vector<size_t>& idx,
                    int64_t n_iter, std::vector<Tensor>& u_out, std::vector<Tensor>& s_out) {
@@ -236,7 +213,7 @@ void forward_group(at::TensorList weights, at::TensorList iterates, const std::v
 
 std::tuple<std::vector<Tensor>, std::vector<Tensor>> power_iteration_linear_cpu(
     at::TensorList weights, at::TensorList iterates, int64_t n_iter) {
-  check_lists("power_iteration_linear", weights, iterates);
+  check_layers("power_iteration_linear", weights, iterates, at::Device(at::kCPU));
   TORCH_CHECK(n_iter >= 0, "power_iteration_linear: n_iter must be >= 0, got ", n_iter);
   std::vector<Tensor> u_out(weights.size()), s_out(weights.size());
   for (const auto& [dtype, idx] : by_dtype(weights)) {
@@ -290,15 +267,8 @@ void backward_group(at::TensorList grad_sigmas, at::TensorList weights, at::Tens
 
 std::vector<Tensor> power_iteration_linear_backward_cpu(at::TensorList grad_sigmas, at::TensorList weights,
                                                         at::TensorList iterates, at::TensorList sigmas) {
-  check_lists("power_iteration_linear_backward", weights, iterates);
-  TORCH_CHECK(grad_sigmas.size() == weights.size() && sigmas.size() == weights.size(),
-              "power_iteration_linear_backward: grad_sigmas, weights, iterates and sigmas must have the "
-              "same length");
-  for (size_t l = 0; l < weights.size(); ++l) {
-    TORCH_CHECK(grad_sigmas[l].numel() == 1 && sigmas[l].numel() == 1,
-                "power_iteration_linear_backward: grad_sigmas[", l, "] and sigmas[", l,
-                "] must hold one value each");
-  }
+  check_layers("power_iteration_linear_backward", weights, iterates, at::Device(at::kCPU));
+  check_layer_scalars(grad_sigmas, sigmas, weights.size());
   std::vector<Tensor> grads(weights.size());
   for (const auto& [dtype, idx] : by_dtype(weights)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "power_iteration_linear_backward", [&] {
@@ -311,7 +281,7 @@ std::vector<Tensor> power_iteration_linear_backward_cpu(at::TensorList grad_sigm
 }  // namespace
 }  // namespace gloro_fast
 
-TORCH_LIBRARY_IMPL(gloro_fast, CPU, m) {
+TORCH_LIBRARY_IMPL(_gloro_fast_cpp, CPU, m) {
   m.impl("power_iteration_linear", &gloro_fast::power_iteration_linear_cpu);
   m.impl("power_iteration_linear_backward", &gloro_fast::power_iteration_linear_backward_cpu);
 }

@@ -13,6 +13,8 @@
 #include <optional>
 #include <tuple>
 
+#include "utils.h"
+
 namespace gloro_fast {
 namespace cuda {
 // csrc/cuda/bottom_logit.cu
@@ -30,25 +32,6 @@ cudaError_t bottom_logit_backward(const double* grad, const double* dist, const 
                                   double* grad_k, int64_t B, int64_t C, cudaStream_t s);
 
 namespace {
-
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, ": CUDA launch failed: ", cudaGetErrorString(err));
-}
-
-bool is_reduced(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
-
-void check_common(const at::Tensor& distances, const at::Tensor& lipschitz, int64_t C, at::ScalarType dtype,
-                  const at::Device& device, const char* op) {
-  TORCH_CHECK(C >= 2, op, ": need at least 2 classes, got ", C);
-  TORCH_CHECK(distances.dim() == 2 && distances.size(0) == C && distances.size(1) == C, op,
-              ": distances must have shape (", C, ", ", C, "), got ", distances.sizes());
-  TORCH_CHECK(lipschitz.dim() == 0, op, ": lipschitz must be 0-dim, got ", lipschitz.sizes());
-  TORCH_CHECK(distances.scalar_type() == dtype && lipschitz.scalar_type() == dtype, op,
-              ": distances and lipschitz must have dtype ", dtype);
-  TORCH_CHECK(at::isFloatingType(dtype), op, ": expected a floating-point dtype, got ", dtype);
-  TORCH_CHECK(distances.device() == device && lipschitz.device() == device, op,
-              ": tensors must be on the same CUDA device");
-}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& logits, const at::Tensor& distances,
                                                             const at::Tensor& lipschitz, double epsilon,
@@ -75,18 +58,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bottom_logit_cuda(const at::Tenso
                                                                   const at::Tensor& lipschitz, double epsilon,
                                                                   const std::optional<at::Tensor>& classes_in) {
   TORCH_CHECK(logits.dim() == 2, "bottom_logit: logits must be 2-D (B, C), got ", logits.sizes());
-  TORCH_CHECK(logits.is_cuda(), "bottom_logit (CUDA kernel): logits must be a CUDA tensor");
+  const at::Device device = kernel_device(logits, at::kCUDA, "bottom_logit", "logits");
   const int64_t B = logits.size(0), C = logits.size(1);
-  check_common(distances, lipschitz, C, logits.scalar_type(), logits.device(), "bottom_logit");
+  check_margin_operands(distances, lipschitz, C, logits.scalar_type(), device, "bottom_logit");
   TORCH_CHECK(std::isfinite(epsilon) && epsilon >= 0, "bottom_logit: epsilon must be finite and >= 0");
   at::Tensor classes;
   if (classes_in.has_value() && classes_in->defined()) {
-    TORCH_CHECK(classes_in->dim() == 1 && classes_in->size(0) == B, "bottom_logit: classes must have shape (", B,
-                "), got ", classes_in->sizes());
-    TORCH_CHECK(!at::isFloatingType(classes_in->scalar_type()) && classes_in->scalar_type() != at::kBool,
-                "bottom_logit: classes must be integer");
-    TORCH_CHECK(classes_in->device() == logits.device(), "bottom_logit: classes must be on the logits' device");
-    classes = classes_in->to(at::kLong).contiguous();  // range checked in Python (no host sync here)
+    check_classes(*classes_in, B, device);
+    // the range is checked by the op before the kernel runs (no host sync here); the kernel
+    // writes NaN and i* = -1 for an index out of range, never reading outside D
+    classes = classes_in->to(at::kLong).contiguous();
   }
   const c10::cuda::CUDAGuard guard(logits.device());
   const auto dtype = logits.scalar_type();
@@ -125,17 +106,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bottom_logit_backward_cuda(
     const at::Tensor& i_star, const at::Tensor& classes, int64_t num_classes) {
   const int64_t C = num_classes;
   const auto dtype = distances.scalar_type();
-  TORCH_CHECK(grad_bottom.is_cuda(), "bottom_logit_backward (CUDA kernel): grad must be a CUDA tensor");
-  check_common(distances, lipschitz, C, dtype, grad_bottom.device(), "bottom_logit_backward");
-  TORCH_CHECK(grad_bottom.dim() == 1, "bottom_logit_backward: grad must be 1-D, got ", grad_bottom.sizes());
-  const int64_t B = grad_bottom.size(0);
-  TORCH_CHECK(grad_bottom.scalar_type() == dtype, "bottom_logit_backward: grad must have dtype ", dtype);
-  TORCH_CHECK(i_star.dim() == 1 && i_star.size(0) == B && classes.dim() == 1 && classes.size(0) == B,
-              "bottom_logit_backward: i_star and classes must have shape (", B, ")");
-  TORCH_CHECK(i_star.scalar_type() == at::kLong && classes.scalar_type() == at::kLong,
-              "bottom_logit_backward: i_star and classes must be int64");
-  TORCH_CHECK(i_star.device() == grad_bottom.device() && classes.device() == grad_bottom.device(),
-              "bottom_logit_backward: tensors must be on the same CUDA device");
+  const at::Device device = kernel_device(grad_bottom, at::kCUDA, "bottom_logit_backward", "grad");
+  check_margin_operands(distances, lipschitz, C, dtype, device, "bottom_logit_backward");
+  check_margin_backward(grad_bottom, i_star, classes, dtype, device);
   // grad_D[j, i*] += g eps K by atomicAdd: rows sharing a cell are summed in a run-dependent order
   at::globalContext().alertNotDeterministic("gloro_fast::bottom_logit_backward (CUDA)");
   const c10::cuda::CUDAGuard guard(grad_bottom.device());
@@ -154,7 +127,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bottom_logit_backward_cuda(
 }  // namespace cuda
 }  // namespace gloro_fast
 
-TORCH_LIBRARY_IMPL(gloro_fast, CUDA, m) {
+TORCH_LIBRARY_IMPL(_gloro_fast_cpp, CUDA, m) {
   m.impl("bottom_logit", &gloro_fast::cuda::bottom_logit_cuda);
   m.impl("bottom_logit_backward", &gloro_fast::cuda::bottom_logit_backward_cuda);
 }

@@ -13,11 +13,12 @@
 
 #include <cstdint>
 
+#include "common.cuh"
+
 namespace gloro_fast {
 namespace cuda {
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int64_t kNoIndex = INT64_MAX;
 
 template <typename T>
@@ -68,13 +69,6 @@ __device__ ArgMax<T> block_argmax(ArgMax<T> a) {
   const ArgMax<T> out = result;
   __syncthreads();  // the shared buffers may be reused by the next call
   return out;
-}
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
-  return v;
 }
 
 template <typename T>
@@ -133,22 +127,13 @@ template <typename T>
 __global__ void backward_lipschitz_kernel(const T* __restrict__ grad, const T* __restrict__ dist, T eps,
                                           const int64_t* __restrict__ i_star, const int64_t* __restrict__ classes,
                                           T* __restrict__ grad_k, int64_t B, int64_t C) {
-  __shared__ T partial[kWarp];
   T acc = T(0);
   for (int64_t b = threadIdx.x; b < B; b += blockDim.x) {
     const int64_t i = i_star[b], j = classes[b];
     if (i >= 0 && i < C && j >= 0 && j < C) acc += grad[b] * dist[j * C + i];
   }
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  acc = warp_sum(acc);
-  if (lane == 0) partial[warp] = acc;
-  __syncthreads();
-  if (warp == 0) {
-    const int n_warps = (blockDim.x + kWarp - 1) / kWarp;
-    acc = lane < n_warps ? partial[lane] : T(0);
-    acc = warp_sum(acc);
-    if (lane == 0) grad_k[0] = eps * acc;
-  }
+  acc = block_sum(acc);
+  if (threadIdx.x == 0) grad_k[0] = eps * acc;
 }
 
 int threads_for(int64_t C) { return C <= 64 ? 32 : C <= 512 ? 128 : 256; }

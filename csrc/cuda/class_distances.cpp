@@ -11,6 +11,8 @@
 
 #include <cstdint>
 
+#include "utils.h"
+
 namespace gloro_fast {
 namespace cuda {
 // csrc/cuda/class_distances.cu
@@ -30,21 +32,6 @@ cudaError_t class_distances_backward_rows(const double* v, const double* sv, con
 namespace {
 
 constexpr int64_t kGramMinClasses = 26;  // as the CPU kernel and torch.cdist
-
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, ": CUDA launch failed: ", cudaGetErrorString(err));
-}
-
-void check_weight(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2, "class_distances: weight must be 2-D (C, d), got ", weight.sizes());
-  TORCH_CHECK(weight.size(0) >= 1 && weight.size(1) >= 1,
-              "class_distances: weight must have C, d >= 1, got ", weight.sizes());
-  TORCH_CHECK(at::isFloatingType(weight.scalar_type()),
-              "class_distances: weight must be floating point, got ", weight.scalar_type());
-  TORCH_CHECK(weight.is_cuda(), "class_distances (CUDA kernel): weight must be a CUDA tensor");
-}
-
-bool is_reduced(at::ScalarType t) { return t == at::kBFloat16 || t == at::kHalf; }
 
 at::Tensor distances_impl(const at::Tensor& weight, bool exact) {
   const int64_t C = weight.size(0), d = weight.size(1);
@@ -70,7 +57,8 @@ at::Tensor distances_impl(const at::Tensor& weight, bool exact) {
 }
 
 at::Tensor class_distances_cuda(const at::Tensor& weight, bool exact) {
-  check_weight(weight);
+  check_class_weight(weight, "class_distances");
+  kernel_device(weight, at::kCUDA, "class_distances", "weight");
   const c10::cuda::CUDAGuard guard(weight.device());
   const auto dtype = weight.scalar_type();
   if (is_reduced(dtype)) return distances_impl(weight.to(at::kFloat).contiguous(), exact).to(dtype);
@@ -102,16 +90,9 @@ at::Tensor distances_backward_impl(const at::Tensor& grad, const at::Tensor& wei
 
 at::Tensor class_distances_backward_cuda(const at::Tensor& grad, const at::Tensor& weight,
                                          const at::Tensor& distances) {
-  check_weight(weight);
-  const int64_t C = weight.size(0);
-  TORCH_CHECK(grad.dim() == 2 && grad.size(0) == C && grad.size(1) == C,
-              "class_distances_backward: grad must have shape (", C, ", ", C, "), got ", grad.sizes());
-  TORCH_CHECK(distances.dim() == 2 && distances.size(0) == C && distances.size(1) == C,
-              "class_distances_backward: distances must have shape (", C, ", ", C, "), got ", distances.sizes());
-  TORCH_CHECK(grad.scalar_type() == weight.scalar_type() && distances.scalar_type() == weight.scalar_type(),
-              "class_distances_backward: grad, weight and distances must share a dtype");
-  TORCH_CHECK(grad.device() == weight.device() && distances.device() == weight.device(),
-              "class_distances_backward: tensors must be on the same CUDA device");
+  check_class_weight(weight, "class_distances_backward");
+  check_class_backward(grad, weight, distances,
+                       kernel_device(weight, at::kCUDA, "class_distances_backward", "weight"));
   const c10::cuda::CUDAGuard guard(weight.device());
   const auto dtype = weight.scalar_type();
   if (is_reduced(dtype)) {
@@ -127,7 +108,7 @@ at::Tensor class_distances_backward_cuda(const at::Tensor& grad, const at::Tenso
 }  // namespace cuda
 }  // namespace gloro_fast
 
-TORCH_LIBRARY_IMPL(gloro_fast, CUDA, m) {
+TORCH_LIBRARY_IMPL(_gloro_fast_cpp, CUDA, m) {
   m.impl("class_distances", &gloro_fast::cuda::class_distances_cuda);
   m.impl("class_distances_backward", &gloro_fast::cuda::class_distances_backward_cuda);
 }

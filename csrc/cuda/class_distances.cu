@@ -13,33 +13,13 @@
 
 #include <cstdint>
 
+#include "common.cuh"
+
 namespace gloro_fast {
 namespace cuda {
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int kTile = 32;
-
-template <typename T>
-__device__ __forceinline__ T warp_sum(T v) {
-#pragma unroll
-  for (int offset = kWarp / 2; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
-  return v;
-}
-
-// Sum over the block (blockDim.x a multiple of 32); the result is valid in thread 0.
-template <typename T>
-__device__ T block_sum(T v) {
-  __shared__ T partial[kWarp];
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  v = warp_sum(v);
-  if (lane == 0) partial[warp] = v;
-  __syncthreads();
-  const int n_warps = (blockDim.x + kWarp - 1) / kWarp;
-  v = threadIdx.x < n_warps ? partial[threadIdx.x] : T(0);
-  if (warp == 0) v = warp_sum(v);
-  return v;
-}
 
 template <typename T>
 __global__ void gram_epilogue_kernel(const T* __restrict__ g, T* __restrict__ out, int64_t C) {

@@ -15,19 +15,10 @@
 
 #include <tuple>
 
-namespace gloro_fast {
-namespace pi_conv {
-// Defined in csrc/cpu/power_iteration_conv.cpp (same extension).
-using NormalizeFn = at::Tensor (*)(const at::Tensor& x, const at::Tensor& add, const at::Tensor& old, int64_t blocks);
-using NormFn = at::Tensor (*)(const at::Tensor& x, const at::Tensor& add, int64_t blocks);
-std::tuple<at::Tensor, at::Tensor> forward(const at::Tensor& weight, const at::Tensor& iterate, int64_t n_iter,
-                                           at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
-                                           int64_t groups, bool residual, NormalizeFn normalize, NormFn norm);
-at::Tensor backward(const at::Tensor& grad_sigma, const at::Tensor& weight, const at::Tensor& iterate,
-                    const at::Tensor& sigma, at::IntArrayRef stride, at::IntArrayRef padding,
-                    at::IntArrayRef dilation, int64_t groups, bool residual);
-}  // namespace pi_conv
+#include "../power_iteration_conv.h"
+#include "utils.h"
 
+namespace gloro_fast {
 namespace cuda {
 // Defined in power_iteration_conv.cu.
 void power_iteration_conv_normalize_launch(const float* x, const float* add, const float* old, float* out,
@@ -43,8 +34,6 @@ void power_iteration_conv_norm_launch(const double* x, const double* add, double
 namespace {
 
 using at::Tensor;
-
-at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 template <typename T>
 const T* ptr_or_null(const Tensor& t) {
@@ -116,7 +105,7 @@ Tensor power_iteration_conv_backward_cuda(const Tensor& grad_sigma, const Tensor
 }  // namespace
 }  // namespace gloro_fast
 
-TORCH_LIBRARY_IMPL(gloro_fast, CUDA, m) {
+TORCH_LIBRARY_IMPL(_gloro_fast_cpp, CUDA, m) {
   m.impl("power_iteration_conv", &gloro_fast::power_iteration_conv_cuda);
   m.impl("power_iteration_conv_backward", &gloro_fast::power_iteration_conv_backward_cuda);
 }

@@ -11,38 +11,18 @@
 // are left zero on exit (norm) or must be re-zeroed by the caller (normalize leaves acc filled).
 #include <cuda_runtime.h>
 
-#include <cfloat>
 #include <cstddef>
 #include <cstdint>
+
+#include "common.cuh"
 
 namespace gloro_fast {
 namespace cuda {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kWarp = 32;
 constexpr int kPerThread = 8;  // elements per thread per block pass
 constexpr int64_t kChunk = int64_t{kThreads} * kPerThread;
-
-template <typename T>
-__device__ T tiny();
-template <>
-__device__ float tiny<float>() { return FLT_MIN; }
-template <>
-__device__ double tiny<double>() { return DBL_MIN; }
-
-__device__ double block_sum(double s) {
-  __shared__ double partial[kThreads / kWarp];
-  for (int o = kWarp / 2; o > 0; o /= 2) s += __shfl_down_sync(0xffffffffu, s, o);
-  if (threadIdx.x % kWarp == 0) partial[threadIdx.x / kWarp] = s;
-  __syncthreads();
-  double total = 0;
-  if (threadIdx.x < kWarp) {
-    total = threadIdx.x < kThreads / kWarp ? partial[threadIdx.x] : 0.0;
-    for (int o = kWarp / 2; o > 0; o /= 2) total += __shfl_down_sync(0xffffffffu, total, o);
-  }
-  return total;
-}
 
 // grid (chunks, blocks): y = x + add into out, acc[layer] += sum y^2 over the chunk.
 template <typename T>

@@ -10,8 +10,9 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
-#include <map>
 #include <vector>
+
+#include "utils.h"
 
 namespace gloro_fast {
 namespace cuda {
@@ -36,29 +37,6 @@ void power_iteration_linear_backward_launch(const double* const* grad_sigma, con
 namespace {
 
 using at::Tensor;
-
-void check_lists(const char* op, at::TensorList weights, at::TensorList iterates) {
-  TORCH_CHECK(weights.size() == iterates.size(), op, ": weights and iterates must have the same length");
-  for (size_t l = 0; l < weights.size(); ++l) {
-    const Tensor& w = weights[l];
-    const Tensor& u = iterates[l];
-    TORCH_CHECK(w.dim() == 2, op, ": weights[", l, "] must be 2-D, got ", w.sizes());
-    TORCH_CHECK(u.dim() == 1 && u.size(0) == w.size(1), op, ": iterates[", l, "] must have shape (", w.size(1),
-                "), got ", u.sizes());
-    TORCH_CHECK(at::isFloatingType(w.scalar_type()) && u.scalar_type() == w.scalar_type(), op,
-                ": weights[", l, "] and iterates[", l, "] must share one floating dtype");
-    TORCH_CHECK(w.is_cuda() && u.device() == w.device() && w.device() == weights[0].device(), op,
-                " (CUDA kernel): every tensor must be on one CUDA device");
-  }
-}
-
-at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
-
-std::map<at::ScalarType, std::vector<size_t>> by_dtype(at::TensorList weights) {
-  std::map<at::ScalarType, std::vector<size_t>> groups;
-  for (size_t l = 0; l < weights.size(); ++l) groups[weights[l].scalar_type()].push_back(l);
-  return groups;
-}
 
 Tensor as_compute(const Tensor& t, at::ScalarType ct) { return t.to(ct).contiguous(); }
 
@@ -97,10 +75,13 @@ void forward_group(at::TensorList weights, at::TensorList iterates, const std::v
 std::tuple<std::vector<Tensor>, std::vector<Tensor>> power_iteration_linear_cuda(at::TensorList weights,
                                                                                  at::TensorList iterates,
                                                                                  int64_t n_iter) {
-  check_lists("power_iteration_linear", weights, iterates);
-  TORCH_CHECK(n_iter >= 0, "power_iteration_linear: n_iter must be >= 0, got ", n_iter);
+  const char* op = "power_iteration_linear";
   std::vector<Tensor> u_out(weights.size()), s_out(weights.size());
+  // no layers: only the lengths to check, and nothing to launch
+  const at::Device device = weights.empty() ? at::Device(at::kCUDA) : kernel_device(weights[0], at::kCUDA, op, "weights[0]");
+  check_layers(op, weights, iterates, device);
   if (weights.empty()) return {u_out, s_out};
+  TORCH_CHECK(n_iter >= 0, "power_iteration_linear: n_iter must be >= 0, got ", n_iter);
   // per-layer sums of squares by double atomicAdd: the low bits of u and sigma vary from run to run
   at::globalContext().alertNotDeterministic("gloro_fast::power_iteration_linear (CUDA)");
   const c10::cuda::CUDAGuard guard(weights[0].device());
@@ -149,15 +130,16 @@ void backward_group(at::TensorList grad_sigmas, at::TensorList weights, at::Tens
 
 std::vector<Tensor> power_iteration_linear_backward_cuda(at::TensorList grad_sigmas, at::TensorList weights,
                                                          at::TensorList iterates, at::TensorList sigmas) {
-  check_lists("power_iteration_linear_backward", weights, iterates);
-  TORCH_CHECK(grad_sigmas.size() == weights.size() && sigmas.size() == weights.size(),
-              "power_iteration_linear_backward: grad_sigmas, weights, iterates and sigmas must have the same length");
-  for (size_t l = 0; l < weights.size(); ++l) {
-    TORCH_CHECK(grad_sigmas[l].numel() == 1 && sigmas[l].numel() == 1, "power_iteration_linear_backward: ",
-                "grad_sigmas[", l, "] and sigmas[", l, "] must hold one value each");
-  }
+  const char* op = "power_iteration_linear_backward";
+  const at::Device device = weights.empty() ? at::Device(at::kCUDA) : kernel_device(weights[0], at::kCUDA, op, "weights[0]");
+  check_layers(op, weights, iterates, device);
+  check_layer_scalars(grad_sigmas, sigmas, weights.size());
   std::vector<Tensor> grads(weights.size());
   if (weights.empty()) return grads;
+  for (size_t l = 0; l < weights.size(); ++l) {  // the kernels read them on the device
+    check_device(grad_sigmas[l], device, op, "every grad_sigma");
+    check_device(sigmas[l], device, op, "every sigma");
+  }
   const c10::cuda::CUDAGuard guard(weights[0].device());
   for (const auto& [dtype, idx] : by_dtype(weights)) {
     if (compute_type(dtype) == at::kDouble) {
@@ -172,7 +154,7 @@ std::vector<Tensor> power_iteration_linear_backward_cuda(at::TensorList grad_sig
 }  // namespace
 }  // namespace gloro_fast
 
-TORCH_LIBRARY_IMPL(gloro_fast, CUDA, m) {
+TORCH_LIBRARY_IMPL(_gloro_fast_cpp, CUDA, m) {
   m.impl("power_iteration_linear", &gloro_fast::power_iteration_linear_cuda);
   m.impl("power_iteration_linear_backward", &gloro_fast::power_iteration_linear_backward_cuda);
 }

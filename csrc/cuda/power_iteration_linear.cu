@@ -22,16 +22,16 @@
 // binding reports the op to torch.use_deterministic_algorithms.
 #include <cuda_runtime.h>
 
-#include <cfloat>
 #include <cstddef>
 #include <cstdint>
 #include <vector>
+
+#include "common.cuh"
 
 namespace gloro_fast {
 namespace cuda {
 namespace {
 
-constexpr int kWarp = 32;
 constexpr int kRowsPerBlock = 8;    // matvec: 8 warps, one row each
 constexpr int kColsPerBlock = 32;   // matvec_t: 32 columns ...
 constexpr int kSlices = 8;          // ... x 8 row slices
@@ -74,13 +74,6 @@ struct Layer {
   int64_t col_block0;     // first matvec_t block
 };
 
-template <typename T>
-__device__ T tiny();
-template <>
-__device__ float tiny<float>() { return FLT_MIN; }
-template <>
-__device__ double tiny<double>() { return DBL_MIN; }
-
 // Index of the last layer whose field `start` is <= key (layers sorted by start).
 template <typename T, int64_t Layer<T>::*start>
 __device__ int find_layer(const Layer<T>* table, int L, int64_t key) {
@@ -90,32 +83,6 @@ __device__ int find_layer(const Layer<T>* table, int L, int64_t key) {
     if (table[mid].*start <= key) lo = mid; else hi = mid - 1;
   }
   return lo;
-}
-
-__device__ double warp_sum(double s) {
-  for (int o = kWarp / 2; o > 0; o /= 2) s += __shfl_down_sync(0xffffffffu, s, o);
-  return s;
-}
-
-template <typename T>
-__device__ T warp_sum_t(T s) {
-  for (int o = kWarp / 2; o > 0; o /= 2) s += __shfl_down_sync(0xffffffffu, s, o);
-  return s;
-}
-
-// Sum over the block of per-thread values (blockDim.x * blockDim.y == kThreads); result in thread 0.
-__device__ double block_sum(double s) {
-  __shared__ double partial[kThreads / kWarp];
-  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
-  s = warp_sum(s);
-  if (tid % kWarp == 0) partial[tid / kWarp] = s;
-  __syncthreads();
-  double total = 0;
-  if (tid < kWarp) {
-    total = tid < kThreads / kWarp ? partial[tid] : 0.0;
-    total = warp_sum(total);
-  }
-  return total;
 }
 
 // v = W u for every row of every layer; vsq[l] += ||v_l||^2; zeroes xsq (consumed by matvec_t).
@@ -134,7 +101,7 @@ __global__ void matvec_kernel(const Layer<T>* table, int L, T* v, double* vsq, d
     const T* row = ly.w + i * ly.n;
     T s = 0;
     for (int64_t j = lane; j < ly.n; j += kWarp) s += row[j] * ly.u[j];
-    s = warp_sum_t(s);
+    s = warp_sum(s);
     if (lane == 0) {
       v[ly.v_off + i] = s;
       sq = static_cast<double>(s) * static_cast<double>(s);

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..ops import power_iteration_conv
-from ..ops.power_iteration_conv import _pads, conv_operator
+from ..ops.convolution import conv_operator, normalize_padding
 from ..sound.conv import conv_abs_norm_upper, conv_geometry, conv_norm_upper
 from ..sound.forward_error import affine_layer
 from ..sound.rounding import U64, gamma, up
@@ -62,7 +62,7 @@ class Conv2d(nn.Conv2d, PowerIterationModule):
                 raise ValueError(f"padding must be 'same', 'valid', an int or a tuple, got {padding!r}")
             self.padding = padding
         elif explicit4:
-            self.padding = _pads(padding)
+            self.padding = normalize_padding(padding)
         self._init_iterate(None, device=self.weight.device, dtype=self.weight.dtype)
         if input_shape is not None:
             self.set_input_shape(input_shape)
@@ -81,7 +81,7 @@ class Conv2d(nn.Conv2d, PowerIterationModule):
             return same_padding(input_hw, self.kernel_size, self.stride, self.dilation)
         if self.padding == "valid":
             return (0, 0, 0, 0)
-        return _pads(tuple(self.padding))
+        return normalize_padding(tuple(self.padding))
 
     @property
     def input_shape(self) -> Optional[Tuple[int, int, int]]:

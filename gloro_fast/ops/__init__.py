@@ -1,9 +1,12 @@
 """The gloro_fast ops: one public function per op, validated and dispatched by backend.
 
 See shared/DESIGN.md for the op contract. Layers and :class:`gloro_fast.GloroNet` call
-only these functions, so faster backends slot in behind the same names.
+only these functions, so faster backends slot in behind the same names. Each op is one
+``torch.library`` op (``torch.ops.gloro_fast.<op>``) whose kernels come from the backend
+table (:mod:`gloro_fast.ops.registry`); :func:`use_backend` / :func:`set_backend` pick the
+backend.
 """
-from ._backend import BACKENDS, get_backend, resolve_backend, set_backend
+from ._backend import BACKENDS, get_backend, resolve_backend, set_backend, use_backend
 from .bottom_logit import bottom_logit, bottom_logit_reference
 from .class_distances import class_distances, class_distances_reference
 from .power_iteration_conv import (
@@ -27,4 +30,5 @@ __all__ = [
     "power_iteration_linear_reference",
     "resolve_backend",
     "set_backend",
+    "use_backend",
 ]

@@ -1,23 +1,34 @@
-"""Loading of the compiled extension ``gloro_fast._C`` (C++ CPU and CUDA kernels).
+"""The ``cpp`` backend: the compiled extension ``gloro_fast._C`` (C++ CPU and CUDA kernels).
 
-The extension registers the custom ops ``torch.ops.gloro_fast.*``. If it is missing
-(package installed without building it), one warning is issued and every op runs on
-its reference implementation: never a crash.
+Importing ``gloro_fast._C`` registers its kernels with torch's dispatcher under the namespace
+``_gloro_fast_cpp`` (one per dispatch key, CPU and CUDA); they take the schema of the op
+they implement, copied here from ``torch.ops.gloro_fast.<op>`` (one schema per op, written
+once in ``gloro_fast/ops/<op>.py``), so the dispatcher checks every C++ signature against it.
+If the extension is missing (package installed without building it), one warning is issued
+and the ops run on their reference implementation: never a crash.
 """
 from __future__ import annotations
 
 import warnings
+from typing import Dict, Optional
 
 import torch
 
-_state = {"loaded": None}
+from . import registry
+
+__all__ = ["NAMESPACE", "extension_loaded", "register_cpp_kernels"]
+
+NAMESPACE = "_gloro_fast_cpp"
+_DISPATCH_KEY = {"cpu": "CPU", "cuda": "CUDA"}
+_state: Dict[str, Optional[bool]] = {"loaded": None}
+_library = {}  # the torch.library.Library defining NAMESPACE (kept alive here)
 
 
 def extension_loaded() -> bool:
-    """Whether ``gloro_fast._C`` is importable (its ops are then registered)."""
+    """Whether ``gloro_fast._C`` is importable (its kernels are then registered)."""
     if _state["loaded"] is None:
         try:
-            from .. import _C  # noqa: F401  (registers torch.ops.gloro_fast.*)
+            from .. import _C  # noqa: F401  (registers the _gloro_fast_cpp kernels)
 
             _state["loaded"] = True
         except ImportError as exc:
@@ -31,58 +42,35 @@ def extension_loaded() -> bool:
     return _state["loaded"]
 
 
-def has_kernel(op: str, device: torch.device) -> bool:
-    """Whether ``torch.ops.gloro_fast.<op>`` has a kernel for ``device``'s dispatch key."""
+def _define(name: str) -> None:
+    """Give ``_gloro_fast_cpp::<name>`` the schema of ``gloro_fast::<name>``."""
+    if "lib" not in _library:
+        _library["lib"] = torch.library.Library(NAMESPACE, "DEF")
+    schema = str(getattr(torch.ops.gloro_fast, name).default._schema)
+    _library["lib"].define(schema.split("::", 1)[1])
+
+
+def _unusable(op: str):
+    names = (f"{NAMESPACE}::{op}", f"{NAMESPACE}::{op}_backward")
+
+    def unusable(device_type: str) -> Optional[str]:
+        key = _DISPATCH_KEY.get(device_type)
+        if key is None or not all(torch._C._dispatch_has_kernel_for_dispatch_key(n, key) for n in names):
+            return f"gloro_fast._C has no {device_type} kernels for {op}"
+        return None
+
+    return unusable
+
+
+def register_cpp_kernels(op: str) -> Optional[str]:
+    """Register the compiled kernels of ``op`` as its ``cpp`` backend; returns why not (the
+    extension is missing) or None."""
     if not extension_loaded():
-        return False
-    key = "CUDA" if device.type == "cuda" else "CPU" if device.type == "cpu" else None
-    if key is None:
-        return False
-    name = f"gloro_fast::{op}"
-    return any(
-        torch._C._dispatch_has_kernel_for_dispatch_key(name, k)
-        for k in (key, "CompositeExplicitAutograd", "CompositeImplicitAutograd")
-    )
-
-
-@torch.compiler.assume_constant_result
-def resolve(op: str, device_type: str) -> str:
-    """The backend for ``op`` on ``device_type``. Under torch.compile the answer is taken
-    as a constant of the traced graph (the kernel lookup itself cannot be traced; changing
-    the backend afterwards takes effect on the next compilation)."""
-    from ._backend import resolve_backend  # ._backend imports this module
-
-    return resolve_backend(torch.device(device_type), op=op)
-
-
-# ---- registration of the compiled ops (only when gloro_fast._C loaded, only once) ----
-
-_registered = set()
-
-
-def already_registered(qualname: str) -> bool:
-    """Whether ``qualname`` already has a fake kernel (e.g. registered before an
-    ``importlib.reload`` of the module that registers it)."""
-    try:
-        from torch._library.simple_registry import singleton
-
-        return singleton.find(qualname).fake_impl.kernel is not None
-    except Exception:  # pragma: no cover - private API moved
-        return False
-
-
-def register_op(op: str, *, fake, fake_backward, backward, setup_context) -> bool:
-    """Make ``torch.ops.gloro_fast.<op>`` differentiable and traceable: the fake kernels
-    of ``<op>`` and ``<op>_backward``, and the autograd formula of ``<op>``. Does nothing
-    (returns False) when the extension is missing, and registers only once."""
-    if not extension_loaded():
-        return False
-    qualname = f"gloro_fast::{op}"
-    if qualname in _registered or already_registered(qualname):
-        _registered.add(qualname)
-        return True
-    torch.library.register_fake(qualname)(fake)
-    torch.library.register_fake(f"{qualname}_backward")(fake_backward)
-    torch.library.register_autograd(qualname, backward, setup_context=setup_context)
-    _registered.add(qualname)
-    return True
+        return "gloro_fast._C is not built"
+    for name in (op, f"{op}_backward"):
+        if not hasattr(getattr(torch.ops, NAMESPACE), name):
+            _define(name)
+    ops = getattr(torch.ops, NAMESPACE)
+    registry.register_kernels(op, "cpp", forward=getattr(ops, op).default,
+                              backward=getattr(ops, f"{op}_backward").default, unusable=_unusable(op))
+    return None

@@ -8,9 +8,10 @@ index):
 Only index j is masked: masking every class tied with j would skip a competitor whose
 margin is zero and certify wrongly. Gradients flow into f (at i*), D (at [j, i*]) and K.
 
-Backends: ``reference`` (below) and ``cpp``: the compiled custom ops
-``torch.ops.gloro_fast.bottom_logit`` / ``bottom_logit_backward`` (csrc/cpu, csrc/cuda),
-made differentiable and traceable here with ``register_autograd`` and ``register_fake``.
+The op ``torch.ops.gloro_fast.bottom_logit`` returns (f_⊥, i*, j); its backward op
+``bottom_logit_backward`` returns the gradients into (f, D, K). Kernels: the reference
+below, the C++ kernels (csrc/) and the Triton kernels (kernels/), chosen by the backend
+table (gloro_fast/ops/registry.py).
 """
 from __future__ import annotations
 
@@ -19,9 +20,15 @@ from typing import Optional, Tuple, Union
 import torch
 
 from .._validation import capturing_cuda_graph, check_epsilon, check_finite, check_labels, check_tensor
-from ._extension import register_op, resolve
+from ._backend import backend_for
+from ._library import define_op
 
 __all__ = ["bottom_logit", "bottom_logit_reference"]
+
+SCHEMA = ("(Tensor logits, Tensor distances, Tensor lipschitz, float epsilon, Tensor? classes) "
+          "-> (Tensor, Tensor, Tensor)")
+BACKWARD_SCHEMA = ("(Tensor grad_bottom, Tensor distances, Tensor lipschitz, float epsilon, Tensor i_star, "
+                   "Tensor classes, int num_classes) -> (Tensor, Tensor, Tensor)")
 
 
 def bottom_logit_reference(
@@ -41,9 +48,9 @@ def bottom_logit_reference(
     return bottom, i_star
 
 
-def _check_args(logits, distances, lipschitz) -> torch.Tensor:
-    """Shape, dtype and device checks (shared with the Triton entry ``gloro_fast.kernels``);
-    returns ``lipschitz`` as a 0-dim tensor of the logits' dtype and device."""
+def _check(logits, distances, lipschitz, epsilon, classes):
+    """The op's argument check: returns ``(lipschitz, epsilon, classes)`` as the op takes
+    them (a 0-dim tensor of the logits' dtype and device, a float, int64 or None)."""
     check_tensor("logits", logits, ndim=2, floating=True)
     num_classes = logits.shape[1]
     if num_classes < 2:
@@ -62,7 +69,15 @@ def _check_args(logits, distances, lipschitz) -> torch.Tensor:
             f"lipschitz must match logits in dtype and device ({logits.dtype} on {logits.device}), "
             f"got {lipschitz.dtype} on {lipschitz.device}"
         )
-    return lipschitz
+    epsilon = check_epsilon(epsilon)
+    check_finite("logits", logits)
+    check_finite("distances", distances)
+    check_finite("lipschitz", lipschitz)
+    if not (torch.compiler.is_compiling() or capturing_cuda_graph()) and float(lipschitz.detach()) < 0:
+        raise ValueError(f"lipschitz must be >= 0, got {float(lipschitz.detach())}")
+    if classes is not None:
+        classes = check_labels("classes", classes, logits.shape[0], num_classes, logits.device)
+    return lipschitz, epsilon, classes
 
 
 def bottom_logit(
@@ -84,33 +99,33 @@ def bottom_logit(
     Returns:
         ``(f_bot, i_star)``: shapes (B,) (dtype of f) and (B,) int64.
     """
-    lipschitz = _check_args(logits, distances, lipschitz)
-    num_classes = logits.shape[1]
-    epsilon = check_epsilon(epsilon)
-    check_finite("logits", logits)
-    check_finite("distances", distances)
-    check_finite("lipschitz", lipschitz)
-    if not (torch.compiler.is_compiling() or capturing_cuda_graph()) and float(lipschitz.detach()) < 0:
-        raise ValueError(f"lipschitz must be >= 0, got {float(lipschitz.detach())}")
-    if classes is not None:
-        classes = check_labels("classes", classes, logits.shape[0], num_classes, logits.device)
-    backend = resolve("bottom_logit", logits.device.type)
-    if backend == "reference":
+    lipschitz, epsilon, classes = _check(logits, distances, lipschitz, epsilon, classes)
+    if backend_for("bottom_logit", logits.device.type) == "reference":
         return bottom_logit_reference(logits, distances, lipschitz, epsilon, classes)
-    if backend == "cpp":
-        bottom, i_star, _ = torch.ops.gloro_fast.bottom_logit(logits, distances, lipschitz, epsilon, classes)
-        return bottom, i_star
-    if backend == "triton":
-        from ..kernels import bottom_logit as triton_kernels
-
-        return triton_kernels.bottom_logit(logits, distances, lipschitz, epsilon, classes)
-    raise RuntimeError(f"unknown backend {backend!r}")  # pragma: no cover
+    bottom, i_star, _ = _OP(logits, distances, lipschitz, epsilon, classes)
+    return bottom, i_star
 
 
-# ---- registration of the compiled ops (only when gloro_fast._C loaded, only once) ----
+# ---- the op: reference kernels, fake kernels, autograd ----
 
 
-def _fake_bottom_logit(logits, distances, lipschitz, epsilon, classes):
+def _reference_forward(logits, distances, lipschitz, epsilon, classes):
+    # the reference class j is an output: a fresh tensor, never the caller's classes
+    j = logits.argmax(dim=1) if classes is None else classes.to(torch.int64, copy=True)
+    bottom, i_star = bottom_logit_reference(logits, distances, lipschitz, epsilon, j)
+    return bottom, i_star, j
+
+
+def _reference_backward(grad_bottom, distances, lipschitz, epsilon, i_star, classes, num_classes):
+    grad_f = grad_bottom.new_zeros((grad_bottom.shape[0], num_classes))
+    grad_f.scatter_(1, i_star[:, None], grad_bottom[:, None])
+    grad_d = torch.zeros_like(distances).index_put_((classes, i_star), grad_bottom * (epsilon * lipschitz),
+                                                    accumulate=True)
+    grad_k = (grad_bottom * distances[classes, i_star]).sum() * epsilon
+    return grad_f, grad_d, grad_k.to(lipschitz.dtype)
+
+
+def _fake(logits, distances, lipschitz, epsilon, classes):
     b = logits.shape[0]
     return (
         logits.new_empty((b,)),
@@ -119,7 +134,7 @@ def _fake_bottom_logit(logits, distances, lipschitz, epsilon, classes):
     )
 
 
-def _fake_bottom_logit_backward(grad_bottom, distances, lipschitz, epsilon, i_star, classes, num_classes):
+def _fake_backward(grad_bottom, distances, lipschitz, epsilon, i_star, classes, num_classes):
     b = grad_bottom.shape[0]
     return (
         distances.new_empty((b, num_classes)),
@@ -139,7 +154,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_bottom, _grad_i_star, _grad_classes):
     distances, lipschitz, i_star, classes = ctx.saved_tensors
-    grad_f, grad_d, grad_k = torch.ops.gloro_fast.bottom_logit_backward(
+    grad_f, grad_d, grad_k = _BACKWARD_OP(
         grad_bottom, distances, lipschitz, ctx.epsilon, i_star, classes, ctx.num_classes
     )
     needs = ctx.needs_input_grad
@@ -152,10 +167,8 @@ def _backward(ctx, grad_bottom, _grad_i_star, _grad_classes):
     )
 
 
-register_op(
-    "bottom_logit",
-    fake=_fake_bottom_logit,
-    fake_backward=_fake_bottom_logit_backward,
-    backward=_backward,
-    setup_context=_setup_context,
+_OP, _BACKWARD_OP = define_op(
+    "bottom_logit", SCHEMA, BACKWARD_SCHEMA,
+    fake=_fake, fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward,
+    reference_forward=_reference_forward, reference_backward=_reference_backward,
 )

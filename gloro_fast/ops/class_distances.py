@@ -3,20 +3,25 @@
 D ∈ R^{C×C}, D_ji = ‖w_j − w_i‖₂ for W ∈ R^{C×d}. With the body's Lipschitz bound K,
 K·D_ji bounds the Lipschitz constant of the margin f_j − f_i (DESIGN.md, "margin").
 
-Backward: ∂D_ji/∂w_j = (w_j − w_i)/D_ji, taken as 0 where D_ji = 0 (the diagonal).
+Backward: ∂D_ji/∂w_j = (w_j − w_i)/D_ji, taken as 0 where D_ji = 0 (the diagonal); for an
+upstream gradient G, with M = G/D (0 where D = 0) and S = M + Mᵀ, grad_W = diag(S·1) W − S W.
 
-Backends: ``reference`` (below) and ``cpp``: the compiled custom ops
-``torch.ops.gloro_fast.class_distances`` / ``class_distances_backward`` (csrc/cpu, csrc/cuda),
-made differentiable and traceable here with ``register_autograd`` and ``register_fake``.
+The op ``torch.ops.gloro_fast.class_distances`` and its backward op
+``class_distances_backward``; kernels: the reference below, the C++ kernels (csrc/) and the
+Triton kernels (kernels/), chosen by the backend table (gloro_fast/ops/registry.py).
 """
 from __future__ import annotations
 
 import torch
 
 from .._validation import check_finite, check_tensor
-from ._extension import register_op, resolve
+from ._backend import backend_for
+from ._library import define_op
 
 __all__ = ["class_distances", "class_distances_reference"]
+
+SCHEMA = "(Tensor weight, bool exact) -> Tensor"
+BACKWARD_SCHEMA = "(Tensor grad, Tensor weight, Tensor distances) -> Tensor"
 
 
 def class_distances_reference(weight: torch.Tensor, exact: bool = False) -> torch.Tensor:
@@ -33,11 +38,12 @@ def class_distances_reference(weight: torch.Tensor, exact: bool = False) -> torc
     return dist.masked_fill(eye, 0.0)
 
 
-def _check_args(weight) -> None:
-    """Rank, shape and dtype-kind checks (shared with the Triton entry ``gloro_fast.kernels``)."""
+def _check(weight) -> None:
+    """The op's argument check."""
     check_tensor("weight", weight, ndim=2, floating=True)
     if weight.shape[0] < 1 or weight.shape[1] < 1:
         raise ValueError(f"weight must have shape (C, d) with C, d >= 1, got {tuple(weight.shape)}")
+    check_finite("weight", weight)
 
 
 def class_distances(weight: torch.Tensor, exact: bool = False) -> torch.Tensor:
@@ -47,29 +53,27 @@ def class_distances(weight: torch.Tensor, exact: bool = False) -> torch.Tensor:
         weight: head weight, floating point, shape (C, d), C ≥ 1, d ≥ 1.
         exact: use direct differences instead of the Gram form (slower, no cancellation).
     """
-    _check_args(weight)
-    check_finite("weight", weight)
-    backend = resolve("class_distances", weight.device.type)
-    if backend == "reference":
+    _check(weight)
+    if backend_for("class_distances", weight.device.type) == "reference":
         return class_distances_reference(weight, exact=exact)
-    if backend == "cpp":
-        return torch.ops.gloro_fast.class_distances(weight, bool(exact))
-    if backend == "triton":
-        from ..kernels import class_distances as triton_kernels
-
-        return triton_kernels.class_distances(weight, bool(exact))
-    raise RuntimeError(f"unknown backend {backend!r}")  # pragma: no cover - guarded by set_backend
+    return _OP(weight, bool(exact))
 
 
-# ---- registration of the compiled ops (only when gloro_fast._C loaded, only once) ----
+# ---- the op: reference kernels, fake kernels, autograd ----
 
 
-def _fake_class_distances(weight, exact):
+def _reference_backward(grad, weight, distances):
+    m = torch.where(distances > 0, grad / torch.where(distances > 0, distances, 1.0), 0.0)
+    s = m + m.t()
+    return s.sum(dim=1, keepdim=True) * weight - s @ weight
+
+
+def _fake(weight, exact):
     c = weight.shape[0]
     return weight.new_empty((c, c))
 
 
-def _fake_class_distances_backward(grad, weight, distances):
+def _fake_backward(grad, weight, distances):
     return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
@@ -78,27 +82,16 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(weight, output)
 
 
-def _backward_with(backward_op: str):
-    """Autograd backward calling ``torch.ops.gloro_fast.<backward_op>(grad, weight, distances)``
-    (looked up when called: the op exists only once its library is loaded)."""
-
-    def _backward(ctx, grad):
-        weight, distances = ctx.saved_tensors
-        grad_weight = None
-        if ctx.needs_input_grad[0]:
-            grad_weight = getattr(torch.ops.gloro_fast, backward_op)(grad, weight, distances)
-        return grad_weight, None
-
-    return _backward
+def _backward(ctx, grad):
+    weight, distances = ctx.saved_tensors
+    grad_weight = None
+    if ctx.needs_input_grad[0]:
+        grad_weight = _BACKWARD_OP(grad, weight, distances)
+    return grad_weight, None
 
 
-_backward = _backward_with("class_distances_backward")
-
-
-register_op(
-    "class_distances",
-    fake=_fake_class_distances,
-    fake_backward=_fake_class_distances_backward,
-    backward=_backward,
-    setup_context=_setup_context,
+_OP, _BACKWARD_OP = define_op(
+    "class_distances", SCHEMA, BACKWARD_SCHEMA,
+    fake=_fake, fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward,
+    reference_forward=class_distances_reference, reference_backward=_reference_backward,
 )

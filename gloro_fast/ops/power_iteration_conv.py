@@ -1,9 +1,7 @@
 """``power_iteration_conv(weight, u, n_iter, ...)``: operator norm of a convolution.
 
-The operator is the real convolution A: R^{c_in×H×W} → R^{c_out×H'×W'} on the actual
-input size (zero padding, stride, dilation, groups), or I + A for a LiResNet block
-(``residual=True``). Its adjoint is ``conv_transpose2d`` with the output padding that
-restores H×W, followed by a crop when the zero padding is asymmetric.
+The operator is the real convolution A on the actual input size, or I + A for a LiResNet
+block (``residual=True``): :mod:`gloro_fast.ops.convolution`.
 
     repeat n_iter times (no autograd):  u ← Aᵀ A u / ‖Aᵀ A u‖
     σ̂ = ‖A u‖                           (autograd w.r.t. the kernel only)
@@ -14,23 +12,25 @@ iterate shape — e.g. the blocks of a LiResNet) can run together with
 kernels on the output axis make ONE grouped convolution (groups × layers), normalised per
 layer.
 
-Backends: ``reference`` (below) and ``cpp``: the compiled custom ops
-``torch.ops.gloro_fast.power_iteration_conv`` / ``power_iteration_conv_backward`` (library
-convolutions with fused normalisation/norm epilogues, csrc/cpu and csrc/cuda), made
-differentiable and traceable here with ``register_autograd`` and ``register_fake``. The
-compiled op takes the iterate as (N, C_in, H, W) for N layers whose kernels are stacked in
-the weight (N·C_out, C_in/groups, kh, kw), and returns σ̂ of shape (N,).
+The op ``torch.ops.gloro_fast.power_iteration_conv`` takes N layers at once: the iterates
+(N, C_in, H, W) stacked on axis 0, their kernels stacked in the weight (N·C_out, C_in/groups,
+kh, kw), padding as (top, bottom, left, right); it returns (u (N, C_in, H, W), σ̂ (N,)). Its
+backward op ``power_iteration_conv_backward`` gives the gradient of Σ g_l σ̂_l w.r.t. the
+stacked weight. Kernels: the reference below, the C++ kernels (csrc/: library convolutions
+with fused epilogues) and the Triton epilogues (kernels/), chosen by the backend table
+(gloro_fast/ops/registry.py).
 """
 from __future__ import annotations
 
 from typing import List, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 
 from .._validation import check_positive_int, check_tensor
-from ._extension import register_op, resolve
+from ._backend import backend_for
+from ._library import define_op
 from ._power_iteration_common import normalize_iterate
+from .convolution import conv_operator, conv_operator_adjoint, normalize_padding, pad_input, pair
 
 __all__ = [
     "power_iteration_conv",
@@ -41,78 +41,18 @@ __all__ = [
     "conv_operator_adjoint",
 ]
 
-Pads = Tuple[int, int, int, int]  # (top, bottom, left, right)
-
-
-def _pair(value, name: str) -> Tuple[int, int]:
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = (value, value)
-    if (
-        not isinstance(value, (tuple, list))
-        or len(value) != 2
-        or any(isinstance(v, bool) or not isinstance(v, int) for v in value)
-    ):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(value) < 1:
-        raise ValueError(f"{name} must be >= 1, got {tuple(value)}")
-    return tuple(value)
-
-
-def _pads(padding) -> Pads:
-    if isinstance(padding, int) and not isinstance(padding, bool):
-        padding = (padding,) * 4
-    elif isinstance(padding, (tuple, list)) and len(padding) == 2:
-        padding = (padding[0], padding[0], padding[1], padding[1])
-    if (
-        not isinstance(padding, (tuple, list))
-        or len(padding) != 4
-        or any(isinstance(p, bool) or not isinstance(p, int) or p < 0 for p in padding)
-    ):
-        raise ValueError(
-            "padding must be a non-negative int, a pair (pad_h, pad_w) or a 4-tuple "
-            f"(top, bottom, left, right), got {padding!r}"
-        )
-    return tuple(padding)
-
-
-def conv_operator(u, weight, stride, pads: Pads, dilation, groups, residual=False, conv2d=None):
-    """A u: the linear part of the convolution on u (N, c_in, H, W). ``conv2d`` (default
-    ``F.conv2d``) lets a backend pick the convolution (e.g. one that never uses TF32)."""
-    conv2d = F.conv2d if conv2d is None else conv2d
-    top, bottom, left, right = pads
-    if top == bottom and left == right:
-        out = conv2d(u, weight, None, stride, (top, left), dilation, groups)
-    else:
-        out = conv2d(F.pad(u, (left, right, top, bottom)), weight, None, stride, 0, dilation, groups)
-    return out + u if residual else out
-
-
-def conv_operator_adjoint(v, weight, stride, pads: Pads, dilation, groups, input_hw, residual=False,
-                          conv_transpose2d=None):
-    """Aᵀ v for the operator of :func:`conv_operator` on inputs of spatial size input_hw
-    (``conv_transpose2d`` as ``conv2d`` there)."""
-    conv_transpose2d = F.conv_transpose2d if conv_transpose2d is None else conv_transpose2d
-    top, bottom, left, right = pads
-    height, width = input_hw
-    symmetric = top == bottom and left == right
-    # conv_transpose2d's output size before output_padding, for the padded input
-    pad_arg = (top, left) if symmetric else (0, 0)
-    target = (height, width) if symmetric else (height + top + bottom, width + left + right)
-    out_pad = []
-    for axis in range(2):
-        k = weight.shape[2 + axis]
-        base = (v.shape[2 + axis] - 1) * stride[axis] - 2 * pad_arg[axis] + dilation[axis] * (k - 1) + 1
-        out_pad.append(target[axis] - base)
-    out = conv_transpose2d(v, weight, None, stride, pad_arg, tuple(out_pad), groups, dilation)
-    if not symmetric:
-        out = out[:, :, top : top + height, left : left + width]
-    return out + v if residual else out
+SCHEMA = ("(Tensor weight, Tensor iterate, int n_iter, int[] stride, int[] padding, int[] dilation, int groups, "
+          "bool residual) -> (Tensor, Tensor)")
+BACKWARD_SCHEMA = ("(Tensor grad_sigma, Tensor weight, Tensor iterate, Tensor sigma, int[] stride, int[] padding, "
+                   "int[] dilation, int groups, bool residual) -> Tensor")
 
 
 def power_iteration_conv_reference(
-    weight, iterate, n_iter, stride, pads, dilation, groups, residual
+    weight, iterate, n_iter, stride, padding, dilation, groups, residual
 ):
-    args = (stride, pads, dilation, groups)
+    """Reference of one layer: ``iterate`` (1, C_in, H, W), ``padding`` (top, bottom, left,
+    right). Returns (u_new (1, C_in, H, W), sigma 0-dim)."""
+    args = (stride, padding, dilation, groups)
     hw = iterate.shape[2:]
     u = iterate
     with torch.no_grad():
@@ -124,14 +64,36 @@ def power_iteration_conv_reference(
     return u, sigma
 
 
-def _check_conv(weight, iterate, n_iter, stride, padding, dilation, groups, residual,
-                wname="weight", uname="iterate"):
-    """Validate one layer's arguments; returns (n_iter, stride, pads, dilation, groups)."""
+def power_iteration_conv_batched_reference(
+    weight, iterate, n_iter, stride, padding, dilation, groups, residual
+):
+    """Reference of the batched op: ``iterate`` (N, C_in, H, W) holds N layers' iterates,
+    ``weight`` (N·C_out, C_in/groups, kh, kw) their kernels stacked on the output axis.
+    One grouped convolution (groups·N) on the channel-stacked iterate, normalised per
+    layer. Returns (u_new (N, C_in, H, W), sigma (N,))."""
+    blocks, c_in, height, width = iterate.shape
+    args = (stride, padding, dilation, groups * blocks)
+    u = iterate.reshape(1, blocks * c_in, height, width)
+    with torch.no_grad():
+        w = weight.detach()
+        for _ in range(n_iter):
+            v = conv_operator(u, w, *args, residual=residual)
+            x = conv_operator_adjoint(v, w, *args, (height, width), residual=residual)
+            u = normalize_iterate(x, u, blocks)
+    out = conv_operator(u, weight, *args, residual=residual)
+    sigma = torch.linalg.vector_norm(out.reshape(blocks, -1), dim=1)
+    return u.reshape(blocks, c_in, height, width), sigma
+
+
+def _check_layer(weight, iterate, n_iter, stride, padding, dilation, groups, residual,
+                 wname="weight", uname="iterate"):
+    """Validate one layer's arguments; returns (n_iter, stride, padding, dilation, groups)
+    with padding as (top, bottom, left, right)."""
     check_tensor(wname, weight, ndim=4, floating=True)
     check_tensor(uname, iterate, ndim=4, floating=True)
     n_iter = check_positive_int("n_iter", n_iter, allow_zero=True)
     groups = check_positive_int("groups", groups)
-    stride, dilation, pads = _pair(stride, "stride"), _pair(dilation, "dilation"), _pads(padding)
+    stride, dilation, padding = pair(stride, "stride"), pair(dilation, "dilation"), normalize_padding(padding)
     c_out, c_in_g = weight.shape[:2]
     if iterate.shape[0] != 1 or iterate.shape[1] != c_in_g * groups:
         raise ValueError(
@@ -146,7 +108,7 @@ def _check_conv(weight, iterate, n_iter, stride, padding, dilation, groups, resi
             f"vs {weight.dtype}/{weight.device}"
         )
     for axis, name in enumerate(("height", "width")):
-        size = iterate.shape[2 + axis] + pads[2 * axis] + pads[2 * axis + 1]
+        size = iterate.shape[2 + axis] + padding[2 * axis] + padding[2 * axis + 1]
         if size < dilation[axis] * (weight.shape[2 + axis] - 1) + 1:
             raise ValueError(
                 f"padded input {name} {size} is smaller than the dilated kernel of {wname} "
@@ -154,7 +116,7 @@ def _check_conv(weight, iterate, n_iter, stride, padding, dilation, groups, resi
             )
     if residual:
         out = [
-            (iterate.shape[2 + a] + pads[2 * a] + pads[2 * a + 1] - dilation[a] * (weight.shape[2 + a] - 1) - 1)
+            (iterate.shape[2 + a] + padding[2 * a] + padding[2 * a + 1] - dilation[a] * (weight.shape[2 + a] - 1) - 1)
             // stride[a] + 1
             for a in range(2)
         ]
@@ -163,7 +125,48 @@ def _check_conv(weight, iterate, n_iter, stride, padding, dilation, groups, resi
                 "residual=True needs a convolution whose output shape equals its input shape "
                 f"{tuple(iterate.shape[1:])}, got ({c_out}, {out[0]}, {out[1]})"
             )
-    return n_iter, stride, pads, dilation, groups
+    return n_iter, stride, padding, dilation, groups
+
+
+def _check(weights, iterates, n_iter, stride, padding, dilation, groups, residual, batched=True):
+    """The op's argument check (a batch of layers of one configuration, or one layer with
+    ``batched=False``, which names its arguments weight and iterate): returns
+    ``(weights, iterates, checked)`` with lists and ``checked`` = ``(n_iter, stride, padding,
+    dilation, groups)`` (None for no layers)."""
+    weights, iterates = list(weights), list(iterates)
+    if len(weights) != len(iterates):
+        raise ValueError(
+            f"weights and iterates must have the same length, got {len(weights)} and {len(iterates)}"
+        )
+    checked = None
+    for k, (w, u) in enumerate(zip(weights, iterates)):
+        names = dict(wname=f"weights[{k}]", uname=f"iterates[{k}]") if batched else {}
+        checked = _check_layer(w, u, n_iter, stride, padding, dilation, groups, residual, **names)
+        if k and (w.shape != weights[0].shape or w.dtype != weights[0].dtype or w.device != weights[0].device):
+            raise ValueError(
+                f"weights[{k}] must match weights[0] in shape, dtype and device, got "
+                f"{tuple(w.shape)}/{w.dtype}/{w.device} vs "
+                f"{tuple(weights[0].shape)}/{weights[0].dtype}/{weights[0].device}"
+            )
+        if k and u.shape != iterates[0].shape:
+            raise ValueError(
+                f"iterates[{k}] must match iterates[0] in shape, got {tuple(u.shape)} vs "
+                f"{tuple(iterates[0].shape)}"
+            )
+    if not weights:
+        check_positive_int("n_iter", n_iter, allow_zero=True)
+    return weights, iterates, checked
+
+
+def _run(weights, iterates, n_iter, stride, padding, dilation, groups, residual):
+    """(u (N, C_in, H, W), sigma (N,)) for N checked layers of one configuration."""
+    weight = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
+    iterate = iterates[0] if len(iterates) == 1 else torch.cat(iterates, dim=0)
+    if backend_for("power_iteration_conv", weight.device.type) == "reference":
+        return power_iteration_conv_batched_reference(
+            weight, iterate, n_iter, stride, padding, dilation, groups, residual
+        )
+    return _OP(weight, iterate, n_iter, list(stride), list(padding), list(dilation), groups, residual)
 
 
 def power_iteration_conv(
@@ -192,85 +195,14 @@ def power_iteration_conv(
     Returns:
         ``(u_new, sigma)``: u_new detached, sigma 0-dim, differentiable w.r.t. weight.
     """
-    n_iter, stride, pads, dilation, groups = _check_conv(
-        weight, iterate, n_iter, stride, padding, dilation, groups, residual
-    )
-    residual = bool(residual)
-    backend = resolve("power_iteration_conv", weight.device.type)
-    if backend == "reference":
+    _, _, checked = _check([weight], [iterate], n_iter, stride, padding, dilation, groups, residual, batched=False)
+    n_iter, stride, padding, dilation, groups = checked
+    if backend_for("power_iteration_conv", weight.device.type) == "reference":
         return power_iteration_conv_reference(
-            weight, iterate, n_iter, stride, pads, dilation, groups, residual
+            weight, iterate, n_iter, stride, padding, dilation, groups, bool(residual)
         )
-    if backend == "cpp":
-        u, sigma = torch.ops.gloro_fast.power_iteration_conv(
-            weight, iterate, n_iter, list(stride), list(pads), list(dilation), groups, residual
-        )
-        return u, sigma.reshape(())
-    if backend == "triton":
-        from ..kernels import power_iteration_conv as triton_kernels
-
-        return triton_kernels.power_iteration_conv(
-            weight, iterate, n_iter, stride, pads, dilation, groups, residual
-        )
-    raise RuntimeError(f"unknown backend {backend!r}")  # pragma: no cover - guarded by set_backend
-
-
-def _normalize_blocks(new: torch.Tensor, old: torch.Tensor, blocks: int) -> torch.Tensor:
-    """Per-layer :func:`normalize_iterate` of (1, blocks·C, H, W) channel-stacked iterates."""
-    flat_new, flat_old = new.reshape(blocks, -1), old.reshape(blocks, -1)
-    norm = torch.linalg.vector_norm(flat_new, dim=1, keepdim=True)
-    out = torch.where(norm > 0, flat_new / norm.clamp_min(torch.finfo(new.dtype).tiny), flat_old)
-    return out.reshape(new.shape)
-
-
-def power_iteration_conv_batched_reference(
-    weight, iterate, n_iter, stride, pads, dilation, groups, residual
-):
-    """Reference of the batched op: ``iterate`` (N, C_in, H, W) holds N layers' iterates,
-    ``weight`` (N·C_out, C_in/groups, kh, kw) their kernels stacked on the output axis.
-    One grouped convolution (groups·N) on the channel-stacked iterate, normalised per
-    layer. Returns (u_new (N, C_in, H, W), sigma (N,))."""
-    blocks, c_in, height, width = iterate.shape
-    args = (stride, pads, dilation, groups * blocks)
-    u = iterate.reshape(1, blocks * c_in, height, width)
-    with torch.no_grad():
-        w = weight.detach()
-        for _ in range(n_iter):
-            v = conv_operator(u, w, *args, residual=residual)
-            x = conv_operator_adjoint(v, w, *args, (height, width), residual=residual)
-            u = _normalize_blocks(x, u, blocks)
-    out = conv_operator(u, weight, *args, residual=residual)
-    sigma = torch.linalg.vector_norm(out.reshape(blocks, -1), dim=1)
-    return u.reshape(blocks, c_in, height, width), sigma
-
-
-def _check_batched(weights, iterates, n_iter, stride, padding, dilation, groups, residual):
-    """Validate the arguments of :func:`power_iteration_conv_batched` (shared with the Triton
-    entry ``gloro_fast.kernels``); returns ``(weights, iterates, checked)`` with lists and
-    ``checked`` = ``(n_iter, stride, pads, dilation, groups)`` (None for no layers)."""
-    weights, iterates = list(weights), list(iterates)
-    if len(weights) != len(iterates):
-        raise ValueError(
-            f"weights and iterates must have the same length, got {len(weights)} and {len(iterates)}"
-        )
-    checked = None
-    for k, (w, u) in enumerate(zip(weights, iterates)):
-        checked = _check_conv(w, u, n_iter, stride, padding, dilation, groups, residual,
-                              wname=f"weights[{k}]", uname=f"iterates[{k}]")
-        if k and (w.shape != weights[0].shape or w.dtype != weights[0].dtype or w.device != weights[0].device):
-            raise ValueError(
-                f"weights[{k}] must match weights[0] in shape, dtype and device, got "
-                f"{tuple(w.shape)}/{w.dtype}/{w.device} vs "
-                f"{tuple(weights[0].shape)}/{weights[0].dtype}/{weights[0].device}"
-            )
-        if k and u.shape != iterates[0].shape:
-            raise ValueError(
-                f"iterates[{k}] must match iterates[0] in shape, got {tuple(u.shape)} vs "
-                f"{tuple(iterates[0].shape)}"
-            )
-    if not weights:
-        check_positive_int("n_iter", n_iter, allow_zero=True)
-    return weights, iterates, checked
+    u, sigma = _run([weight], [iterate], n_iter, stride, padding, dilation, groups, bool(residual))
+    return u, sigma.reshape(())
 
 
 def power_iteration_conv_batched(
@@ -294,44 +226,49 @@ def power_iteration_conv_batched(
     Returns:
         ``(list of u_new, list of sigma)``: as :func:`power_iteration_conv` per layer.
     """
-    weights, iterates, checked = _check_batched(
-        weights, iterates, n_iter, stride, padding, dilation, groups, residual
-    )
+    weights, iterates, checked = _check(weights, iterates, n_iter, stride, padding, dilation, groups, residual)
     if not weights:
         return [], []
-    n_iter, stride, pads, dilation, groups = checked
-    residual = bool(residual)
-    backend = resolve("power_iteration_conv", weights[0].device.type)
-    if backend == "triton":
-        from ..kernels import power_iteration_conv as triton_kernels
-
-        return triton_kernels.power_iteration_conv_batched(
-            weights, iterates, n_iter, stride, pads, dilation, groups, residual
-        )
-    weight = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
-    iterate = iterates[0] if len(iterates) == 1 else torch.cat(iterates, dim=0)
-    if backend == "reference":
-        u, sigma = power_iteration_conv_batched_reference(
-            weight, iterate, n_iter, stride, pads, dilation, groups, residual
-        )
-    elif backend == "cpp":
-        u, sigma = torch.ops.gloro_fast.power_iteration_conv(
-            weight, iterate, n_iter, list(stride), list(pads), list(dilation), groups, residual
-        )
-    else:  # pragma: no cover - guarded by set_backend
-        raise RuntimeError(f"unknown backend {backend!r}")
+    u, sigma = _run(weights, iterates, *checked, bool(residual))
     return list(u.split(1, dim=0)), list(sigma.unbind(0))
 
 
-# ---- registration of the compiled ops (only when gloro_fast._C loaded, only once) ----
+# ---- the op: reference kernels, fake kernels, autograd ----
 
 
-def _fake_power_iteration_conv(weight, iterate, n_iter, stride, padding, dilation, groups, residual):
+def _reference_forward(weight, iterate, n_iter, stride, padding, dilation, groups, residual):
+    with torch.no_grad():
+        u, sigma = power_iteration_conv_batched_reference(
+            weight, iterate, n_iter, tuple(stride), tuple(padding), tuple(dilation), groups, residual
+        )
+    # outputs are fresh tensors: with n_iter = 0 the reference hands a view of the iterate back
+    return (u.clone() if n_iter == 0 else u), sigma
+
+
+def _stacked_sigmas(weight, iterate, stride, padding, dilation, groups, residual):
+    """σ̂ (N,) of the N stacked layers as a function of the stacked weight (differentiable)."""
+    blocks, c_in, height, width = iterate.shape
+    out = conv_operator(iterate.reshape(1, blocks * c_in, height, width), weight, tuple(stride), tuple(padding),
+                        tuple(dilation), groups * blocks, residual=residual)
+    return torch.linalg.vector_norm(out.reshape(blocks, -1), dim=1)
+
+
+def _reference_backward(grad_sigma, weight, iterate, sigma, stride, padding, dilation, groups, residual):
+    # ∂σ_l/∂K_l = the weight gradient of the convolution of the padded u_l against (g_l/σ_l) A_l u_l
+    blocks, c_in, height, width = iterate.shape
+    u = iterate.reshape(1, blocks * c_in, height, width)
+    y = conv_operator(u, weight, tuple(stride), tuple(padding), tuple(dilation), groups * blocks, residual=residual)
+    scale = torch.where(sigma > 0, grad_sigma / torch.where(sigma > 0, sigma, 1.0), 0.0)
+    gy = (y.reshape(blocks, -1) * scale[:, None]).reshape(y.shape)
+    return torch.nn.grad.conv2d_weight(pad_input(u, tuple(padding)), weight.shape, gy, stride=tuple(stride),
+                                       padding=0, dilation=tuple(dilation), groups=groups * blocks)
+
+
+def _fake(weight, iterate, n_iter, stride, padding, dilation, groups, residual):
     return iterate.new_empty(iterate.shape), iterate.new_empty((iterate.shape[0],))
 
 
-def _fake_power_iteration_conv_backward(grad_sigma, weight, iterate, sigma, stride, padding, dilation,
-                                        groups, residual):
+def _fake_backward(grad_sigma, weight, iterate, sigma, stride, padding, dilation, groups, residual):
     return weight.new_empty(weight.shape)
 
 
@@ -349,28 +286,18 @@ def _backward(ctx, grad_u, grad_sigma):
     if ctx.needs_input_grad[0]:
         if grad_sigma is None:
             grad_sigma = torch.zeros_like(sigma)
-        if torch.is_grad_enabled():
-            # create_graph (double backward): the same gradient by differentiable torch ops,
-            # with σ̂ = ‖A u‖ recomputed as a function of the kernel
-            stride, padding, dilation, groups, residual = ctx.conv_args
-            blocks, c_in, height, width = u.shape
+        if torch.is_grad_enabled():  # create_graph: a gradient that is itself differentiable
             with torch.enable_grad():
                 w = weight if weight.requires_grad else weight.detach().requires_grad_(True)
-                out = conv_operator(u.reshape(1, blocks * c_in, height, width), w, tuple(stride),
-                                    tuple(padding), tuple(dilation), groups * blocks, residual=residual)
-                sigmas = torch.linalg.vector_norm(out.reshape(blocks, -1), dim=1)
+                sigmas = _stacked_sigmas(w, u, *ctx.conv_args)
                 (grad_weight,) = torch.autograd.grad(sigmas, w, grad_sigma, create_graph=True)
         else:
-            grad_weight = torch.ops.gloro_fast.power_iteration_conv_backward(
-                grad_sigma, weight, u, sigma, *ctx.conv_args
-            )
+            grad_weight = _BACKWARD_OP(grad_sigma, weight, u, sigma, *ctx.conv_args)
     return grad_weight, None, None, None, None, None, None, None
 
 
-register_op(
-    "power_iteration_conv",
-    fake=_fake_power_iteration_conv,
-    fake_backward=_fake_power_iteration_conv_backward,
-    backward=_backward,
-    setup_context=_setup_context,
+_OP, _BACKWARD_OP = define_op(
+    "power_iteration_conv", SCHEMA, BACKWARD_SCHEMA,
+    fake=_fake, fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward,
+    reference_forward=_reference_forward, reference_backward=_reference_backward,
 )

@@ -7,11 +7,11 @@ For each layer, with W ∈ R^{m×n} and a unit iterate u ∈ R^n:
 
 σ̂ ≤ ‖W‖₂ always, and converges to it from below.
 
-Backends: ``reference`` (below, one layer at a time) and ``cpp``: the compiled custom ops
-``torch.ops.gloro_fast.power_iteration_linear`` / ``power_iteration_linear_backward``
-(csrc/cpu, csrc/cuda), which treat all layers of a call together (one parallel region or
-kernel launch per elementary step). They are made differentiable and traceable here with
-``register_autograd`` and ``register_fake``.
+The op ``torch.ops.gloro_fast.power_iteration_linear`` treats all layers of a call together
+(the compiled kernels run one parallel region or launch per elementary step for all of
+them); its backward op ``power_iteration_linear_backward`` gives every layer's gradient.
+Kernels: the reference below (one layer at a time), the C++ kernels (csrc/) and the Triton
+kernels (kernels/), chosen by the backend table (gloro_fast/ops/registry.py).
 """
 from __future__ import annotations
 
@@ -20,10 +20,14 @@ from typing import List, Sequence, Tuple, Union
 import torch
 
 from .._validation import check_positive_int, check_tensor
-from ._extension import register_op, resolve
+from ._backend import backend_for
+from ._library import define_op
 from ._power_iteration_common import normalize_iterate
 
 __all__ = ["power_iteration_linear", "power_iteration_linear_reference"]
+
+SCHEMA = "(Tensor[] weights, Tensor[] iterates, int n_iter) -> (Tensor[], Tensor[])"
+BACKWARD_SCHEMA = "(Tensor[] grad_sigmas, Tensor[] weights, Tensor[] iterates, Tensor[] sigmas) -> Tensor[]"
 
 
 def power_iteration_linear_reference(
@@ -40,9 +44,9 @@ def power_iteration_linear_reference(
     return new_iterates, sigmas
 
 
-def _check_args(weights, iterates, n_iter):
-    """Validate the arguments (shared with the Triton entry ``gloro_fast.kernels``); returns
-    ``(single, weights, iterates, n_iter)`` with ``weights`` and ``iterates`` as lists."""
+def _check(weights, iterates, n_iter):
+    """The op's argument check: returns ``(single, weights, iterates, n_iter)`` with
+    ``weights`` and ``iterates`` as lists."""
     single = isinstance(weights, torch.Tensor)
     if single:
         weights, iterates = [weights], [iterates]
@@ -79,33 +83,49 @@ def power_iteration_linear(
         ``(u_new, sigma)`` for a single layer (u_new detached, sigma a 0-dim tensor
         differentiable w.r.t. W), or ``(list of u_new, list of sigma)`` for lists.
     """
-    single, weights, iterates, n_iter = _check_args(weights, iterates, n_iter)
-    backend = resolve("power_iteration_linear", weights[0].device.type) if weights else "reference"
-    if backend in ("cpp", "triton") and any(w.device != weights[0].device for w in weights):
-        backend = "reference"  # one call of a compiled kernel runs on one device
-    if backend == "reference":
+    single, weights, iterates, n_iter = _check(weights, iterates, n_iter)
+    # one call of a compiled kernel runs on one device: layers spread over several take the reference
+    one_device = bool(weights) and all(w.device == weights[0].device for w in weights)
+    if not one_device or backend_for("power_iteration_linear", weights[0].device.type) == "reference":
         new_iterates, sigmas = power_iteration_linear_reference(weights, iterates, n_iter)
-    elif backend == "cpp":
-        new_iterates, sigmas = torch.ops.gloro_fast.power_iteration_linear(weights, iterates, n_iter)
-    elif backend == "triton":
-        from ..kernels import power_iteration_linear as triton_kernels
-
-        new_iterates, sigmas = triton_kernels.power_iteration_linear(weights, iterates, n_iter)
-    else:  # pragma: no cover - guarded by set_backend
-        raise RuntimeError(f"unknown backend {backend!r}")
+    else:
+        new_iterates, sigmas = _OP(weights, iterates, n_iter)
     if single:
         return new_iterates[0], sigmas[0]
     return new_iterates, sigmas
 
 
-# ---- registration of the compiled ops (only when gloro_fast._C loaded, only once) ----
+# ---- the op: reference kernels, fake kernels, autograd ----
 
 
-def _fake_power_iteration_linear(weights, iterates, n_iter):
+def _reference_forward(weights, iterates, n_iter):
+    with torch.no_grad():
+        new_iterates, sigmas = power_iteration_linear_reference(weights, iterates, n_iter)
+    # outputs are fresh tensors: with n_iter = 0 the reference hands the iterates back
+    return [u.clone() if n_iter == 0 else u for u in new_iterates], sigmas
+
+
+def _differentiable_grads(grad_sigmas, weights, iterates):
+    """∂(Σ_l g_l σ̂_l)/∂W_l by differentiable torch ops, σ̂ = ‖W u‖ recomputed (double backward)."""
+    with torch.enable_grad():
+        ws = [w if w.requires_grad else w.detach().requires_grad_(True) for w in weights]
+        sigmas = [torch.linalg.vector_norm(w @ u) for w, u in zip(ws, iterates)]
+        return torch.autograd.grad(sigmas, ws, grad_sigmas, create_graph=True, allow_unused=True)
+
+
+def _reference_backward(grad_sigmas, weights, iterates, sigmas):
+    grads = []
+    for g, w, u, s in zip(grad_sigmas, weights, iterates, sigmas):
+        scale = torch.where(s > 0, g / torch.where(s > 0, s, 1.0), 0.0)
+        grads.append(scale * torch.outer(w @ u, u))
+    return grads
+
+
+def _fake(weights, iterates, n_iter):
     return [u.new_empty(u.shape) for u in iterates], [w.new_empty(()) for w in weights]
 
 
-def _fake_power_iteration_linear_backward(grad_sigmas, weights, iterates, sigmas):
+def _fake_backward(grad_sigmas, weights, iterates, sigmas):
     return [w.new_empty(w.shape) for w in weights]
 
 
@@ -124,29 +144,16 @@ def _backward(ctx, grad_iterates, grad_sigmas):
     grad_weights = [None] * count
     if any(ctx.needs_input_grad[0]):
         grads = [torch.zeros_like(s) if g is None else g for g, s in zip(grad_sigmas, sigmas)]
-        if torch.is_grad_enabled():
-            # create_graph (double backward): the same gradient by differentiable torch ops,
-            # with σ̂ = ‖W u‖ recomputed as a function of W
-            grad_weights = list(_differentiable_grads(weights, iterates, grads))
+        if torch.is_grad_enabled():  # create_graph: a gradient that is itself differentiable
+            grad_weights = list(_differentiable_grads(grads, weights, iterates))
         else:
-            grad_weights = list(
-                torch.ops.gloro_fast.power_iteration_linear_backward(grads, weights, iterates, sigmas)
-            )
+            grad_weights = list(_BACKWARD_OP(grads, list(weights), list(iterates), list(sigmas)))
         grad_weights = [g if need else None for g, need in zip(grad_weights, ctx.needs_input_grad[0])]
     return grad_weights, [None] * count, None
 
 
-def _differentiable_grads(weights, iterates, grads):
-    with torch.enable_grad():
-        ws = [w if w.requires_grad else w.detach().requires_grad_(True) for w in weights]
-        sigmas = [torch.linalg.vector_norm(w @ u) for w, u in zip(ws, iterates)]
-        return torch.autograd.grad(sigmas, ws, grads, create_graph=True, allow_unused=True)
-
-
-register_op(
-    "power_iteration_linear",
-    fake=_fake_power_iteration_linear,
-    fake_backward=_fake_power_iteration_linear_backward,
-    backward=_backward,
-    setup_context=_setup_context,
+_OP, _BACKWARD_OP = define_op(
+    "power_iteration_linear", SCHEMA, BACKWARD_SCHEMA,
+    fake=_fake, fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward,
+    reference_forward=_reference_forward, reference_backward=_reference_backward,
 )

@@ -27,18 +27,14 @@ OPS = ("class_distances", "bottom_logit", "power_iteration_linear", "power_itera
 def backend(name: str):
     """Select ``name`` for the block; ``cpp`` must resolve to the compiled CUDA kernels (a
     GPU build without them is a failure here, never a silent fall-back to the reference)."""
-    from gloro_fast.ops import _backend, resolve_backend, set_backend
+    from gloro_fast.ops import resolve_backend, use_backend
 
-    before = _backend._state["backend"]
-    set_backend(name)
-    try:
+    with use_backend(name):
         if name != "reference":
             for op in OPS:
                 got = resolve_backend(CUDA, op)
                 assert got == name, f"backend {name!r} resolves to {got!r} for {op} on CUDA (make gpu-check-build)"
         yield
-    finally:
-        _backend._state["backend"] = before
 
 
 @contextlib.contextmanager

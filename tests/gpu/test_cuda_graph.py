@@ -11,7 +11,7 @@ from gpu_env import CUDA, requires_cuda
 
 import gloro_fast as gf
 from gloro_fast import nn as gnn
-from gloro_fast.ops import _backend
+from gloro_fast.ops import get_backend
 
 pytestmark = requires_cuda
 
@@ -41,7 +41,7 @@ def _step(model, opt, x, y):
 
 
 def test_captured_training_step_equals_eager():
-    assert _backend.get_backend() == "auto"  # the default: Triton kernels on CUDA tensors
+    assert get_backend() == "auto"  # the default: Triton kernels on CUDA tensors
     graphed, eager = _model(), None
     eager = copy.deepcopy(graphed)
     opt_g = torch.optim.Adam(graphed.parameters(), lr=1e-3, capturable=True)

@@ -15,7 +15,7 @@ from gpu_env import CPU, CUDA, CUDA_BACKENDS, F64, backend, requires_cuda
 import gloro_fast as gf
 from gloro_fast import models
 from gloro_fast import nn as gnn
-from gloro_fast.ops import _backend
+from gloro_fast.ops import use_backend
 
 pytestmark = requires_cuda
 
@@ -39,12 +39,8 @@ def _step(model, x, y):
 
 
 def _reference_step(model, x, y):
-    before = _backend._state["backend"]
-    _backend.set_backend("reference")
-    try:
+    with use_backend("reference"):
         return _step(model, x, y)
-    finally:
-        _backend._state["backend"] = before
 
 
 @pytest.mark.parametrize("name", CUDA_BACKENDS)
@@ -76,13 +72,9 @@ def test_certify_matches_cpu(name):
     cpu = _small(F64).eval()
     gpu = copy.deepcopy(cpu).to(CUDA)
     x = torch.rand(64, 1, 14, 14, generator=torch.Generator().manual_seed(3), dtype=F64)
-    before = _backend._state["backend"]
-    _backend.set_backend("reference")
-    try:
+    with use_backend("reference"):
         want = cpu.certify(x)
         parts = cpu.forward_parts(x)
-    finally:
-        _backend._state["backend"] = before
     with backend(name):
         got = gpu.certify(x.to(CUDA)).cpu()
         torch.testing.assert_close(gpu.lipschitz_constant().cpu(), cpu.lipschitz_constant(), rtol=1e-9, atol=0)
@@ -99,12 +91,8 @@ def test_paper_architecture_forward(name):
     cpu = models.cnn_6C2F(input_shape=(3, 32, 32), num_classes=10, epsilon=0.141).double()
     gpu = copy.deepcopy(cpu).to(CUDA)
     x = torch.rand(16, 3, 32, 32, dtype=F64)
-    before = _backend._state["backend"]
-    _backend.set_backend("reference")
-    try:
+    with use_backend("reference"):
         want = cpu.forward_parts(x)
-    finally:
-        _backend._state["backend"] = before
     with backend(name):
         got = gpu.forward_parts(x.to(CUDA))
     for a, b in zip(got, want):

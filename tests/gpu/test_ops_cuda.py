@@ -18,7 +18,6 @@ from gloro_fast.ops import (
     power_iteration_conv_reference,
     power_iteration_linear_reference,
 )
-from gloro_fast.ops._extension import has_kernel
 
 pytestmark = requires_cuda
 F32 = torch.float32
@@ -31,10 +30,12 @@ def gen():
 
 
 def test_extension_has_cuda_kernels():
-    """A GPU machine's build must contain the CUDA kernels (else cpp silently means reference)."""
-    for op in ("class_distances", "bottom_logit", "power_iteration_linear", "power_iteration_conv"):
-        assert has_kernel(op, CUDA) and has_kernel(f"{op}_backward", CUDA), (
-            f"gloro_fast._C has no CUDA kernel for {op}: build with nvcc (make gpu-check-build)")
+    """A GPU machine's build must contain the CUDA kernels of every op and its backward (else
+    cpp silently means reference)."""
+    with ops.use_backend("cpp"):
+        for op in ("class_distances", "bottom_logit", "power_iteration_linear", "power_iteration_conv"):
+            assert ops.resolve_backend(CUDA, op) == "cpp", (
+                f"gloro_fast._C has no CUDA kernels for {op}: build with nvcc (make gpu-check-build)")
 
 
 # ------------------------------------------------------------------------ class_distances
@@ -287,8 +288,15 @@ def test_conv_scale_past_33m_elements(gen):
     torch.testing.assert_close(out, y * (g / sigma)[:, None], rtol=1e-6, atol=0)
 
 
-def test_opcheck_cuda_kernels(gen):
-    """Schema, fake tensors and autograd registration of the compiled ops on CUDA tensors."""
+@pytest.mark.parametrize("name", ["cpp", "triton"])
+def test_opcheck_cuda_kernels(name, gen):
+    """Schema, fake tensors and autograd registration of the ops, with each backend's CUDA
+    kernels behind them."""
+    with backend(name):
+        _opcheck_every_op(gen)
+
+
+def _opcheck_every_op(gen):
     w = rand(30, 7, gen=gen, dtype=F32).to(CUDA)
     for exact in (False, True):
         torch.library.opcheck(torch.ops.gloro_fast.class_distances.default, (w.clone().requires_grad_(), exact))

@@ -37,10 +37,10 @@ def test_class_distances_configs(dtype, c, d):
     mean = w.to(torch.float64 if fp64 else torch.float32).mean(0)
     grid = lambda meta: (triton.cdiv(c, meta["BLOCK_M"]), triton.cdiv(c, meta["BLOCK_N"]))  # noqa: E731
     out = torch.empty(c, c, dtype=dtype, device=CUDA)
-    for config in _launch(cd._GRAM[fp64], grid, w, mean, out, c, d, FP64=fp64):
+    for config in _launch(cd.GRAM_KERNELS[fp64], grid, w, mean, out, c, d, FP64=fp64):
         torch.testing.assert_close(out.double().cpu(), ref, rtol=tol, atol=tol * float(ref.max()), msg=str(config))
         out.fill_(float("nan"))
-    for config in _launch(cd._EXACT[fp64], grid, w, out, c, d, FP64=fp64):
+    for config in _launch(cd.EXACT_KERNELS[fp64], grid, w, out, c, d, FP64=fp64):
         torch.testing.assert_close(out.double().cpu(), ref, rtol=tol, atol=tol * float(ref.max()), msg=str(config))
         out.fill_(float("nan"))
     g = torch.randn(c, c, device=CUDA, dtype=dtype)
@@ -50,7 +50,7 @@ def test_class_distances_configs(dtype, c, d):
     rowsum = torch.empty(c, dtype=acc, device=CUDA)
     m = torch.where(dist > 0, g.to(acc) / dist.to(acc).clamp_min(1e-30), torch.zeros((), dtype=acc, device=CUDA))
     want = m + m.t()
-    for config in _launch(cd._BWD_S[fp64], lambda meta: (triton.cdiv(c, meta["BLOCK_M"]),), g, dist, s, rowsum, c,
+    for config in _launch(cd.BACKWARD_S_KERNELS[fp64], lambda meta: (triton.cdiv(c, meta["BLOCK_M"]),), g, dist, s, rowsum, c,
                           FP64=fp64):
         torch.testing.assert_close(s, want, rtol=tol, atol=tol, msg=str(config))
         torch.testing.assert_close(rowsum, want.sum(1), rtol=tol * 10, atol=tol * 10, msg=str(config))
@@ -76,8 +76,8 @@ def test_bottom_logit_forward_configs(dtype, c, given):
     istar = torch.empty(b, dtype=torch.int64, device=CUDA)
     j = torch.empty(b, dtype=torch.int64, device=CUDA)
     cls = classes.to(CUDA) if given else j
-    block_c = bl._block_c(c)
-    for config in _launch(bl._forward_kernel(block_c), lambda meta: (triton.cdiv(b, meta["BLOCK_B"]),),
+    block_c = bl.block_c(c)
+    for config in _launch(bl.forward_kernel(block_c), lambda meta: (triton.cdiv(b, meta["BLOCK_B"]),),
                           f.to(CUDA, dtype), d.to(CUDA, dtype), ek, cls, fbot, istar, j, b, c,
                           HAS_CLASSES=given, FP64=dtype == F64, BLOCK_C=block_c):
         assert torch.equal(istar.cpu(), ri), config
@@ -97,13 +97,13 @@ def test_power_iteration_linear_configs(dtype):
     acc = torch.float64 if dtype == F64 else torch.float32
     w_flat = torch.cat([w.reshape(-1) for w in ws]).to(CUDA, dtype)
     u_flat = torch.cat(us).to(CUDA, dtype)
-    meta = pl._meta(shapes, CUDA)
+    meta = pl.layer_table(shapes, CUDA)
     sum_m, sum_n = sum(m for m, _ in shapes), sum(n for _, n in shapes)
     u_out = torch.empty(sum_n, dtype=dtype, device=CUDA)
     sigma = torch.empty(len(shapes), dtype=dtype, device=CUDA)
     v, cur, t = (torch.empty(k, dtype=acc, device=CUDA) for k in (sum_m, sum_n, sum_n))
     tol = 1e-10 if dtype == F64 else 2e-5
-    for config in _launch(pl._power_iteration_linear_kernel, (len(shapes),), w_flat, u_flat, meta, u_out, sigma,
+    for config in _launch(pl.forward_kernel, (len(shapes),), w_flat, u_flat, meta, u_out, sigma,
                           v, cur, t, 3, len(shapes), 300, 513, FP64=dtype == F64):
         torch.testing.assert_close(sigma.double().cpu(), torch.stack(rss), rtol=tol, atol=tol, msg=str(config))
         torch.testing.assert_close(u_out.double().cpu(), torch.cat(rus), rtol=tol, atol=tol, msg=str(config))

@@ -32,9 +32,14 @@ DEVICE = torch.device("cuda" if _CUDA else "cpu")
 try:
     import triton  # noqa: F401  (imported after TRITON_INTERPRET is set)
 
-    from gloro_fast.kernels._utils import unusable_reason
+    from gloro_fast.ops import resolve_backend, use_backend
 
-    _REASON = unusable_reason(DEVICE)
+    try:
+        with use_backend("triton"):  # says why where the Triton kernels cannot run
+            resolve_backend(DEVICE, "class_distances")
+        _REASON = None
+    except ValueError as exc:
+        _REASON = str(exc)
 except ImportError as exc:  # pragma: no cover - triton is a dev dependency
     _REASON = f"triton is not installed ({exc})"
 

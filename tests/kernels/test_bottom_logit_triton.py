@@ -1,4 +1,6 @@
-"""Triton bottom_logit (forward and backward) against the reference and a per-sample loop."""
+"""Triton bottom_logit (forward and backward) against the reference and a per-sample loop:
+through the public op with the triton backend selected, and the kernels alone (as the
+backend table holds them)."""
 from __future__ import annotations
 
 import pytest
@@ -8,14 +10,27 @@ from gloro_triton_env import device, kernels_usable  # noqa: E402,F401  (sets TR
 
 pytest.importorskip("triton")
 
-from gloro_fast.kernels.bottom_logit import (  # noqa: E402
-    bottom_logit,
-    bottom_logit_backward,
-    bottom_logit_forward,
-)
-from gloro_fast.ops import bottom_logit_reference  # noqa: E402
+import gloro_fast.kernels.bottom_logit as bl  # noqa: E402
+from gloro_fast.ops import bottom_logit, bottom_logit_reference, registry, use_backend  # noqa: E402
 
 F64 = torch.float64
+TRITON = registry.kernels("bottom_logit", "triton")
+
+
+@pytest.fixture(autouse=True)
+def triton_backend():
+    with use_backend("triton"):
+        yield
+
+
+def bottom_logit_forward(f, d, k, eps, classes):
+    """The Triton forward kernel alone: (f_⊥, i*, j)."""
+    return TRITON.forward(f, d, k, eps, classes)
+
+
+def bottom_logit_backward(grad, i_star, j, d, k, eps):
+    """The Triton backward kernel alone: gradients into (f, D, K)."""
+    return TRITON.backward(grad, d, k, eps, i_star, j, d.shape[0])
 
 
 def _inputs(B, C, dtype, device, gen, ties=True):
@@ -128,12 +143,28 @@ def test_float_lipschitz_and_epsilon_zero(device, gen):
 
 
 def test_custom_op_registration(device, gen):
+    """The one op (schema, autograd registration) with the Triton kernels behind it."""
     f, d, k = _inputs(4, 3, torch.float32, device, gen)
     torch.library.opcheck(
-        torch.ops.gloro_fast.bottom_logit_triton,
+        torch.ops.gloro_fast.bottom_logit.default,
         (f.requires_grad_(), d.requires_grad_(), k.requires_grad_(), 0.1, None),
         test_utils=("test_schema", "test_autograd_registration"),
     )
+
+
+def test_classes_out_of_range(device, gen):
+    """The op rejects them; the kernels called directly give f_⊥ = NaN and i* = −1 for those
+    rows (never an index outside D), and their backward skips them."""
+    f, d, k = _inputs(3, 4, F64, device, gen, ties=False)
+    bad = torch.tensor([0, 4, -1], device=device)
+    with pytest.raises(ValueError, match="classes"):
+        bottom_logit(f, d, k, 0.1, bad)
+    fb, i_star, j = bottom_logit_forward(f, d, k, 0.1, bad)
+    rb, ri = bottom_logit_reference(f[:1].cpu(), d.cpu(), k.cpu(), 0.1, torch.tensor([0]))
+    torch.testing.assert_close(fb[:1].cpu(), rb, rtol=1e-12, atol=1e-12)
+    assert torch.isnan(fb[1:]).all() and i_star.tolist() == [int(ri), -1, -1] and j.tolist() == [0, 4, -1]
+    gf, gd, gk = bottom_logit_backward(torch.ones(3, dtype=F64, device=device), i_star, j, d, k, 0.1)
+    assert gf[1:].abs().sum() == 0 and int((gd != 0).sum()) == 1
 
 
 def test_rejects_bad_input(device):
@@ -149,13 +180,12 @@ def test_rejects_bad_input(device):
 def test_autotune_key_leaves_the_batch_size_out():
     """A new batch size must not re-tune: the key is (C, HAS_CLASSES, FP64) only, and the
     wide-class configs keep BLOCK_B × 256 within the register budget of their warps."""
-    from gloro_fast.kernels import bottom_logit as bl
-
-    for kernel in (bl._FWD_NARROW, bl._FWD_WIDE):
+    narrow, wide = bl.forward_kernel(64), bl.forward_kernel(128)
+    assert narrow is not wide and bl.forward_kernel(256) is wide and bl.forward_kernel(2) is narrow
+    for kernel in (narrow, wide):
         assert list(kernel.keys) == ["C", "HAS_CLASSES", "FP64"]
-    for config in bl._FWD_CONFIGS_WIDE:
-        assert config.kwargs["BLOCK_B"] * bl._MAX_BLOCK_C <= 1024 * config.num_warps
-    assert bl._forward_kernel(64) is bl._FWD_NARROW and bl._forward_kernel(128) is bl._FWD_WIDE
+    for config in bl.FORWARD_CONFIGS_WIDE:
+        assert config.kwargs["BLOCK_B"] * bl.MAX_BLOCK_C <= 1024 * config.num_warps
 
 
 def test_deterministic_mode_scatters_without_atomics(device, gen):
@@ -175,16 +205,15 @@ def test_deterministic_mode_scatters_without_atomics(device, gen):
     f, d, k = _inputs(40, 3, F64, device, gen)  # 40 rows over 3 classes: cells shared by many rows
     _, i_star, j = bottom_logit_forward(f, d, k, 0.5, None)
     g = torch.randn(40, generator=gen, dtype=F64).to(device)
-    from gloro_fast.kernels.bottom_logit import backward_launch
 
     with OpLog() as log:
-        free = backward_launch(g, i_star, j, d, k, 0.5)
+        free = bottom_logit_backward(g, i_star, j, d, k, 0.5)
     assert not any("index_put" in n for n in log.names)
     before = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(True)
     try:
         with OpLog() as log:
-            fixed = backward_launch(g, i_star, j, d, k, 0.5)
+            fixed = bottom_logit_backward(g, i_star, j, d, k, 0.5)
     finally:
         torch.use_deterministic_algorithms(before)
     assert any("index_put" in n for n in log.names)

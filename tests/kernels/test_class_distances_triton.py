@@ -1,4 +1,6 @@
-"""Triton class_distances (Gram and exact kernels, backward) against the reference."""
+"""Triton class_distances (Gram and exact kernels, backward) against the reference: through
+the public op with the triton backend selected, and the kernels alone (as the backend table
+holds them)."""
 from __future__ import annotations
 
 import pytest
@@ -8,14 +10,17 @@ from gloro_triton_env import device, kernels_usable  # noqa: E402,F401  (sets TR
 
 pytest.importorskip("triton")
 
-from gloro_fast.kernels.class_distances import (  # noqa: E402
-    class_distances,
-    class_distances_backward,
-    class_distances_forward,
-)
-from gloro_fast.ops import class_distances_reference  # noqa: E402
+import gloro_fast.kernels.class_distances  # noqa: E402,F401  (registers the Triton kernels)
+from gloro_fast.ops import class_distances, class_distances_reference, registry, use_backend  # noqa: E402
 
 F64 = torch.float64
+TRITON = registry.kernels("class_distances", "triton")
+
+
+@pytest.fixture(autouse=True)
+def triton_backend():
+    with use_backend("triton"):
+        yield
 # non-powers of 2, C = 1 and 2, d = 1, tails in both tile axes (tiles are 32×32×32 / 16³)
 SHAPES = [(1, 1), (2, 1), (2, 5), (7, 3), (19, 33), (37, 2), (40, 17)]
 
@@ -69,14 +74,14 @@ def test_backward_expanded_gradient(device, gen):
     class_distances_reference(w_ref).sum().backward()
     torch.testing.assert_close(w.grad.cpu(), w_ref.grad, rtol=1e-9, atol=1e-9)
     # and the launcher directly, with an expanded and a transposed gradient
-    d = class_distances_forward(w.detach(), True)
+    d = TRITON.forward(w.detach(), True)
     g = torch.randn(13, 13, generator=gen, dtype=F64).to(device)
     for grad in (torch.ones((), dtype=F64, device=device).expand(13, 13), g.t()):
         expect = torch.autograd.grad(
             (class_distances_reference(w_ref, exact=True) * grad.cpu()).sum(), w_ref
         )[0]
         torch.testing.assert_close(
-            class_distances_backward(grad, w.detach(), d).cpu(), expect, rtol=1e-9, atol=1e-9
+            TRITON.backward(grad, w.detach(), d).cpu(), expect, rtol=1e-9, atol=1e-9
         )
 
 
@@ -113,7 +118,7 @@ def test_non_contiguous_weight(device, gen):
 def test_custom_op_registration(device, gen):
     w = _weight((6, 5), torch.float32, device, gen, requires_grad=True)
     torch.library.opcheck(
-        torch.ops.gloro_fast.class_distances_triton,
+        torch.ops.gloro_fast.class_distances.default,
         (w, False),
         test_utils=("test_schema", "test_autograd_registration"),
     )

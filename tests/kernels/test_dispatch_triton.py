@@ -9,40 +9,31 @@ from gloro_triton_env import DEVICE, device, kernels_usable  # noqa: F401  (sets
 
 pytest.importorskip("triton")
 
-from conftest import reference_backend  # noqa: E402
 from gloro_fast import ops  # noqa: E402
-from gloro_fast.ops import _backend  # noqa: E402
 
 F64 = torch.float64
 
 
-@pytest.fixture
-def triton_backend():
-    before = _backend._state["backend"]
-    ops.set_backend("triton")
-    yield
-    _backend._state["backend"] = before
-
-
 def test_auto_never_picks_triton_for_cpu_tensors():
-    before = _backend._state["backend"]
-    try:
-        ops.set_backend("auto")
+    with ops.use_backend("auto"):
         assert ops.resolve_backend(torch.device("cpu"), op="class_distances") in ("cpp", "reference")
-    finally:
-        _backend._state["backend"] = before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_auto_picks_triton_for_cuda_tensors():
-    assert ops.resolve_backend(torch.device("cuda"), op="bottom_logit") == "triton"
+    with ops.use_backend("auto"):
+        assert ops.resolve_backend(torch.device("cuda"), op="bottom_logit") == "triton"
 
 
-def test_public_ops_run_triton_and_match_reference(triton_backend, device, gen):
+def test_public_ops_run_triton_and_match_reference(device, gen, monkeypatch):
+    import gloro_fast.kernels.bottom_logit as bl
+
     w = torch.randn(7, 5, generator=gen, dtype=F64).to(device).requires_grad_()
     f = torch.randn(4, 7, generator=gen, dtype=F64).to(device).requires_grad_()
     k = torch.tensor(1.3, dtype=F64, device=device)
     calls = []
+    original = bl.forward_kernel
+    monkeypatch.setattr(bl, "forward_kernel", lambda block_c: calls.append(block_c) or original(block_c))
 
     def run():
         d = ops.class_distances(w)
@@ -52,30 +43,28 @@ def test_public_ops_run_triton_and_match_reference(triton_backend, device, gen):
         w.grad = f.grad = None
         return out
 
-    from gloro_fast.kernels import bottom_logit as bl_kernels
-
-    original = bl_kernels.bottom_logit
-    bl_kernels.bottom_logit = lambda *a, **kw: calls.append(1) or original(*a, **kw)
-    try:
+    with ops.use_backend("triton"):
+        assert ops.resolve_backend(device, "bottom_logit") == "triton"
         got = run()
-    finally:
-        bl_kernels.bottom_logit = original
     assert calls, "the public op did not dispatch to the Triton kernel"
-    with reference_backend():
+    with ops.use_backend("reference"):
         want = run()
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
 
 
-def test_power_iteration_ops_dispatch_to_triton(triton_backend, device, gen):
+def test_power_iteration_ops_dispatch_to_triton(device, gen):
     w = torch.randn(6, 4, generator=gen, dtype=F64).to(device)
     u = torch.nn.functional.normalize(torch.randn(4, generator=gen, dtype=F64), dim=0).to(device)
     kw = torch.randn(3, 2, 3, 3, generator=gen, dtype=F64).to(device)
     ku = torch.nn.functional.normalize(torch.randn(1, 2 * 6 * 5, generator=gen, dtype=F64), dim=1)
     ku = ku.reshape(1, 2, 6, 5).to(device)
-    got_lin = ops.power_iteration_linear(w, u, 3)
-    got_conv = ops.power_iteration_conv(kw, ku, 3, stride=2, padding=(0, 1, 1, 0))
-    with reference_backend():
+    with ops.use_backend("triton"):
+        for op in ("power_iteration_linear", "power_iteration_conv"):
+            assert ops.resolve_backend(device, op) == "triton"
+        got_lin = ops.power_iteration_linear(w, u, 3)
+        got_conv = ops.power_iteration_conv(kw, ku, 3, stride=2, padding=(0, 1, 1, 0))
+    with ops.use_backend("reference"):
         want_lin = ops.power_iteration_linear(w, u, 3)
         want_conv = ops.power_iteration_conv(kw, ku, 3, stride=2, padding=(0, 1, 1, 0))
     for a, b in zip(got_lin + got_conv, want_lin + want_conv):
@@ -86,10 +75,6 @@ def test_triton_backend_refuses_cpu_without_interpreter(monkeypatch):
     import gloro_fast.kernels._utils as utils
 
     monkeypatch.setattr(utils, "INTERPRET", False)
-    before = _backend._state["backend"]
-    try:
-        ops.set_backend("triton")
-        with pytest.raises(ValueError, match="triton"):
+    with ops.use_backend("triton"):  # a new selection: the choice is made again
+        with pytest.raises(ValueError, match="triton.*TRITON_INTERPRET"):
             ops.class_distances(torch.randn(3, 2))
-    finally:
-        _backend._state["backend"] = before

@@ -1,4 +1,6 @@
-"""Triton-epilogue power_iteration_conv (single and batched layers) against the reference."""
+"""Triton-epilogue power_iteration_conv (single and batched layers) against the reference:
+through the public ops with the triton backend selected, and the kernels alone (as the
+backend table holds them: N layers stacked on axis 0)."""
 from __future__ import annotations
 
 import pytest
@@ -8,17 +10,28 @@ from gloro_triton_env import device, kernels_usable  # noqa: E402,F401  (sets TR
 
 pytest.importorskip("triton")
 
-from gloro_fast.kernels.power_iteration_conv import (  # noqa: E402
-    normalize_segments,
-    power_iteration_conv,
-    power_iteration_conv_backward,
-    power_iteration_conv_batched,
-    power_iteration_conv_forward,
-    segment_norms,
-)
-from gloro_fast.ops import power_iteration_conv_reference  # noqa: E402
+from gloro_fast import ops  # noqa: E402
+from gloro_fast.kernels.power_iteration_conv import conv2d_ieee, normalize_segments, segment_norms  # noqa: E402
+from gloro_fast.ops import power_iteration_conv_reference, registry, use_backend  # noqa: E402
 
 F64 = torch.float64
+TRITON = registry.kernels("power_iteration_conv", "triton")
+
+
+@pytest.fixture(autouse=True)
+def triton_backend():
+    with use_backend("triton"):
+        yield
+
+
+def power_iteration_conv(w, u, n_iter, stride=1, padding=0, dilation=1, groups=1, residual=False):
+    return ops.power_iteration_conv(w, u, n_iter, stride=stride, padding=padding, dilation=dilation,
+                                    groups=groups, residual=residual)
+
+
+def power_iteration_conv_batched(ws, us, n_iter, stride=1, padding=0, dilation=1, groups=1, residual=False):
+    return ops.power_iteration_conv_batched(ws, us, n_iter, stride=stride, padding=padding, dilation=dilation,
+                                            groups=groups, residual=residual)
 
 # weight shape, input (c_in, H, W), stride, pads (top, bottom, left, right), dilation, groups, residual
 CASES = [
@@ -84,7 +97,7 @@ def test_converges_to_operator_norm(device, gen, explicit_matrix):
     w = torch.randn(3, 2, 3, 3, generator=gen, dtype=F64).to(device)
     u0 = _unit((2, 5, 4), F64, device, gen)
     _, sigma = power_iteration_conv(w, u0, 25, 2, (1, 0, 1, 1), 1, 1, False)
-    from gloro_fast.ops.power_iteration_conv import conv_operator
+    from gloro_fast.ops.convolution import conv_operator
 
     mat = explicit_matrix(lambda x: conv_operator(x, w.cpu(), (2, 2), (1, 0, 1, 1), (1, 1), 1), (2, 5, 4))
     true = torch.linalg.matrix_norm(mat, ord=2)
@@ -111,26 +124,33 @@ def test_segment_kernels(device, gen):
     torch.testing.assert_close(segment_norms(x, 3).cpu(), x.cpu().norm(dim=1))
 
 
-def test_backward_launcher_expanded_gradient(device, gen):
+def test_kernels_stack_layers_on_axis_0(device, gen):
+    """The op's contract: N layers' iterates (N, C_in, H, W), kernels stacked on the output
+    axis; the backward takes a stride-0 gradient."""
     wshape, ushape, stride, pads, dilation, groups, residual = CASES[1]
     ws = [torch.randn(*wshape, generator=gen, dtype=F64).to(device) for _ in range(2)]
     us0 = [_unit(ushape, F64, device, gen) for _ in range(2)]
-    u, sigma, y = power_iteration_conv_forward(ws, us0, 1, list(stride), list(pads), list(dilation), groups, residual)
+    geometry = (list(stride), list(pads), list(dilation), groups, residual)
+    weight, iterate = torch.cat(ws), torch.cat(us0)
+    u, sigma = TRITON.forward(weight, iterate, 1, *geometry)
+    assert u.shape == iterate.shape and sigma.shape == (2,)
     grad = torch.ones((), dtype=F64, device=device).expand(2)  # stride 0
-    shape = [wshape[0] * 2, *wshape[1:]]
-    gw = power_iteration_conv_backward(grad, sigma, u, y, shape, list(stride), list(pads), list(dilation), groups)
+    gw = TRITON.backward(grad, weight, u, sigma, *geometry)
     for k in range(2):
         w_ref = ws[k].cpu().requires_grad_()
-        _, rs = power_iteration_conv_reference(w_ref, us0[k].cpu(), 1, stride, pads, dilation, groups, residual)
+        ru, rs = power_iteration_conv_reference(w_ref, us0[k].cpu(), 1, stride, pads, dilation, groups, residual)
         rs.backward()
+        torch.testing.assert_close(u[k : k + 1].cpu(), ru, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(sigma[k].cpu(), rs.detach(), rtol=1e-10, atol=1e-10)
         torch.testing.assert_close(gw[k * wshape[0] : (k + 1) * wshape[0]].cpu(), w_ref.grad, rtol=1e-10, atol=1e-10)
 
 
 def test_custom_op_registration(device, gen):
+    """The one op (schema, autograd registration) with the Triton kernels behind it."""
     w = torch.randn(2, 2, 3, 3, generator=gen).to(device).requires_grad_()
     torch.library.opcheck(
-        torch.ops.gloro_fast.power_iteration_conv_triton,
-        ([w], [_unit((2, 4, 4), torch.float32, device, gen)], 1, [1, 1], [1, 1, 1, 1], [1, 1], 1, False),
+        torch.ops.gloro_fast.power_iteration_conv.default,
+        (w, _unit((2, 4, 4), torch.float32, device, gen), 1, [1, 1], [1, 1, 1, 1], [1, 1], 1, False),
         test_utils=("test_schema", "test_autograd_registration"),
     )
 
@@ -143,7 +163,7 @@ def test_rejects_bad_input(device):
         power_iteration_conv_batched([w, torch.zeros(2, 2, 1, 1, device=device)],
                                      [torch.zeros(1, 2, 4, 4, device=device)] * 2, 1)
     with pytest.raises(ValueError):
-        power_iteration_conv(w, torch.zeros(1, 2, 4, 4, device=device), 1, pads=(1, 2, 3))
+        power_iteration_conv(w, torch.zeros(1, 2, 4, 4, device=device), 1, padding=(1, 2, 3))
 
 
 def test_scale_grid_fits_cuda_limits():
@@ -194,14 +214,11 @@ def test_weight_gradient_as_one_convolution(case, gen):
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
-def test_conv2d_ieee_op(gen):
-    """The IEEE convolution op: equal to aten.convolution off CUDA float32, and a well-formed
-    custom op (schema, fake tensor, no aliasing) for torch.compile."""
+def test_conv2d_ieee(gen):
+    """The IEEE convolution: equal to aten.convolution off CUDA float32 (forward and transposed)."""
     x = torch.randn(1, 4, 6, 5, generator=gen)
     w = torch.randn(6, 2, 3, 3, generator=gen)
-    out = torch.ops.gloro_fast.conv2d_ieee(x, w, [2, 1], [1, 0], [1, 1], 2, False, [0, 0])
+    out = conv2d_ieee(x, w, [2, 1], [1, 0], [1, 1], 2, False, [0, 0])
     torch.testing.assert_close(out, torch.nn.functional.conv2d(x, w, None, (2, 1), (1, 0), 1, 2))
-    back = torch.ops.gloro_fast.conv2d_ieee(out, w, [2, 1], [1, 0], [1, 1], 2, True, [1, 0])
+    back = conv2d_ieee(out, w, [2, 1], [1, 0], [1, 1], 2, True, [1, 0])
     torch.testing.assert_close(back, torch.nn.functional.conv_transpose2d(out, w, None, (2, 1), (1, 0), (1, 0), 2))
-    torch.library.opcheck(torch.ops.gloro_fast.conv2d_ieee, (x, w, [2, 1], [1, 0], [1, 1], 2, False, [0, 0]),
-                          test_utils=("test_schema", "test_faketensor"))

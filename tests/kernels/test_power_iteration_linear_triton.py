@@ -1,4 +1,6 @@
-"""Triton power_iteration_linear (many layers in one launch) against the reference."""
+"""Triton power_iteration_linear (many layers in one launch) against the reference: through
+the public op with the triton backend selected, and the kernels alone (as the backend table
+holds them)."""
 from __future__ import annotations
 
 import pytest
@@ -8,14 +10,22 @@ from gloro_triton_env import device, kernels_usable  # noqa: E402,F401  (sets TR
 
 pytest.importorskip("triton")
 
-from gloro_fast.kernels.power_iteration_linear import (  # noqa: E402
+import gloro_fast.kernels.power_iteration_linear  # noqa: E402,F401  (registers the Triton kernels)
+from gloro_fast.ops import (  # noqa: E402
     power_iteration_linear,
-    power_iteration_linear_backward,
-    power_iteration_linear_forward,
+    power_iteration_linear_reference,
+    registry,
+    use_backend,
 )
-from gloro_fast.ops import power_iteration_linear_reference  # noqa: E402
 
 F64 = torch.float64
+TRITON = registry.kernels("power_iteration_linear", "triton")
+
+
+@pytest.fixture(autouse=True)
+def triton_backend():
+    with use_backend("triton"):
+        yield
 # (1,1), d = 1 columns, tails past BLOCK_M = 32 rows and BLOCK_N = 64 columns
 SHAPES = [(7, 5), (1, 1), (70, 3), (3, 130), (2, 1)]
 
@@ -88,16 +98,19 @@ def test_mixed_dtypes_are_grouped(device, gen):
     torch.testing.assert_close(sigmas[0].cpu(), ref_s[0])
 
 
-def test_backward_launcher_expanded_gradient(device, gen):
+def test_kernels_alone_with_an_expanded_gradient(device, gen):
+    """The kernels with the op's signatures; the gradients are views of one stride-0 tensor."""
     weights, iterates = _layers([(5, 4), (2, 7)], F64, device, gen)
-    u, sigma, v = power_iteration_linear_forward(weights, iterates, 1)
-    grad = torch.ones((), dtype=F64, device=device).expand(2)  # stride 0
-    flat = power_iteration_linear_backward(grad, sigma, v, u, [5, 4, 2, 7])
+    us, sigmas = TRITON.forward(weights, iterates, 1)
+    grads = torch.ones((), dtype=F64, device=device).expand(2).unbind(0)
+    got = TRITON.backward(list(grads), weights, us, sigmas)
     refs = [w.detach().cpu().requires_grad_() for w in weights]
-    _, rs = power_iteration_linear_reference(refs, [t.cpu() for t in iterates], 1)
+    rus, rs = power_iteration_linear_reference(refs, [t.cpu() for t in iterates], 1)
     sum(rs).backward()
-    torch.testing.assert_close(flat[:20].view(5, 4).cpu(), refs[0].grad, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(flat[20:].view(2, 7).cpu(), refs[1].grad, rtol=1e-10, atol=1e-10)
+    for g, u, s, ref, ru, r in zip(got, us, sigmas, refs, rus, rs):
+        torch.testing.assert_close(u.cpu(), ru, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(s.cpu(), r.detach(), rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(g.cpu(), ref.grad, rtol=1e-10, atol=1e-10)
 
 
 def test_non_contiguous_weight(device, gen):
@@ -112,7 +125,7 @@ def test_non_contiguous_weight(device, gen):
 def test_custom_op_registration(device, gen):
     weights, iterates = _layers([(3, 2), (4, 5)], torch.float32, device, gen)
     torch.library.opcheck(
-        torch.ops.gloro_fast.power_iteration_linear_triton,
+        torch.ops.gloro_fast.power_iteration_linear.default,
         ([w.requires_grad_() for w in weights], iterates, 1),
         test_utils=("test_schema", "test_autograd_registration"),
     )

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from gloro_fast.ops import power_iteration_conv, power_iteration_conv_reference
-from gloro_fast.ops.power_iteration_conv import _pads, conv_operator, conv_operator_adjoint
+from gloro_fast.ops.convolution import conv_operator, conv_operator_adjoint, normalize_padding
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -69,7 +69,7 @@ def make_configs(count=48, seed=7):
             padding = (rng.choice([0, 1, 2]), rng.choice([0, 1, 2]))
         else:
             padding = tuple(rng.choice([0, 1, 2, 3]) for _ in range(4))
-        pads = _pads(padding)
+        pads = normalize_padding(padding)
         hw = (rng.choice([3, 4, 5, 6, 7]), rng.choice([3, 4, 5, 6, 7]))
         if any(hw[a] + pads[2 * a] + pads[2 * a + 1] < dilation[a] * (k[a] - 1) + 1 for a in range(2)):
             continue
@@ -97,7 +97,7 @@ def unit_iterate(c, hw, gen):
 
 def op_args(cfg):
     _, _, groups, _, stride, padding, dilation, _ = cfg
-    return stride, _pads(padding), dilation, groups
+    return stride, normalize_padding(padding), dilation, groups
 
 
 def converge(weight, u, chunk=10, tol=1e-13, max_calls=2000, **kw):
@@ -199,7 +199,7 @@ RESIDUAL = [
 @pytest.mark.parametrize("cfg", RESIDUAL)
 def test_residual_is_identity_plus_conv(cfg, gen, explicit_matrix):
     c, k, padding, dilation, hw = cfg
-    pads = _pads(padding)
+    pads = normalize_padding(padding)
 
     def conv_matrix(w):
         return explicit_matrix(lambda x: naive_conv(x, w, (1, 1), pads, dilation, 1), (c, *hw))

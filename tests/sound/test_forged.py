@@ -14,7 +14,7 @@ import torch
 
 import gloro_fast as gf
 from gloro_fast import nn as gnn
-from gloro_fast.ops import set_backend, get_backend
+from gloro_fast.ops import use_backend
 from sound_fixtures import small_cnn, sample_points, trained_cnn
 
 
@@ -146,9 +146,7 @@ def test_function_preserving_rescaling_keeps_sound_certificates():
 def test_overflowing_iterate_recovers_after_the_weights_do():
     """An overflow must not zero an iterate for good (reference backend)."""
     model = copy.deepcopy(trained_cnn())
-    before = get_backend()
-    set_backend("reference")
-    try:
+    with use_backend("reference"):
         layer = model.body[0]
         saved = layer.weight.detach().clone()
         with torch.no_grad():
@@ -156,8 +154,6 @@ def test_overflowing_iterate_recovers_after_the_weights_do():
             layer.lipschitz_bound(3)
             layer.weight.copy_(saved)
         sigma = float(layer.lipschitz_bound(200).detach())
-    finally:
-        set_backend(before)
     assert torch.isfinite(layer.power_iterate).all()
     upper = float(layer.lipschitz_upper_bound())
     assert 0.98 * upper <= sigma <= upper

@@ -21,11 +21,6 @@ SHAPES = pick([(c, d) for c in (10, 100, 1000) for d in (512, 2048)], [(100, 512
 MODES = ("fwd", "fwd+bwd")
 
 
-def distances_naive(W):
-    diff = W[:, None, :] - W[None, :, :]  # (C, C, d)
-    return torch.sqrt((diff * diff).sum(dim=-1) + 1e-30)
-
-
 def distances_eager(W):
     sq = (W * W).sum(dim=1)
     d2 = sq[:, None] + sq[None, :] - 2.0 * (W @ W.t())

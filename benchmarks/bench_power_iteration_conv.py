@@ -17,7 +17,7 @@ import torch
 
 from conftest import (DEVICE, DTYPE, compiled, contenders, label, pick, run_contender, zero_grads)
 from gloro_fast.ops import power_iteration_conv
-from gloro_fast.ops.power_iteration_conv import conv_operator, conv_operator_adjoint
+from gloro_fast.ops.convolution import conv_operator, conv_operator_adjoint
 
 try:
     from gloro_fast.ops.power_iteration_conv import power_iteration_conv_batched

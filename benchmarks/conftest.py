@@ -133,16 +133,12 @@ def gloro_backends() -> List[str]:
 def backend_status(backend: str, op_names: Iterable[str]) -> Dict[str, str]:
     """Which concrete backend each op resolves to when ``backend`` is selected."""
     out = {}
-    previous = gops._backend._state["backend"]
-    try:
-        gops.set_backend(backend)
+    with gops.use_backend(backend):
         for op in op_names:
             try:
                 out[op] = gops.resolve_backend(DEVICE, op)
             except Exception as exc:  # e.g. triton on a CPU tensor outside the interpreter
                 out[op] = f"unavailable ({exc})"
-    finally:
-        gops._backend._state["backend"] = previous
     return out
 
 
@@ -161,7 +157,7 @@ def contenders(extra: Sequence[str] = (), naive: bool = True, eager: bool = True
 
 
 @contextlib.contextmanager
-def use_backend(backend: str, op_names: Iterable[str]):
+def contender_backend(backend: str, op_names: Iterable[str]):
     """Select ``backend`` for the duration; skip the contender if none of ``op_names``
     has a kernel of that backend on this device (it would silently run the reference)."""
     status = backend_status(backend, op_names)
@@ -175,12 +171,8 @@ def use_backend(backend: str, op_names: Iterable[str]):
     if reason is not None:
         _SKIPS.append({"contender": backend_label(backend), "ops": sorted(status), "reason": reason})
         pytest.skip(f"{backend_label(backend)} ({sorted(status)} on {DEVICE.type}): {reason}")
-    previous = gops._backend._state["backend"]
-    gops.set_backend(backend)
-    try:
+    with gops.use_backend(backend):
         yield status
-    finally:
-        gops._backend._state["backend"] = previous
 
 
 _COMPILED: Dict[object, Callable] = {}
@@ -313,12 +305,12 @@ def run_case(benchmark, fn: Callable[[], object], *, case: str, contender: str, 
 def run_contender(benchmark, fn: Callable[[], object], raw_contender: str, op_names: Iterable[str],
                   prepare: Optional[Callable[[], None]] = None, **kw) -> None:
     """:func:`run_case` for the raw contender name: a ``gloro_fast:<backend>`` contender
-    runs inside :func:`use_backend` (recording what each op resolved to), after the untimed
+    runs inside :func:`contender_backend` (recording what each op resolved to), after the untimed
     ``prepare()``; any other contender runs as it is."""
     if not raw_contender.startswith("gloro_fast:"):
         run_case(benchmark, fn, **kw)
         return
-    with use_backend(raw_contender.split(":", 1)[1], op_names) as status:
+    with contender_backend(raw_contender.split(":", 1)[1], op_names) as status:
         if prepare is not None:
             prepare()
         kw["extra"]["resolved"] = status
@@ -330,14 +322,6 @@ def label(contender: str) -> str:
     if contender.startswith("gloro_fast:"):
         return backend_label(contender.split(":", 1)[1])
     return contender
-
-
-def seeded(seed: int = 0) -> None:
-    torch.manual_seed(seed)
-
-
-def fmt_params(params: dict) -> str:
-    return ",".join(f"{k}={v}" for k, v in params.items())
 
 
 def pick(full, quick):
@@ -372,7 +356,8 @@ def pytest_sessionfinish(session, exitstatus):
         "quick": QUICK,
         "naive_cap_bytes": NAIVE_CAP_BYTES,
         "backends": {b: backend_status(b, ALL_OPS) for b in gloro_backends()},
-        "extension_loaded": bool(gops._extension.extension_loaded()),
+        # whether the compiled kernels run here (the report warns when they do not)
+        "extension_loaded": any(v == "cpp" for v in backend_status("cpp", ALL_OPS).values()),
         "skips": _dedupe(_SKIPS),
         "loadavg_start": _LOAD_START,
         "loadavg_end": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
@@ -411,5 +396,5 @@ def _seed():
 
 __all__ = [
     "DEVICE", "DEVICE_NAME", "DTYPE", "QUICK", "NAIVE_CAP_BYTES", "NAIVE_MAX_ELEMENTS", "record_skip", "compiled", "contenders",
-    "label", "math", "peak_memory", "pick", "run_case", "use_backend", "zero_grads",
+    "contender_backend", "label", "math", "peak_memory", "pick", "run_case", "zero_grads",
 ]

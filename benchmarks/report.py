@@ -30,12 +30,15 @@ OP_TITLES = OrderedDict([
     ("training_step", "Training step (forward, TRADES loss, backward, Adam) vs plain"),
     ("certify", "Certify vs plain inference"),
     ("convergence", "Convergence of the evaluation bounds (tol 1e-6)"),
+    ("dispatch", "Dispatch overhead: the op vs its kernel (cpp backend, microsecond-sized calls)"),
 ])
 MODE_NOTES = {
     "margin_path": "`fwd`: no autograd (certification); `fwd+bwd`: loss and its backward into f, W, K.",
     "class_distances": "`fwd`: no autograd; `fwd+bwd`: ⟨D, G⟩ and its backward into W.",
     "power_iteration_linear": "`fwd`: training forward (autograd records σ̂); `fwd+bwd`: + backward of Σσ̂.",
     "power_iteration_conv": "`fwd`: training forward (autograd records σ̂); `fwd+bwd`: + backward of Σσ̂.",
+    "dispatch": "`kernel`: the compiled kernel alone; `op`: `torch.ops.gloro_fast.<op>` (autograd layer, backend "
+                "table, kernel); `public`: `gloro_fast.ops.<op>` (+ the argument check). Dispatch overhead = op − kernel.",
 }
 
 
@@ -104,7 +107,7 @@ def _gloro_rows(rows):
 def compute_targets(rows: List[dict]) -> List[dict]:
     targets = []
 
-    def add(name, contender, value, threshold, kind, detail, info=False):
+    def add(name, contender, value, threshold, kind, detail, info=False, unit="×"):
         if value is None:
             verdict = "not measured"
         elif info:
@@ -112,7 +115,7 @@ def compute_targets(rows: List[dict]) -> List[dict]:
         else:
             verdict = "met" if (value >= threshold if kind == ">=" else value <= threshold) else "missed"
         targets.append({"target": name, "contender": contender, "value": value, "threshold": threshold,
-                        "kind": kind, "verdict": verdict, "detail": detail})
+                        "kind": kind, "verdict": verdict, "detail": detail, "unit": unit})
 
     # 1. margin path fwd+bwd at B=512, C=1000, d=2048
     point = {"B": 512, "C": 1000, "d": 2048}
@@ -153,6 +156,14 @@ def compute_targets(rows: List[dict]) -> List[dict]:
     for r in _gloro_rows(cert) or [None]:
         add("certify throughput ≥ 0.97× plain inference", r["contender"] if r else "gloro_fast",
             r and r["speedup_vs_plain"], 0.97, ">=", cert[0]["case"] if cert else "")
+
+    # 5. per-call dispatch overhead (the op minus its kernel) ≤ 10 µs
+    for case in sorted({r["case"] for r in rows if r["op"] == "dispatch"}):
+        by = {r["contender"]: r for r in rows if r["case"] == case}
+        if "kernel" in by and "op" in by:
+            value = (by["op"]["median_s"] - by["kernel"]["median_s"]) * 1e6
+            add(f"dispatch overhead ≤ 10 µs ({by['op']['params'].get('op')})", "gloro_fast[cpp]", value, 10.0,
+                "<=", f"op {fmt_time(by['op']['median_s'])} − kernel {fmt_time(by['kernel']['median_s'])}", unit=" µs")
     return targets
 
 
@@ -219,14 +230,20 @@ def markdown(rows, meta, targets, skips, plots, quick) -> str:
                      "sample (row) chunks under the cap, noted per row; far above it they are skipped (listed below)")
     lines.append("- peak memory: bytes allocated above the live set during one call — CPU: torch allocator "
                  "events replayed from torch.profiler(profile_memory=True); GPU: max_memory_allocated")
+    for run in meta.get("partial_runs", []):
+        load = run.get("loadavg_start")
+        lines.append(f"- re-measured on {run.get('date', '?')}"
+                     + (f" (load average {load[0]:.2f} at start)" if load else "")
+                     + f": {', '.join(run['cases'])}")
     lines.append("")
 
     lines += ["## Targets", "", "| target | contender | measured | threshold | verdict | detail |",
               "|---|---|---|---|---|---|"]
     for t in targets:
-        value = "—" if t["value"] is None else f"{t['value']:.2f}×"
+        unit = t.get("unit", "×")
+        value = "—" if t["value"] is None else f"{t['value']:.2f}{unit}"
         verdict = {"met": "**met**", "missed": "**missed**"}.get(t["verdict"], t["verdict"])
-        lines.append(f"| {t['target']} | {t['contender']} | {value} | {t['kind']} {t['threshold']:.2f}× | "
+        lines.append(f"| {t['target']} | {t['contender']} | {value} | {t['kind']} {t['threshold']:.2f}{unit} | "
                      f"{verdict} | {t['detail']} |")
     if not targets:
         lines.append("| (no target cases in this run) | | | | | |")
@@ -343,6 +360,9 @@ def main(argv=None) -> int:
                         help="where RESULTS.md goes; results/ below it (default: benchmarks/)")
     parser.add_argument("--md", default="RESULTS.md", help="name of the markdown report in --out")
     parser.add_argument("--no-plots", action="store_true")
+    parser.add_argument("--previous", default=None,
+                        help="an earlier results/<device>.json: its cases that --raw did not measure are kept "
+                             "(a partial re-run updates the report instead of replacing it)")
     args = parser.parse_args(argv)
     rows, meta = [], {}
     for raw in args.raw:
@@ -356,6 +376,16 @@ def main(argv=None) -> int:
     if not rows:
         print(f"report: no benchmark records in {' '.join(args.raw)}")
         return 1
+    if args.previous:
+        with open(args.previous, encoding="utf-8") as fh:
+            previous = json.load(fh)
+        measured = {r["case"] for r in rows}
+        kept = [r for r in previous["rows"] if r["case"] not in measured]
+        meta, new_meta = previous["meta"], meta
+        meta["skips"] = previous.get("skipped", []) + new_meta.get("skips", [])
+        meta["partial_runs"] = meta.get("partial_runs", []) + [
+            {"date": new_meta.get("date"), "cases": sorted(measured), "loadavg_start": new_meta.get("loadavg_start")}]
+        rows = kept + rows
     add_ratios(rows)
     targets = compute_targets(rows)
     device = meta.get("device", "unknown")
@@ -372,7 +402,7 @@ def main(argv=None) -> int:
     print(f"report: {len(rows)} records → {os.path.join(results_dir, device + '.json')}, "
           f"{os.path.join(args.out, args.md)}, {len(plots)} plots")
     for t in targets:
-        value = "—" if t["value"] is None else f"{t['value']:.2f}×"
+        value = "—" if t["value"] is None else f"{t['value']:.2f}{t.get('unit', '×')}"
         print(f"  [{t['verdict']:>12}] {t['target']} — {t['contender']}: {value}")
     return 0
 

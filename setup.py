@@ -54,7 +54,8 @@ setup(
     cmdclass=cmdclass,
     install_requires=["torch>=2.4", "numpy", "tqdm"],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "mlxtend", "matplotlib", "triton", "ninja", "pybind11"],
+        "dev": ["pytest", "pytest-benchmark", "mlxtend", "matplotlib", "triton", "ninja", "pybind11",
+                "onnx", "onnxruntime", "onnxscript"],
     },
     entry_points={"console_scripts": ["gloro-fast=gloro_fast.cli:main"]},
 )

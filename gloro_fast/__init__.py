@@ -1,7 +1,7 @@
 """gloro_fast: Globally-Robust Neural Networks (GloRo Nets) in PyTorch, made fast."""
-from . import losses, models, nn, ops
+from . import export, losses, models, nn, ops
 from .model import GloroNet, GloroOutput
 
 __version__ = "0.1.0"
 
-__all__ = ["GloroNet", "GloroOutput", "losses", "models", "nn", "ops", "__version__"]
+__all__ = ["GloroNet", "GloroOutput", "export", "losses", "models", "nn", "ops", "__version__"]

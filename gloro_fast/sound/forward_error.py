@@ -41,8 +41,8 @@ import torch
 
 from .rounding import U64, gamma, largest_finite, underflow_unit, unit_roundoff, up, up_tensor
 
-__all__ = ["Affine", "AffineStep", "Arithmetic", "ForwardBound", "activation_norm_upper", "affine_layer",
-           "exact_layer", "ieee_arithmetic"]
+__all__ = ["Affine", "AffineStep", "Arithmetic", "ForwardBound", "activation_norm_constants",
+           "activation_norm_upper", "affine_layer", "exact_layer", "ieee_arithmetic", "norm_dtype"]
 
 
 @dataclass(frozen=True)
@@ -192,14 +192,26 @@ def activation_norm_upper(h: torch.Tensor) -> torch.Tensor:
     ‖h_b‖ ≤ (1 + γ_{m+2}(u))(1 + γ_{G+2}(u₆₄)) R̃ + √(2Gmη) + 2√(2Gη₆₄). A square that
     overflows gives +inf, and nothing is certified then.
     """
-    work = torch.float64 if h.dtype == torch.float64 else torch.float32
     flat = h.detach()
     flat = flat.flatten(2) if flat.dim() > 2 else flat.unsqueeze(1)
-    groups, terms = flat.shape[1], flat.shape[2]
+    factor, offset = activation_norm_constants(tuple(flat.shape[1:]), h.dtype)
+    parts = torch.linalg.vector_norm(flat, dim=2, dtype=norm_dtype(h.dtype))
+    total = torch.linalg.vector_norm(parts, dim=1, dtype=torch.float64)
+    return up_tensor(up_tensor(total * factor) + offset)
+
+
+def norm_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision :func:`activation_norm_upper` takes per-channel norms in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def activation_norm_constants(shape: Tuple[int, int], dtype: torch.dtype) -> Tuple[float, float]:
+    """(factor, offset) of :func:`activation_norm_upper` for activations of ``dtype`` viewed
+    as (B, G, m) with ``shape`` = (G, m): ‖h_b‖ ≤ factor·R̃ + offset (before its roundings up)."""
+    groups, terms = shape
+    work = norm_dtype(dtype)
     u, eta = unit_roundoff(work), underflow_unit(work)
     factor = up(up(1.0 + gamma(terms + 2, u)) * up(1.0 + gamma(groups + 2, U64)))
     offset = up(up(math.sqrt(up(2.0 * groups * terms * eta)))
                 + up(2.0 * up(math.sqrt(up(2.0 * groups * underflow_unit(torch.float64))))))
-    parts = torch.linalg.vector_norm(flat, dim=2, dtype=work)
-    total = torch.linalg.vector_norm(parts, dim=1, dtype=torch.float64)
-    return up_tensor(up_tensor(total * factor) + offset)
+    return factor, offset

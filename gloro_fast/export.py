@@ -1,0 +1,630 @@
+"""Freeze a :class:`~gloro_fast.GloroNet` into a plain ``torch.nn.Module`` and export it.
+
+``freeze(model)`` copies the network into ``torch.nn`` layers (``Conv2d`` with its zero
+padding folded in where it is symmetric, ``Linear``, ``ReLU``, ``Flatten``, the pools, and
+two tiny modules of this file: :class:`MinMax` and :class:`Residual` for LiResNet blocks)
+and computes once everything its certificate needs: K, the class distances D_ji and
+K_ji = K·D_ji, and, for the sound certificate, the constants of the per-sample rounding
+allowance. The result, :class:`FrozenGloroNet`, runs no power iteration and no custom op,
+and takes the same decisions as the live model:
+
+- ``certificate="sound"`` (default): the sound test of :mod:`gloro_fast.bounds`, operation
+  for operation — the activation norms recorded at each affine layer
+  (:func:`~gloro_fast.sound.forward_error.activation_norm_upper`), the allowance
+  (``SoundBounds.allowance``), f_⊥ and the decision (``SoundBounds.bottom``) and the radius
+  (``SoundBounds.radius``), in float64 with the same roundings;
+- ``certificate="estimate"``: the GloRo paper's test with the converged power iteration's K.
+
+:func:`export_pt2` (``torch.export``, a ``.pt2`` file) and :func:`export_onnx` (torch's ONNX
+exporter) write programs with a dynamic batch dimension whose three outputs are the
+``(B, C+1)`` logits [f, f_⊥], the certified predictions (``(B,)`` int64, C for ⊥) and the
+certified radii (``(B,)``); loading and running them needs torch alone (``.pt2``) or ONNX
+Runtime alone (``.onnx``), never gloro_fast.
+
+Every number the float64 computations use is a float64 *tensor* (a buffer), never a Python
+number: torch's ONNX exporter writes Python-number operands as float32 constants, which
+would turn the upward rounding x·(1 + 2⁻⁵⁰) + 2⁻¹⁰⁷⁴ into x·1 + 0 (then removed) and round
+every bound to float32, possibly down. tests/test_export.py checks that ONNX Runtime
+reproduces the float64 decision computations bit for bit.
+
+Soundness of a frozen or exported program rests on the assumptions of
+``docs/soundness.md``: IEEE arithmetic in the model's dtype, classical (any-order) summation
+in the layers, no TF32 or other reduced-precision modes, and IEEE float64 arithmetic for
+the certificate's own computations. The Python module switches TF32 and autocast off while
+it runs, as the live model does; a runtime executing an exported program must do the same
+(ONNX Runtime's CPU provider does; its CUDA provider needs ``use_tf32=0``).
+"""
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from . import nn as gnn
+from ._validation import check_epsilon
+from .bounds import _inferred_input_shape, _is_chain, _named_layers, check_certificate
+from .files import atomic_write, atomic_write_bytes
+from .model import GloroNet
+from .sound.forward_error import activation_norm_constants, ieee_arithmetic, norm_dtype
+from .sound.rounding import up
+
+__all__ = ["FrozenGloroNet", "FrozenOutput", "MinMax", "Residual", "export_onnx", "export_pt2",
+           "freeze", "round_up_to", "to_onnx"]
+
+_SUPPORTED = (gnn.Conv2d, gnn.LiResBlock, gnn.Linear, gnn.MinMax, gnn.ReLU, gnn.Flatten,
+              gnn.MaxPool2d, gnn.AvgPool2d)
+OUTPUT_NAMES = ("logits", "certified", "radius")
+# gloro_fast.sound.rounding's upward rounding: x·(1 + 2⁻⁵⁰) + 2⁻¹⁰⁷⁴, and its downward factor
+_CONSTANTS = {
+    "up": 1.0 + 2.0 ** -50,
+    "eta": 2.0 ** -1074,
+    "down": 1.0 - 2.0 ** -50,
+    "ulp": 2.0 ** -50,              # gloro_fast.bounds.up_tensor_signed: x + (|x|·2⁻⁵⁰ + 2⁻¹⁰⁷⁴)
+    "tiny": torch.finfo(torch.float64).tiny,
+}
+
+
+class MinMax(nn.Module):
+    """GroupSort-2 over the channel halves: [min(a, b), max(a, b)] (as ``gloro_fast.nn.MinMax``,
+    without its argument check: the frozen model's shapes are fixed)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a, b = x.chunk(2, dim=1)
+        return torch.cat([torch.minimum(a, b), torch.maximum(a, b)], dim=1)
+
+
+class Residual(nn.Module):
+    """y = conv(x) + x: a LiResNet block (``conv`` carries the bias, as the live block adds
+    it in the convolution before the identity)."""
+
+    def __init__(self, conv: nn.Module) -> None:
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + x
+
+
+class FrozenOutput(NamedTuple):
+    """What one frozen pass computes: logits [f, f_⊥] (B, C+1) in the model's dtype,
+    certified predictions (B,) int64 (C: not certified, ⊥) and certified radii (B,) (float64
+    for the sound certificate, the model's dtype for the estimate)."""
+
+    logits: torch.Tensor
+    certified: torch.Tensor
+    radius: torch.Tensor
+
+
+def round_up_to(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The float64 ``value`` rounded *up* to ``dtype`` (float32 or float64): the smallest
+    ``dtype`` number ≥ it.
+
+    The live model rounds to nearest and steps up with ``torch.nextafter`` where that fell
+    below; ONNX has no nextafter, so the step is the exactly equivalent float64 arithmetic:
+    for a float32 number a = ±m·2^e (1 ≤ m < 2, normal) the next one up is a + |a|·2⁻²⁴·(1 +
+    2⁻²⁶) rounded to nearest: the addend lies strictly between half a spacing and a spacing
+    of a's binade (and below half of the finer spacing just above −2^e), with room of 2⁻²⁶
+    relative for the float64 roundings (≤ 2⁻⁵³). Subnormals and zero step by the smallest
+    subnormal (exact), −inf (a value below the most negative number) to that number.
+    """
+    if dtype == torch.float64:
+        return value
+    if dtype != torch.float32:
+        # torch converts float64 to float16/bfloat16 through float32: a double rounding
+        # the step below does not account for
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    info = torch.finfo(dtype)
+    # float64 tensors, not Python numbers: see the module docstring (the ONNX exporter)
+    normal, smallest, step, lowest = (value.new_tensor(v) for v in (
+        float(info.smallest_normal), float(info.smallest_normal) * float(info.eps),
+        float(info.eps) / 2.0 * (1.0 + 2.0 ** -26), -float(info.max)))
+    low = value.to(dtype)
+    below = low.to(torch.float64)
+    up_one = torch.where(below.abs() < normal, below + smallest, below + below.abs() * step)
+    up_one = torch.where(below == -math.inf, lowest, up_one)
+    return torch.where(below < value, up_one.to(dtype), low)
+
+
+# ---------------------------------------------------------------------------- layers
+
+
+def _check_exact_type(name: str, layer: nn.Module) -> None:
+    if type(layer) not in _SUPPORTED:
+        names = ", ".join(t.__name__ for t in _SUPPORTED)
+        raise TypeError(
+            f"freeze: layer {name} ({type(layer).__name__}) is not supported: a frozen model is "
+            f"built from the gloro_fast.nn layers it knows ({names}) in a Sequential body"
+        )
+
+
+def _param(tensor: Optional[torch.Tensor]) -> Optional[nn.Parameter]:
+    return None if tensor is None else nn.Parameter(tensor.detach().clone(), requires_grad=False)
+
+
+def _conv(layer: gnn.Conv2d) -> nn.Module:
+    """The live convolution as torch.nn layers computing the same operations: zero padding
+    in the convolution when it is symmetric, else a ZeroPad2d first (as the live layer's
+    F.pad), the bias in the convolution, the identity added last for a LiResBlock."""
+    top, bottom, left, right = layer.pads_for(layer.input_shape[1:])
+    symmetric = top == bottom and left == right
+    conv = nn.utils.skip_init(
+        nn.Conv2d, layer.in_channels, layer.out_channels, layer.kernel_size, stride=layer.stride,
+        padding=(top, left) if symmetric else 0, dilation=layer.dilation, groups=layer.groups,
+        bias=layer.bias is not None, device=layer.weight.device, dtype=layer.weight.dtype,
+    )
+    conv.weight = _param(layer.weight)
+    if layer.bias is not None:
+        conv.bias = _param(layer.bias)
+    module = conv if symmetric else nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)), conv)
+    return Residual(module) if layer.residual else module
+
+
+def _frozen_layer(layer: nn.Module) -> nn.Module:
+    kind = type(layer)
+    if kind in (gnn.Conv2d, gnn.LiResBlock):
+        return _conv(layer)
+    if kind is gnn.Linear:
+        linear = nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features,
+                                    bias=layer.bias is not None, device=layer.weight.device,
+                                    dtype=layer.weight.dtype)
+        linear.weight = _param(layer.weight)
+        if layer.bias is not None:
+            linear.bias = _param(layer.bias)
+        return linear
+    if kind is gnn.MinMax:
+        return MinMax()
+    if kind is gnn.ReLU:
+        return nn.ReLU()
+    if kind is gnn.Flatten:
+        return nn.Flatten(layer.start_dim, layer.end_dim)
+    if kind is gnn.MaxPool2d:
+        return nn.MaxPool2d(layer.kernel_size, layer.stride, layer.padding, layer.dilation,
+                            ceil_mode=layer.ceil_mode)
+    return nn.AvgPool2d(layer.kernel_size, layer.stride, layer.padding, layer.ceil_mode,
+                        layer.count_include_pad, layer.divisor_override)
+
+
+# ---------------------------------------------------------------------------- the model
+
+
+class FrozenGloroNet(nn.Module):
+    """A GloRo net as plain torch.nn layers and constants; built by :func:`freeze`.
+
+    ``forward(x)`` returns the (B, C+1) logits [f, f_⊥] (argmax = the certified prediction,
+    C meaning ⊥); ``certify(x)``, ``certified_radius(x)`` and ``outputs(x)`` (all three at
+    once) are those of the live model at the frozen ε. Buffers: ``lipschitz`` (K),
+    ``distances`` (D_ji), ``margin_lipschitz`` (K_ji); for the sound certificate also the
+    rounding allowance's constants: ``rounding`` (per affine layer: U, α, γ, β, underflow,
+    Lipschitz bound of the layers before it, up(1 + γ)), ``head_rounding`` (γ, max‖w_i‖,
+    max|b_i|, underflow, γ·max‖w_i‖, up(1 + γ)), ``norm_scale`` (per recorded activation:
+    factor and offset of its norm bound), ``epsilon64`` and ``cap``.
+    """
+
+    lipschitz: torch.Tensor
+    distances: torch.Tensor
+    margin_lipschitz: torch.Tensor
+
+    def __init__(self, body: nn.Sequential, measured: Sequence[bool], head: nn.Linear,
+                 input_shape: Sequence[int], epsilon: float, certificate: str, dtype: torch.dtype,
+                 lipschitz: torch.Tensor, distances: torch.Tensor, margin_lipschitz: torch.Tensor,
+                 bottom_offsets: Optional[torch.Tensor] = None, rounding=None, head_rounding=None,
+                 norm_scale=None, cap: float = math.inf) -> None:
+        super().__init__()
+        self.body = body
+        self.head = head
+        self.measured = tuple(bool(m) for m in measured)
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self.epsilon = float(epsilon)
+        self.certificate = certificate
+        self.dtype = dtype
+        self.num_classes = head.out_features
+        device = head.weight.device
+
+        def constant(value):
+            return torch.as_tensor(value, dtype=torch.float64).to(device).clone()
+
+        self.register_buffer("lipschitz", lipschitz.detach().clone())
+        self.register_buffer("distances", distances.detach().clone())
+        self.register_buffer("margin_lipschitz", margin_lipschitz.detach().clone())
+        if certificate == "estimate":
+            self.register_buffer("bottom_offsets", bottom_offsets.detach().clone())   # (εK)·D_ji
+        else:
+            self.register_buffer("rounding", constant(rounding).reshape(-1, 7))
+            self.register_buffer("head_rounding", constant(head_rounding))
+            self.register_buffer("norm_scale", constant(norm_scale).reshape(-1, 2))
+            self.register_buffer("epsilon64", constant(epsilon))
+            self.register_buffer("cap", constant(cap))
+            for name, value in _CONSTANTS.items():
+                self.register_buffer(f"c_{name}", constant(value))
+        self.eval()
+
+    def extra_repr(self) -> str:
+        return (f"certificate={self.certificate!r}, epsilon={self.epsilon}, input_shape={self.input_shape}, "
+                f"dtype={self.dtype}, K={float(self.lipschitz):.6g}")
+
+    # -- checks (metadata only: no host synchronisation) ----------------------------------
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
+            raise ValueError(
+                f"x must have shape (B, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}"
+            )
+        weight = self.head.weight
+        if weight.dtype != self.dtype or self.distances.dtype != self._distances_dtype:
+            raise TypeError(
+                f"this model was frozen for {self.dtype} evaluation and then converted; its "
+                "rounding allowance would not hold: freeze the live model in the dtype it should run in"
+            )
+        if x.dtype != self.dtype:
+            raise TypeError(f"x must have the model's dtype {self.dtype}, got {x.dtype}")
+        if x.device != weight.device:
+            raise ValueError(f"x must be on the model's device {weight.device}, got {x.device}")
+
+    @property
+    def _distances_dtype(self) -> torch.dtype:
+        return torch.float64 if self.certificate == "sound" else self.dtype
+
+    def _run(self, fn, x):
+        self._check_input(x)
+        if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+            return fn(x)
+        # as the live model: IEEE arithmetic in the model's dtype (no TF32, no autocast)
+        with torch.no_grad(), ieee_arithmetic(x.device.type):
+            return fn(x)
+
+    # -- public API ----------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C+1) logits [f, f_⊥]: argmax is the certified prediction (C: ⊥)."""
+        return self._run(lambda t: self._outputs(t, radius=False).logits, x)
+
+    def outputs(self, x: torch.Tensor) -> FrozenOutput:
+        """Logits, certified predictions and certified radii from one pass (what the
+        exported programs return)."""
+        return self._run(lambda t: self._outputs(t, radius=True), x)
+
+    def certify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,) int64: the certified class at the frozen ε, or C (⊥)."""
+        return self._run(lambda t: self._outputs(t, radius=False).certified, x)
+
+    def certified_radius(self, x: torch.Tensor) -> torch.Tensor:
+        """(B,): the largest l2 radius the certificate holds at."""
+        return self._run(lambda t: self._outputs(t, radius=True).radius, x)
+
+    # -- the computation -------------------------------------------------------------------
+    def _up(self, x: torch.Tensor) -> torch.Tensor:
+        """gloro_fast.sound.rounding.up_tensor with tensor constants."""
+        x = x * self.c_up + self.c_eta
+        return torch.where(torch.isnan(x), torch.full_like(x, math.inf), x)
+
+    def _up_signed(self, x: torch.Tensor) -> torch.Tensor:
+        """gloro_fast.bounds.up_tensor_signed with tensor constants."""
+        return x + (x.abs() * self.c_ulp + self.c_eta)
+
+    def _norm(self, h: torch.Tensor, index: int) -> torch.Tensor:
+        """activation_norm_upper(h) (gloro_fast.sound.forward_error), its constants from
+        ``norm_scale``."""
+        flat = h.flatten(2) if h.dim() > 2 else h.unsqueeze(1)
+        parts = torch.linalg.vector_norm(flat, dim=2, dtype=norm_dtype(h.dtype))
+        total = torch.linalg.vector_norm(parts, dim=1, dtype=torch.float64)
+        factor, offset = self.norm_scale[index].unbind()
+        return self._up(self._up(total * factor) + offset)
+
+    def _features(self, x: torch.Tensor):
+        """Body and head; for the sound certificate also the norms the live
+        ``GloroNet.sound_forward`` records (at each affine layer's input, and of the features)."""
+        sound = self.certificate == "sound"
+        norms: List[torch.Tensor] = []
+        h = x
+        for layer, measured in zip(self.body, self.measured):
+            if sound and measured:
+                norms.append(self._norm(h, len(norms)))
+            h = layer(h)
+        features = self._norm(h, len(norms)) if sound else None
+        return self.head(h), norms, features
+
+    def _outputs(self, x: torch.Tensor, radius: bool) -> FrozenOutput:
+        logits, norms, features = self._features(x)
+        if self.certificate == "estimate":
+            return self._estimate(logits, radius)
+        return self._decide(logits, norms, features, radius)
+
+    def _decide(self, logits: torch.Tensor, norms: List[torch.Tensor], features: torch.Tensor,
+                radius: bool = True) -> FrozenOutput:
+        """The sound decision from the logits and the recorded norms."""
+        terms = self._allowance(norms, features)
+        bottom, certified, top = self._bottom(logits, terms)
+        augmented = torch.cat([logits, bottom.unsqueeze(1)], dim=1)
+        predicted = torch.where(certified, top, torch.full_like(top, self.num_classes))
+        rad = self._radius(logits, terms) if radius else predicted
+        return FrozenOutput(augmented, predicted, rad)
+
+    def _estimate(self, logits: torch.Tensor, radius: bool) -> FrozenOutput:
+        """The GloRo paper's test as ``GloroNet`` computes it (``bottom_logit`` and
+        ``certified_radius(certificate="estimate")``), in the model's dtype."""
+        top = logits.argmax(dim=1)
+        own = torch.arange(self.num_classes, device=logits.device) == top.unsqueeze(1)
+        rival = logits + self.bottom_offsets.index_select(0, top)
+        bottom = torch.where(own, torch.full_like(rival, -math.inf), rival).amax(dim=1)
+        certified = logits.amax(dim=1) > bottom
+        predicted = torch.where(certified, top, torch.full_like(top, self.num_classes))
+        augmented = torch.cat([logits, bottom.unsqueeze(1)], dim=1)
+        if not radius:
+            return FrozenOutput(augmented, predicted, predicted)
+        gaps = logits.gather(1, top.unsqueeze(1)) - logits
+        k_ji = self.margin_lipschitz.index_select(0, top)
+        ratio = torch.where(k_ji > 0, gaps / k_ji,
+                            torch.where(gaps > 0, torch.full_like(gaps, math.inf), torch.zeros_like(gaps)))
+        ratio = torch.where(own, torch.full_like(ratio, math.inf), ratio)
+        return FrozenOutput(augmented, predicted, ratio.amin(dim=1).clamp_min(0.0))
+
+    # The three methods below repeat SoundBounds.allowance / bottom / radius
+    # (gloro_fast/bounds.py) operation for operation, with the same roundings, so that the
+    # frozen decisions are the live ones; tests/test_export.py compares them bit for bit.
+    def _allowance(self, norms: List[torch.Tensor], feat: torch.Tensor):
+        up_ = self._up
+        feat = up_(feat)
+        zero = torch.zeros_like(feat)
+        delta, dp, dp_slope = zero, zero, zero
+        eps_max = torch.full_like(feat, math.inf)
+        for n, step in zip(norms, self.rounding):
+            u_, a, g, b, uf, before, up_g = step.unbind()
+            n = up_(n)
+            reach = up_(a * n + b)
+            far = up_(up_(n + delta) + dp)
+            far_slope = up_(before + dp_slope)
+            reach_far = up_(a * far + b)
+            reach_far_slope = up_(a * far_slope)
+            eps_max = torch.minimum(eps_max, self._eps_limit(reach * up_g, reach_far * up_g,
+                                                             reach_far_slope * up_g))
+            delta = up_(up_(u_ * delta) + up_(g * reach + uf))
+            dp = up_(up_(u_ * dp) + up_(g * reach_far + uf))
+            dp_slope = up_(up_(u_ * dp_slope) + up_(g * reach_far_slope))
+        g, w, b, uf, gw, up_g = self.head_rounding.unbind()
+        k = self.lipschitz
+        rho = up_(g * up_(w * feat + b) + uf)
+        far = up_(feat + delta + dp)
+        far_slope = up_(k + dp_slope)
+        rho_far = up_(g * up_(w * far + b) + uf)
+        rho_far_slope = up_(gw * far_slope)
+        reach = up_(w * feat + b) * up_g
+        reach_far = up_(w * far + b) * up_g
+        head_max = self._eps_limit(reach, reach_far, up_(w * far_slope) * up_g)
+        finite = torch.isfinite(feat) & torch.isfinite(delta)
+        eps_max = torch.where(finite, torch.minimum(eps_max, head_max), torch.full_like(feat, -math.inf))
+        s1 = up_(delta + dp)
+        s1_slope = up_(k + dp_slope)
+        s0 = up_(2.0 * up_(rho + rho_far))
+        s0_slope = up_(2.0 * rho_far_slope)
+        return s1, s1_slope, s0, s0_slope, eps_max
+
+    def _eps_limit(self, at_x, far, far_slope):
+        """gloro_fast.bounds._eps_limit: the largest ε with far + ε·far_slope ≤ cap, or −inf
+        if at_x or far already exceed it."""
+        room = (self.cap - far) / torch.maximum(far_slope, self.c_tiny)
+        room = torch.where(far_slope > 0, room * self.c_down, torch.full_like(room, math.inf))
+        bad = ~((at_x <= self.cap) & (far <= self.cap))
+        return torch.where(bad, torch.full_like(room, -math.inf), room)
+
+    def _bottom(self, logits: torch.Tensor, terms):
+        s1_0, s1_slope, s0_0, s0_slope, eps_max = terms
+        up_, eps = self._up, self.epsilon64
+        f = logits.to(torch.float64)
+        top = f.argmax(dim=1)
+        s1 = up_(s1_0 + up_(eps * s1_slope))
+        s0 = up_(s0_0 + up_(eps * s0_slope))
+        d = self.distances.index_select(0, top)
+        rival = self._up_signed(f + up_(d * s1.unsqueeze(1)))
+        own = torch.arange(self.num_classes, device=f.device) == top.unsqueeze(1)
+        rival = torch.where(own, torch.full_like(rival, -math.inf), rival).amax(dim=1)
+        bottom64 = self._up_signed(rival + s0)
+        fj = f.gather(1, top.unsqueeze(1)).squeeze(1)
+        ok = torch.isfinite(f).all(dim=1) & (eps_max >= eps) & ~torch.isnan(bottom64)
+        certified = (fj > bottom64) & ok
+        bottom64 = torch.where(ok, bottom64, torch.full_like(bottom64, math.inf))
+        return round_up_to(bottom64, logits.dtype), certified, top
+
+    def _radius(self, logits: torch.Tensor, terms) -> torch.Tensor:
+        s1, s1_slope, s0, s0_slope, eps_max = terms
+        up_, down = self._up, self.c_down
+        f = logits.to(torch.float64)
+        top = f.argmax(dim=1)
+        d = self.distances.index_select(0, top)
+        gap = f.gather(1, top.unsqueeze(1)) - f
+        gap_down = gap * down
+        numer = gap_down - up_(up_(d * s1.unsqueeze(1)) + s0.unsqueeze(1))
+        denom = up_(up_(d * s1_slope.unsqueeze(1)) + s0_slope.unsqueeze(1))
+        ratio = torch.where(denom > 0, numer / denom,
+                            torch.where(numer > 0, torch.full_like(numer, math.inf), torch.zeros_like(numer)))
+        ratio = ratio * down
+        own = torch.arange(self.num_classes, device=f.device) == top.unsqueeze(1)
+        radius = torch.where(own, torch.full_like(ratio, math.inf), ratio).amin(dim=1)
+        radius = torch.minimum(radius, eps_max * down).clamp_min(0.0)
+        ok = torch.isfinite(f).all(dim=1) & ~torch.isnan(radius)
+        return torch.where(ok, radius, torch.zeros_like(radius))
+
+
+# ---------------------------------------------------------------------------- freezing
+
+
+def freeze(model: GloroNet, certificate: str = "sound", epsilon: Optional[float] = None) -> FrozenGloroNet:
+    """A :class:`FrozenGloroNet` that takes ``model``'s decisions at radius ``epsilon``
+    (default: the model's ε) with ``certificate`` ``"sound"`` (default) or ``"estimate"``.
+
+    The weights are copied (editing the live model later does not change the frozen one)
+    and the bounds are the live model's own cached ones (``model.sound_bounds()`` or
+    ``model.estimate_bounds()``); nothing of ``model`` is modified. The body must be a
+    chain of gloro_fast.nn layers (every paper architecture is) in float32 or float64.
+    """
+    if not isinstance(model, GloroNet):
+        raise TypeError(f"model must be a gloro_fast.GloroNet, got {type(model).__name__}")
+    certificate = check_certificate(certificate)
+    eps = model.epsilon if epsilon is None else check_epsilon(epsilon)
+    dtype = model.head.weight.dtype
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"model must be float32 or float64 to be frozen, got {dtype}")
+    if not _is_chain(model):
+        raise TypeError("freeze: model.body must be a Sequential (possibly nested) of gloro_fast.nn layers")
+    named = _named_layers(model)
+    for name, layer in named:
+        _check_exact_type(name, layer)
+    input_shape = tuple(model.input_shape or _inferred_input_shape(model))
+    layers = [layer for _, layer in named]
+    head = _frozen_layer(model.head)
+    body = nn.Sequential(*[_frozen_layer(layer) for layer in layers])
+    device = model.head.weight.device
+    if certificate == "estimate":
+        est = model.estimate_bounds()
+        lipschitz = est.lipschitz.detach().clone()
+        distances = est.distances.detach().clone()
+        # as bottom_logit: c = ε·K in the model's dtype, then f_i + c·D_ji
+        offsets = ((eps * lipschitz) * distances).detach()
+        measured = tuple(False for _ in layers)
+        return FrozenGloroNet(body, measured, head, input_shape, eps, certificate, dtype,
+                              lipschitz, distances, (lipschitz * distances).detach(), bottom_offsets=offsets)
+    sb = model.sound_bounds()
+    if sb.steps is None or len(sb.steps) != len(layers):  # not reached for a chain of known layers
+        raise TypeError("freeze: the model's sound bounds have no per-layer rounding steps")
+    steps = [(st.lipschitz, st.abs_norm, st.gamma, st.offset, st.underflow, st.lipschitz_before,
+              up(1.0 + st.gamma)) for st in sb.steps if st is not None]
+    head_rounding = (sb.head_gamma, sb.w_max, sb.b_max, sb.head_underflow, sb.head_gamma * sb.w_max,
+                     up(1.0 + sb.head_gamma))
+    measured = tuple(step is not None for step in sb.steps)
+    norm_scale = [activation_norm_constants(shape, dtype) for shape in _norm_shapes(body, measured, input_shape, model.head.weight)]
+    lipschitz = torch.tensor(sb.lipschitz, dtype=torch.float64, device=device)
+    return FrozenGloroNet(body, measured, head, input_shape, eps, certificate, dtype, lipschitz,
+                          sb.distances.to(device), model.margin_lipschitz("sound"), rounding=steps,
+                          head_rounding=head_rounding, norm_scale=norm_scale, cap=sb.cap)
+
+
+def _norm_shapes(body: nn.Sequential, measured, input_shape, reference: torch.Tensor) -> List[Tuple[int, int]]:
+    """(G, m) of every activation whose norm the sound pass records (the inputs of the
+    affine layers, then the features; viewed as (B, G, m)), from a pass on one zero input."""
+    shapes = []
+    with torch.no_grad():
+        h = torch.zeros((1,) + tuple(input_shape), dtype=reference.dtype, device=reference.device)
+        for layer, record in zip(body, measured):
+            if record:
+                shapes.append(tuple(h.shape[1:]))
+            h = layer(h)
+    shapes.append(tuple(h.shape[1:]))
+    return [(s[0], math.prod(s[1:])) if len(s) > 1 else (1, s[0]) for s in shapes]
+
+
+# ---------------------------------------------------------------------------- exporting
+
+
+class _Program(nn.Module):
+    """What the exported programs compute: :meth:`FrozenGloroNet.outputs` as a tuple."""
+
+    def __init__(self, frozen: FrozenGloroNet) -> None:
+        super().__init__()
+        self.frozen = frozen
+        self.eval()
+
+    def forward(self, x: torch.Tensor):
+        return tuple(self.frozen.outputs(x))
+
+
+def _frozen(model, certificate, epsilon) -> FrozenGloroNet:
+    if isinstance(model, FrozenGloroNet):
+        if certificate not in (None, model.certificate) or epsilon not in (None, model.epsilon):
+            raise ValueError(
+                f"certificate and epsilon apply when freezing a GloroNet; this model is already frozen "
+                f"(certificate={model.certificate!r}, epsilon={model.epsilon})"
+            )
+        return model
+    if not isinstance(model, GloroNet):
+        raise TypeError(f"model must be a gloro_fast.GloroNet or FrozenGloroNet, got {type(model).__name__}")
+    return freeze(model, "sound" if certificate is None else certificate, epsilon)
+
+
+def _check_path(path) -> Path:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    path = Path(path).expanduser()
+    if path.is_dir():
+        raise ValueError(f"path {str(path)!r} is a folder; give a file name")
+    if not path.parent.is_dir():
+        raise ValueError(f"path {str(path)!r}: folder {str(path.parent)!r} does not exist")
+    return path
+
+
+def _example(frozen: FrozenGloroNet) -> Tuple[torch.Tensor, dict]:
+    """An example batch of 2 (a batch of 1 would be specialised) and the dynamic batch axis."""
+    x = torch.zeros((2,) + frozen.input_shape, dtype=frozen.dtype, device=frozen.head.weight.device)
+    return x, {"x": {0: torch.export.Dim("batch", min=1)}}
+
+
+def export_pt2(model: Union[GloroNet, FrozenGloroNet], path, certificate: Optional[str] = None,
+               epsilon: Optional[float] = None) -> "torch.export.ExportedProgram":
+    """Freeze ``model`` (unless it is frozen already) and write it as a ``torch.export``
+    program to ``path`` (``.pt2``): input ``x`` (B, *input_shape), outputs (logits (B, C+1),
+    certified (B,) int64, radius (B,)), any batch size. Load it with
+    ``torch.export.load(path).module()``; gloro_fast is not needed to run it."""
+    path = _check_path(path)
+    frozen = _frozen(model, certificate, epsilon)
+    x, dynamic = _example(frozen)
+    program = torch.export.export(_Program(frozen), (x,), dynamic_shapes=dynamic)
+    atomic_write(path, lambda f: torch.export.save(program, f))
+    return program
+
+
+def export_onnx(model: Union[GloroNet, FrozenGloroNet], path, certificate: Optional[str] = None,
+                epsilon: Optional[float] = None, opset_version: Optional[int] = None):
+    """Freeze ``model`` (unless it is frozen already) and write it as an ONNX model to
+    ``path`` (torch's exporter, one file with the weights): input ``x`` (B, *input_shape),
+    outputs ``logits`` (B, C+1), ``certified`` (B,) int64 and ``radius`` (B,), any batch
+    size; only standard ONNX operators. Returns the ``onnx.ModelProto`` written."""
+    path = _check_path(path)
+    frozen = _frozen(model, certificate, epsilon)
+    x, dynamic = _example(frozen)
+    proto = to_onnx(_Program(frozen), (x,), dynamic, ["x"], list(OUTPUT_NAMES), opset_version)
+    atomic_write_bytes(path, proto.SerializeToString())
+    return proto
+
+
+def to_onnx(module: nn.Module, args: tuple, dynamic_shapes, input_names, output_names,
+            opset_version: Optional[int] = None):
+    """``module`` as an ``onnx.ModelProto``, by torch's ONNX exporter with the settings the
+    certificates need.
+
+    ``optimize=False``: the exporter's graph optimiser treats x·(1 ± 2⁻⁵⁰) and x + c for a
+    tiny c (2⁻¹⁰⁷⁴, 2⁻¹⁴⁹, even 10⁻³⁰⁰) as identities and removes them, which deletes every
+    upward rounding of the sound test; ONNX Runtime's own graph optimisations keep them
+    (checked in tests/test_export.py at its highest level).
+    """
+    kwargs = {} if opset_version is None else {"opset_version": opset_version}
+    with warnings.catch_warnings():
+        # torch's own deprecation notices from inside the exporter: nothing the caller can act on
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        program = torch.onnx.export(module.eval(), args, dynamo=True, dynamic_shapes=dynamic_shapes,
+                                    input_names=list(input_names), output_names=list(output_names),
+                                    external_data=False, optimize=False, verbose=False, **kwargs)
+    proto = program.model_proto    # a fresh copy on every access: edit this one
+    _protect_float64_constants(proto)
+    return proto
+
+
+def _protect_float64_constants(proto) -> None:
+    """Declare every float64 initializer a graph input with that default value.
+
+    ONNX Runtime's NoopElimination (on at every optimisation level but "disabled") removes
+    ``Add``/``Sub``/``Mul``/``Div`` by a one-element constant whose value *cast to float32* is
+    0 or 1: x·(1 + 2⁻⁵⁰), x + 2⁻¹⁰⁷⁴ and a layer bound U = 1 + 10⁻¹⁰ would all vanish, and
+    constant folding turns slices of a constant table into such scalars first. An
+    initializer that is also a graph input can be overridden at run time, so no optimiser
+    treats it as a constant; callers feed ``x`` alone and these inputs keep their values.
+    """
+    from onnx import TensorProto, helper
+
+    graph = proto.graph
+    declared = {i.name for i in graph.input}
+    for init in graph.initializer:
+        if init.data_type == TensorProto.DOUBLE and init.name not in declared:
+            graph.input.append(helper.make_tensor_value_info(init.name, TensorProto.DOUBLE, list(init.dims)))

@@ -24,7 +24,7 @@ take exactly the op's and its backward's schema arguments.
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional
 
 import torch
 import triton

@@ -229,7 +229,8 @@ def _backward(grad: torch.Tensor, weight: torch.Tensor, distances: torch.Tensor)
     s = torch.empty((C, C), dtype=acc, device=weight.device)
     rowsum = torch.empty((C,), dtype=acc, device=weight.device)
     fp64 = acc == torch.float64
-    BACKWARD_S_KERNELS[fp64][lambda meta: (triton.cdiv(C, meta["BLOCK_M"]),)](grad, distances, s, rowsum, C, FP64=fp64)
+    grid = lambda meta: (triton.cdiv(C, meta["BLOCK_M"]),)  # noqa: E731
+    BACKWARD_S_KERNELS[fp64][grid](grad, distances, s, rowsum, C, FP64=fp64)
     w = weight.to(acc)
     w = w - w.mean(0)  # centred rows: the same gradient, less cancellation between the terms
     return torch.addmm(w * rowsum[:, None], s, w, alpha=-1.0).to(weight.dtype)

@@ -10,9 +10,10 @@ comes from :func:`set_backend` / :func:`use_backend`, else from ``GLORO_FAST_BAC
 when first needed (and again after ``set_backend(None)``), never at import.
 
 The choice for (op, device type, setting) is resolved once, then read from a dict: the
-per-call cost is a dictionary lookup (choices are made afresh after a new selection). Providers are imported only when a choice needs them
-(``gloro_fast._C`` for ``cpp``, ``gloro_fast.kernels.<op>`` for ``triton``); they register
-their kernels in :mod:`gloro_fast.ops.registry`, which also drops the cached choices.
+per-call cost is a dictionary lookup (choices are made afresh after a new selection).
+Providers are imported only when a choice needs them (``gloro_fast._C`` for ``cpp``,
+``gloro_fast.kernels.<op>`` for ``triton``); they register their kernels in
+:mod:`gloro_fast.ops.registry`, which also drops the cached choices.
 """
 from __future__ import annotations
 

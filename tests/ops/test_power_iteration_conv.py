@@ -1,12 +1,10 @@
 """power_iteration_conv against the SVD of the convolution's explicit matrix (float64)."""
 from __future__ import annotations
 
-import itertools
 import random
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from gloro_fast.ops import power_iteration_conv, power_iteration_conv_reference
 from gloro_fast.ops.convolution import conv_operator, conv_operator_adjoint, normalize_padding

@@ -3,10 +3,18 @@
 Every public entry point validates its inputs with these helpers so that bad input
 fails early with a message naming the argument and what was expected, never deep
 inside a kernel or, worse, with a silently wrong certificate.
+
+Checks of a tensor's type, shape, dtype and device read only metadata and always run.
+Checks of its *values* (finite entries, labels in range, K ≥ 0) read the data on the
+host — a synchronisation, a pipeline stall on a GPU and no CUDA-graph capture — so they
+run only in debug mode (:func:`set_debug`, or ``GLORO_FAST_DEBUG=1``). Without them the
+results stay safe: a non-finite input or bound is never certified, and out-of-range
+classes give NaN ⊥ logits.
 """
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional, Sequence
 
 import torch
@@ -17,7 +25,33 @@ __all__ = [
     "check_epsilon",
     "check_labels",
     "check_positive_int",
+    "debug_enabled",
+    "set_debug",
 ]
+
+_DEBUG = {"on": None}  # None: read GLORO_FAST_DEBUG when first needed (never at import)
+
+
+def set_debug(on: Optional[bool]) -> None:
+    """Turn the value checks (NaN/Inf inputs, label ranges, K ≥ 0) on or off for every
+    gloro_fast call; ``None`` returns to ``GLORO_FAST_DEBUG`` (off unless set to 1)."""
+    if on is not None and not isinstance(on, bool):
+        raise TypeError(f"on must be a bool or None, got {type(on).__name__}")
+    _DEBUG["on"] = on
+
+
+def debug_enabled() -> bool:
+    """Whether value checks run (:func:`set_debug`, else ``GLORO_FAST_DEBUG``)."""
+    if _DEBUG["on"] is None:
+        value = os.environ.get("GLORO_FAST_DEBUG", "0").strip().lower()
+        return value not in ("", "0", "false", "no", "off")
+    return _DEBUG["on"]
+
+
+def value_checks() -> bool:
+    """Run the checks that read tensor values: in debug mode, outside torch.compile tracing
+    and CUDA-graph capture."""
+    return debug_enabled() and not _is_compiling()
 
 
 def _is_compiling() -> bool:
@@ -67,8 +101,8 @@ def check_tensor(
 
 
 def check_finite(name: str, value: torch.Tensor) -> torch.Tensor:
-    """Reject NaN/Inf entries (skipped while tracing under torch.compile)."""
-    if not _is_compiling() and value.numel() > 0 and not bool(torch.isfinite(value).all()):
+    """Reject NaN/Inf entries (debug mode only: see the module docstring)."""
+    if value_checks() and value.numel() > 0 and not bool(torch.isfinite(value).all()):
         raise ValueError(f"{name} contains NaN or Inf values")
     return value
 
@@ -88,7 +122,8 @@ def check_epsilon(epsilon, name: str = "epsilon") -> float:
 
 
 def check_labels(name: str, labels, batch: int, num_classes: int, device=None) -> torch.Tensor:
-    """Labels: an integer tensor of shape (batch,) with values in [0, num_classes)."""
+    """Labels: an integer tensor of shape (batch,) with values in [0, num_classes) (the
+    range in debug mode only)."""
     check_tensor(name, labels, ndim=1)
     if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
         raise TypeError(f"{name} must be an integer tensor, got dtype {labels.dtype}")
@@ -96,7 +131,7 @@ def check_labels(name: str, labels, batch: int, num_classes: int, device=None) -
         raise ValueError(f"{name} must have shape ({batch},), got {tuple(labels.shape)}")
     if device is not None and labels.device != torch.device(device):
         raise ValueError(f"{name} must be on device {device}, got {labels.device}")
-    if not _is_compiling() and labels.numel() > 0:
+    if value_checks() and labels.numel() > 0:
         lo, hi = int(labels.min()), int(labels.max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(

@@ -350,7 +350,10 @@ class GloroNet(nn.Module):
         own = torch.nn.functional.one_hot(top, self.num_classes).bool()
         ratio = ratio.masked_fill(own, math.inf)
         radius = ratio.min(dim=1).values.clamp_min(0.0)
-        return radius if same is None else torch.where(same, radius, torch.zeros_like(radius))
+        ok = torch.isfinite(logits).all(dim=1)  # a non-finite input is never certified
+        if same is not None:
+            ok = ok & same
+        return torch.where(ok, radius, torch.zeros_like(radius))
 
     def extra_repr(self) -> str:
         return f"epsilon={self.epsilon}, bound={self.bound!r}, input_shape={self.input_shape}"

@@ -70,3 +70,13 @@ def backend():
             return fn(*args, **kwargs)
 
     return run
+
+
+@pytest.fixture
+def debug_checks():
+    """Value checks on (gloro_fast.set_debug(True)) inside the test, restored afterwards."""
+    import gloro_fast
+
+    gloro_fast.set_debug(True)
+    yield
+    gloro_fast.set_debug(None)

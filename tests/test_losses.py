@@ -202,7 +202,7 @@ def test_losses_registry_names():
 
 
 # ---------------------------------------------------------------------------- bad input
-def test_bad_labels():
+def test_bad_labels(debug_checks):
     f, bottom, y, kji = make(B=4, C=3)
     aug = augment(f.detach(), bottom.detach())
     f = f.detach()

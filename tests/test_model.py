@@ -668,7 +668,7 @@ def small_body():
 
 
 @pytest.mark.parametrize("method", ["forward", "certify", "certified_radius"])
-def test_bad_x(method):
+def test_bad_x(method, debug_checks):
     net = dense_net(seed=0).eval()
     call = getattr(net, method) if method != "forward" else net
     call(torch.randn(2, 6, dtype=DT))  # learns the input shape
@@ -685,6 +685,24 @@ def test_bad_x(method):
     for x, exc in bad:
         with pytest.raises(exc, match=r"\bx\b"):
             call(x)
+
+
+@pytest.mark.parametrize("certificate", ["sound", "estimate"])
+def test_nonfinite_x_without_debug_is_never_certified(certificate):
+    """Outside debug mode NaN/Inf inputs raise nothing (no host synchronisation): they are
+    simply not certified, with radius 0, and the others in the batch are unaffected."""
+    net = dense_net(seed=0, eps=0.01).eval()
+    x = torch.randn(6, 6, dtype=DT)
+    clean = net.certify(x, certificate=certificate)
+    x[1, 2], x[3, 0] = math.nan, math.inf
+    got = net.certify(x, certificate=certificate)
+    assert got[1] == 4 and got[3] == 4
+    keep = [0, 2, 4, 5]
+    assert torch.equal(got[keep], clean[keep])
+    radius = net.certified_radius(x, certificate=certificate)
+    assert radius[1] == 0 and radius[3] == 0
+    augmented = net.forward_parts(x, certificate=certificate).augmented
+    assert augmented.shape == (6, 5)
 
 
 def test_bad_x_shape_with_input_shape():

@@ -19,7 +19,7 @@ from typing import Optional, Tuple, Union
 
 import torch
 
-from .._validation import capturing_cuda_graph, check_epsilon, check_finite, check_labels, check_tensor
+from .._validation import check_epsilon, check_finite, check_labels, check_tensor, value_checks
 from ._backend import backend_for
 from ._library import define_op
 
@@ -73,7 +73,7 @@ def _check(logits, distances, lipschitz, epsilon, classes):
     check_finite("logits", logits)
     check_finite("distances", distances)
     check_finite("lipschitz", lipschitz)
-    if not (torch.compiler.is_compiling() or capturing_cuda_graph()) and float(lipschitz.detach()) < 0:
+    if value_checks() and float(lipschitz.detach()) < 0:
         raise ValueError(f"lipschitz must be >= 0, got {float(lipschitz.detach())}")
     if classes is not None:
         classes = check_labels("classes", classes, logits.shape[0], num_classes, logits.device)

@@ -245,9 +245,37 @@ def _bad_cases():
     ]
 
 
+VALUE_CASES = ("logits-nan", "logits-inf", "distances-nan", "k-negative", "k-negative-tensor", "k-nan",
+               "classes-high", "classes-negative")
 @pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
-def test_bad_inputs(case):
+def test_bad_inputs(case, debug_checks):
     _, fn, exc, name = case
     with pytest.raises(exc) as info:
         fn()
     assert name in str(info.value)
+
+
+def test_bad_values_without_debug_are_never_certified():
+    """Outside debug mode the value checks (host synchronisations) do not run. What a
+    certificate reads stays safe: a row holding NaN never passes f_j > f_⊥ (its max is NaN),
+    a NaN or infinite K gives a non-finite ⊥, and out-of-range classes are refused by the C++
+    CPU kernel with an error naming them (the CUDA kernel answers NaN and i* = −1)."""
+    gen = torch.Generator().manual_seed(0)
+    f = torch.randn(3, 4, generator=gen, dtype=F64)
+    d = torch.rand(4, 4, generator=gen, dtype=F64).fill_diagonal_(0.0)
+    d = d + d.t()
+    bad = f.clone()
+    bad[1, 2] = float("nan")
+    bottom, _ = bottom_logit(bad, d, 1.0, 0.1)
+    certified = bad.amax(dim=1) > bottom
+    assert not certified[1]
+    for k in (float("nan"), float("inf")):
+        bottom, _ = bottom_logit(f, d, torch.tensor(k, dtype=F64), 0.1)
+        assert not torch.isfinite(bottom).any() and not (f.amax(dim=1) > bottom).any()
+    for classes in (torch.tensor([0, 4, 1]), torch.tensor([0, -1, 1])):
+        try:
+            bottom, index = bottom_logit(f, d, 1.0, 0.1, classes)
+        except RuntimeError as exc:
+            assert "classes" in str(exc)
+        else:
+            assert torch.isnan(bottom[1]) and index[1] == -1

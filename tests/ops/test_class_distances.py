@@ -159,6 +159,12 @@ def test_float32(gen):
     ],
     ids=["1d", "3d", "int", "bool", "nan", "inf", "no-classes", "no-features", "list"],
 )
-def test_bad_inputs(value, exc):
+def test_bad_inputs(value, exc, debug_checks):
     with pytest.raises(exc, match="weight"):
         class_distances(value)
+
+
+def test_nonfinite_weight_without_debug_gives_nonfinite_distances():
+    w = torch.tensor([[0.0, float("nan")], [1.0, 2.0], [3.0, 4.0]], dtype=F64)
+    d = class_distances(w, exact=True)
+    assert torch.isnan(d[0, 1]) and torch.isnan(d[1, 0]) and torch.isfinite(d[1, 2])

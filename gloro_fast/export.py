@@ -75,7 +75,15 @@ class MinMax(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = x.chunk(2, dim=1)
-        return torch.cat([torch.minimum(a, b), torch.maximum(a, b)], dim=1)
+        if torch.compiler.is_exporting() or torch.compiler.is_compiling():
+            return torch.cat([torch.minimum(a, b), torch.maximum(a, b)], dim=1)
+        # eager: both halves written straight into one output, as the live layer does (a
+        # torch.cat reads and writes everything once more); the values are the same
+        out = torch.empty_like(x)
+        half = a.shape[1]
+        torch.minimum(a, b, out=out[:, :half])
+        torch.maximum(a, b, out=out[:, half:])
+        return out
 
 
 class Residual(nn.Module):

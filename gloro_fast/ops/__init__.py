@@ -1,6 +1,6 @@
 """The gloro_fast ops: one public function per op, validated and dispatched by backend.
 
-See shared/DESIGN.md for the op contract. Layers and :class:`gloro_fast.GloroNet` call
+See docs/architecture.md for the op contract. Layers and :class:`gloro_fast.GloroNet` call
 only these functions, so faster backends slot in behind the same names. Each op is one
 ``torch.library`` op (``torch.ops.gloro_fast.<op>``) whose kernels come from the backend
 table (:mod:`gloro_fast.ops.registry`); :func:`use_backend` / :func:`set_backend` pick the

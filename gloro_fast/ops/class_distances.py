@@ -1,7 +1,7 @@
 """``class_distances(W)``: pairwise l2 distances between the rows of the head weight.
 
 D ∈ R^{C×C}, D_ji = ‖w_j − w_i‖₂ for W ∈ R^{C×d}. With the body's Lipschitz bound K,
-K·D_ji bounds the Lipschitz constant of the margin f_j − f_i (DESIGN.md, "margin").
+K·D_ji bounds the Lipschitz constant of the margin f_j − f_i (docs/architecture.md, "The math").
 
 Backward: ∂D_ji/∂w_j = (w_j − w_i)/D_ji, taken as 0 where D_ji = 0 (the diagonal); for an
 upstream gradient G, with M = G/D (0 where D = 0) and S = M + Mᵀ, grad_W = diag(S·1) W − S W.

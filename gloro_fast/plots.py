@@ -45,6 +45,7 @@ def training_curves(history: List[Dict[str, Any]], epsilon: float, path) -> None
     ax[0, 0].plot(*_series(history, "loss"), color="C0")
     ax[0, 0].set(title="training loss", xlabel="epoch")
     for key, label, style in (("clean_accuracy", "clean (test)", "C0-"), ("vra", f"VRA ε={epsilon:g} (test)", "C1-"),
+                              ("vra_estimate", f"VRA ε={epsilon:g}, estimate (test)", "C2--"),
                               ("train_accuracy", "clean (train)", "C0:"), ("train_vra", "VRA train ε (train)", "C1:")):
         xs, ys = _series(history, key)
         if xs:
@@ -75,25 +76,31 @@ def certified_accuracy(radii: torch.Tensor, correct: torch.Tensor, grid: torch.T
     return ok.double().mean(dim=1)
 
 
-def robustness_curve(radii: torch.Tensor, correct: torch.Tensor, epsilons: Sequence[float], path,
-                     points: int = 200) -> Dict[str, List[float]]:
-    """Plot certified accuracy against radius from 0 to 2 × the largest ε (at least the 95th
-    percentile radius), marking each ε; returns the curve as lists."""
-    finite = radii[torch.isfinite(radii)]
-    top = max([2 * max(epsilons)] + ([float(torch.quantile(finite.double(), 0.95))] if finite.numel() else []))
+def robustness_curve(radii: Dict[str, torch.Tensor], correct: torch.Tensor, epsilons: Sequence[float],
+                     path, points: int = 200) -> Dict[str, List[float]]:
+    """Plot certified accuracy against radius, one line per entry of ``radii`` (e.g. the sound
+    and the estimated certificate), from 0 to 2 × the largest ε (at least the 95th
+    percentile radius), marking each ε; returns the curves as lists."""
+    everything = torch.cat([r[torch.isfinite(r)].double() for r in radii.values()])
+    top = max([2 * max(epsilons)] + ([float(torch.quantile(everything, 0.95))] if everything.numel() else []))
     top = top if top > 0 else 1.0
     grid = torch.linspace(0, top, points, dtype=torch.float64)
-    acc = certified_accuracy(radii, correct, grid)
     fig, ax = _figure(1, 1, (6, 4.2))
     axis = ax[0, 0]
-    axis.plot(grid.tolist(), (100 * acc).tolist(), color="C0")
+    curves: Dict[str, List[float]] = {"radius": grid.tolist()}
+    for k, (label, r) in enumerate(radii.items()):
+        acc = certified_accuracy(r, correct, grid)
+        curves[f"certified_accuracy_{label}"] = acc.tolist()
+        axis.plot(grid.tolist(), (100 * acc).tolist(), color=f"C{k}", label=label)
+        for eps in epsilons:
+            value = float(certified_accuracy(r, correct, torch.tensor([eps]))[0])
+            axis.annotate(f"{100 * value:.1f}%", (eps, 100 * value), textcoords="offset points",
+                          xytext=(5, 5 - 12 * k), fontsize=8, color=f"C{k}")
     for eps in epsilons:
-        value = float(certified_accuracy(radii, correct, torch.tensor([eps]))[0])
-        axis.axvline(eps, color="C1", linestyle="--", linewidth=1)
-        axis.annotate(f"ε={eps:g}: {100 * value:.1f}%", (eps, 100 * value), textcoords="offset points",
-                      xytext=(5, 5), fontsize=8)
+        axis.axvline(eps, color="grey", linestyle="--", linewidth=1)
     axis.set(title="certified accuracy against radius", xlabel="l2 radius r",
              ylabel="certified accuracy (%)", ylim=(0, 100), xlim=(0, top))
     axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
     _save(fig, path)
-    return {"radius": grid.tolist(), "certified_accuracy": acc.tolist()}
+    return curves

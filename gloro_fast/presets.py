@@ -58,9 +58,12 @@ PRESETS: Dict[str, Dict[str, Any]] = {
         "config": dict(dataset="cifar10", arch="liresnet", arch_kwargs={"depth": 18, "width": 256},
                        epsilon=0.141, train_epsilon=0.141, epsilon_schedule="[0.1]-[50%:1.5]-[1.5]",
                        epochs=800, batch_size=256, optimizer="adamw", lr=1e-3, weight_decay=1e-4,
-                       lr_schedule="[0.]-[20:1.]-cos-[0.]", grad_clip=3.0, loss="emma",
+                       lr_schedule="[0.]-[20:1.]-cos-[0.]", grad_clip=3.0, loss="margin",
                        lam_schedule="fixed", n_iter=10, augment="crop-flip"),
-        "source": "Hu et al. 2023, hu23_snapshot codes/configs/cifar10.yaml and codes/train.py",
+        # The snapshot's training loss (codes/models/margin_layer.py, margin_layer_v2) is the
+        # true-label margin loss CE(f + εK_y·, y); its last-layer normalisation is not available here.
+        "source": "Hu et al. 2023, hu23_snapshot codes/configs/cifar10.yaml, codes/train.py, "
+                  "codes/models/margin_layer.py",
         "paper_vra": 0.701,
     },
     # The embedded 4,000/1,000-image MNIST sample: tuned here to reach VRA >= 94.5 % (ε = 0.3)

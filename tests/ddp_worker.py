@@ -8,7 +8,7 @@ import torch.distributed as dist
 from gloro_fast.train import TrainConfig, train
 
 out_dir = sys.argv[1]
-metrics = train(TrainConfig(epochs=1, warmup=1, batch_size=128, progress=False, device="cpu",
+metrics = train(TrainConfig(epochs=1, batch_size=128, progress=False, device="cpu",
                             output_dir=out_dir), log=lambda *a: None)
 model = metrics["model"]
 world = dist.get_world_size()

@@ -168,7 +168,7 @@ def compute_targets(rows: List[dict]) -> List[dict]:
             ">=", f"{r['case']}: median of {p.get('pairs')} per-pair ratios, quartiles "
                   f"{p.get('q1', 0):.3f}–{p.get('q3', 0):.3f}", info=r["contender"] != "paired[sound]")
     for r in _find(rows, op="export"):
-        if r["contender"] != "plain":
+        if r["contender"].startswith(("frozen", "pt2", "onnxruntime")):
             add("frozen model throughput vs plain network (unpaired medians)", r["contender"],
                 r["speedup_vs_plain"], 0.99, ">=", r["case"], info=True)
 

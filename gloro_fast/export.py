@@ -503,6 +503,11 @@ def freeze(model: GloroNet, certificate: str = "sound", epsilon: Optional[float]
     named = _named_layers(model)
     for name, layer in named:
         _check_exact_type(name, layer)
+        if isinstance(layer, gnn.Conv2d) and layer.input_shape is None:
+            raise ValueError(
+                f"freeze: layer {name} (Conv2d) has no input size yet; pass input_shape= to "
+                "GloroNet or run one forward pass before freezing"
+            )
     input_shape = tuple(model.input_shape or _inferred_input_shape(model))
     layers = [layer for _, layer in named]
     head = _frozen_layer(model.head)
@@ -625,9 +630,9 @@ def to_onnx(module: nn.Module, args: tuple, dynamic_shapes, input_names, output_
     certificates need.
 
     ``optimize=False``: the exporter's graph optimiser treats x·(1 ± 2⁻⁵⁰) and x + c for a
-    tiny c (2⁻¹⁰⁷⁴, 2⁻¹⁴⁹, even 10⁻³⁰⁰) as identities and removes them, which deletes every
-    upward rounding of the sound test; ONNX Runtime's own graph optimisations keep them
-    (checked in tests/test_export.py at its highest level).
+    tiny c (2⁻¹⁰⁷⁴, 2⁻¹⁴⁹, even 10⁻³⁰⁰) as identities and removes them, which would delete
+    every upward rounding of the sound test. ONNX Runtime's optimisations, at their highest
+    level, keep them in the form :func:`_spread` gives them (tests/test_export.py).
     """
     kwargs = {} if opset_version is None else {"opset_version": opset_version}
     with warnings.catch_warnings():

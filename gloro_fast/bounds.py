@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -38,9 +38,12 @@ from .nn import Linear, LipschitzModule, PowerIterationModule, Sequential
 from .ops import class_distances
 from .sound.dense import spectral_norm_upper
 from .sound.forward_error import Affine, AffineStep, Arithmetic, ForwardBound
+from .sound.decision import Allowance, AllowanceForms, Form, LinearForms, decide
+from .sound.decision import radius as sound_radius
 from .sound.rounding import U64, gamma, up, up_tensor
 
-__all__ = ["Allowance", "BoundCache", "EstimateBounds", "LayerBracket", "SoundBounds",
+__all__ = ["Allowance", "AllowanceForms", "BoundCache", "EstimateBounds", "LayerBracket", "LinearForms",
+           "SoundBounds",
            "CERTIFICATES", "check_certificate", "chain_layers", "compute_estimate", "compute_sound",
            "upper_bounds", "with_uppers"]
 
@@ -83,24 +86,57 @@ class EstimateBounds:
     brackets: Tuple[LayerBracket, ...]
 
 
-@dataclass(frozen=True)
-class Allowance:
-    """Per-sample terms of the sound test, each affine in the radius ε (float64, (B,)):
-    certified at ε iff f̃_j − f̃_i > D_ji·(s1 + ε·s1_slope) + s0 + ε·s0_slope for all i ≠ j
-    and ε ≤ ``eps_max`` (beyond it the ball may overflow; −inf: x itself is not admissible)."""
+def _per_sample_forms(steps, lipschitz, head, cap, device) -> LinearForms:
+    """The recursion of docs/soundness.md on linear forms of (n_1, …, n_k, ‖h̃‖, 1):
+    Δ_l = U Δ_{l−1} + γ(α n_l + β) + uf at x, and in the ball with
+    ‖h̃_{l−1}(x′)‖ ≤ n_l + Δ_{l−1}(x) + L_{<l}ε + Δ_{l−1}(x′)."""
+    affine = [st for st in steps if st is not None]
+    size = len(affine) + 2
+    feat_index = size - 2
+    zero = Form([0.0] * size)
+    delta, far_delta, limits = zero, zero, []
+    for k, st in enumerate(affine):
+        n = Form.unit(size, k)
+        reach = (n * st.abs_norm).plus_const(st.offset)
+        far = (n + delta + far_delta).plus_slope(st.lipschitz_before)
+        reach_far = (far * st.abs_norm).plus_const(st.offset)
+        limits += [reach * up(1.0 + st.gamma), reach_far * up(1.0 + st.gamma)]
+        delta = (delta * st.lipschitz + reach * st.gamma).plus_const(st.underflow)
+        far_delta = (far_delta * st.lipschitz + reach_far * st.gamma).plus_const(st.underflow)
+    g, w_max, b_max, uf = head
+    feat = Form.unit(size, feat_index)
+    reach = (feat * w_max).plus_const(b_max)
+    far_feat = (feat + delta + far_delta).plus_slope(lipschitz)
+    reach_far = (far_feat * w_max).plus_const(b_max)
+    rho = (reach * g).plus_const(uf)
+    rho_far = (reach_far * g).plus_const(uf)
+    limits += [reach * up(1.0 + g), reach_far * up(1.0 + g)]
+    s1 = (delta + far_delta).plus_slope(lipschitz)
+    s0 = (rho + rho_far) * 2.0
+    return LinearForms.build(s1, s0, delta, rho, limits, cap, device)
 
-    s1: torch.Tensor
-    s1_slope: torch.Tensor
-    s0: torch.Tensor
-    s0_slope: torch.Tensor
-    eps_max: torch.Tensor
-    body_error: torch.Tensor       # Δ(x) ≥ ‖h̃(x) − h(x)‖ (the computed features' error)
-    logit_error: torch.Tensor      # ρ(x) ≥ |f̃_i(x) − (w_iᵀh̃(x) + b_i)| (one logit's rounding)
 
-    def refuse_unless(self, ok: torch.Tensor) -> "Allowance":
-        """The same allowance, admitting nothing where ``ok`` (a bool tensor broadcasting
-        to (B,)) is False."""
-        return replace(self, eps_max=torch.where(ok, self.eps_max, torch.full_like(self.eps_max, -math.inf)))
+def _a_priori_forms(fb, lipschitz, head, cap, device) -> LinearForms:
+    """The same terms from ‖x‖ alone (basis (‖x‖, 1)): the body's a-priori error Δ(r) and
+    norm bound, every layer's overflow limit, at r and at r + ε."""
+    g, w_max, b_max, uf = head
+
+    def form(affine, slope=0.0):
+        return Form([affine.a, affine.b], slope)
+
+    delta = form(fb.error)
+    far_delta = form(fb.error, fb.error.a)
+    computed = fb.computed_norm()
+    reach = form(computed) * w_max
+    reach = reach.plus_const(b_max)
+    reach_far = (form(computed, computed.a) * w_max).plus_const(b_max)
+    rho = (reach * g).plus_const(uf)
+    rho_far = (reach_far * g).plus_const(uf)
+    limits = [form(lim) for lim in fb.limits] + [form(lim, lim.a) for lim in fb.limits]
+    limits += [reach * up(1.0 + g), reach_far * up(1.0 + g)]
+    s1 = (delta + far_delta).plus_slope(lipschitz)
+    s0 = (rho + rho_far) * 2.0
+    return LinearForms.build(s1, s0, delta, rho, limits, cap, device)
 
 
 @dataclass(frozen=True)
@@ -125,6 +161,7 @@ class SoundBounds:
     max_input_norm: float          # a priori: larger ‖x‖ may overflow
     uppers: Tuple[Tuple[str, str, float], ...]   # (name, layer type, upper) per bounded layer
     dtype: torch.dtype
+    forms: AllowanceForms          # every term of the test as linear forms of per-sample norms
 
     # -- the allowance -------------------------------------------------------------
     @staticmethod
@@ -134,131 +171,40 @@ class SoundBounds:
         norms = torch.linalg.vector_norm(flat, dim=1, dtype=torch.float64)
         return up_tensor(norms * (1.0 + gamma(max(flat.shape[1], 1), U64)))
 
-    def _head(self, feat, delta, dp, dp_slope):
-        """ρ(x) and ρ(x′) = c + ε·m for the head, and its overflow limit on ε."""
-        g, w, b, uf = self.head_gamma, self.w_max, self.b_max, self.head_underflow
-        rho = up_tensor(g * up_tensor(w * feat + b) + uf)
-        far = up_tensor(feat + delta + dp)                         # ‖h̃(x′)‖ at ε = 0
-        far_slope = up_tensor(self.lipschitz + dp_slope)
-        rho_far = up_tensor(g * up_tensor(w * far + b) + uf)
-        rho_far_slope = up_tensor(g * w * far_slope)
-        reach = up_tensor(w * feat + b) * up(1.0 + g)
-        reach_far = up_tensor(w * far + b) * up(1.0 + g)
-        eps_max = _eps_limit(reach, reach_far, up_tensor(w * far_slope) * up(1.0 + g), self.cap)
-        return rho, rho_far, rho_far_slope, eps_max
-
     def allowance(self, x: torch.Tensor, activation_norms=None) -> Allowance:
         """The sound test's terms for inputs ``x``. ``activation_norms``: the computed
         ‖h̃_{l−1}(x)‖ entering each affine step and the feature norm ‖h̃(x)‖ (from the
-        certifying forward pass), or None for the a-priori bound."""
-        if activation_norms is None or self.steps is None:
-            return self._allowance_a_priori(self.input_norms(x))
-        step_norms, feat = activation_norms
-        feat = up_tensor(feat)
-        zero = torch.zeros_like(feat)
-        delta, dp, dp_slope = zero, zero, zero       # Δ(x); Δ(x′) = dp + ε·dp_slope
-        eps_max = torch.full_like(feat, math.inf)
-        norms = iter(step_norms)
-        for step in self.steps:
-            if step is None:
-                continue
-            n = up_tensor(next(norms))
-            u_, a, g, b, uf = step.lipschitz, step.abs_norm, step.gamma, step.offset, step.underflow
-            reach = up_tensor(a * n + b)
-            far = up_tensor(up_tensor(n + delta) + dp)               # ‖h̃(x′)‖ at ε = 0
-            far_slope = up_tensor(step.lipschitz_before + dp_slope)
-            reach_far = up_tensor(a * far + b)
-            reach_far_slope = up_tensor(a * far_slope)
-            eps_max = torch.minimum(eps_max, _eps_limit(reach * up(1.0 + g), reach_far * up(1.0 + g),
-                                                        reach_far_slope * up(1.0 + g), self.cap))
-            delta = up_tensor(up_tensor(u_ * delta) + up_tensor(g * reach + uf))
-            dp = up_tensor(up_tensor(u_ * dp) + up_tensor(g * reach_far + uf))
-            dp_slope = up_tensor(up_tensor(u_ * dp_slope) + up_tensor(g * reach_far_slope))
-        if next(norms, None) is not None:
-            raise RuntimeError("activation norms do not match the layers' steps")
-        rho, rho_far, rho_far_slope, head_max = self._head(feat, delta, dp, dp_slope)
-        finite = torch.isfinite(feat) & torch.isfinite(delta)
-        eps_max = torch.where(finite, torch.minimum(eps_max, head_max), torch.full_like(feat, -math.inf))
-        return Allowance(
-            s1=up_tensor(delta + dp), s1_slope=up_tensor(self.lipschitz + dp_slope),
-            s0=up_tensor(2.0 * up_tensor(rho + rho_far)), s0_slope=up_tensor(2.0 * rho_far_slope),
-            eps_max=eps_max, body_error=delta, logit_error=rho,
-        )
-
-    def _allowance_a_priori(self, r: torch.Tensor) -> Allowance:
-        """Δ(x) + Δ(x′) = e.a(2r + ε) + 2e.b and ρ likewise, with ‖h̃‖ ≤ (norm + error)(r)."""
-        e, nrm = self.body_error, self.body_norm
-        delta = up_tensor(e.a * r + e.b)
-        feat = up_tensor(up_tensor((nrm.a + e.a) * r) + (nrm.b + e.b))
-        # at x′ every norm grows by at most ε times the same slopes
-        g, w, b, uf = self.head_gamma, self.w_max, self.b_max, self.head_underflow
-        rho = up_tensor(g * up_tensor(w * feat + b) + uf)
-        rho_slope = up(g * w * up(nrm.a + e.a))
-        eps_max = (self.max_input_norm - r).clamp_min(-math.inf) * (1.0 - 2.0 ** -50)
-        eps_max = torch.where(torch.isfinite(r) & (r <= self.max_input_norm), eps_max,
-                              torch.full_like(r, -math.inf))
-        return Allowance(
-            s1=up_tensor(2.0 * delta), s1_slope=torch.full_like(r, up(self.lipschitz + e.a)),
-            s0=up_tensor(4.0 * rho), s0_slope=torch.full_like(r, up(2.0 * rho_slope)),
-            eps_max=eps_max, body_error=delta, logit_error=rho,
-        )
+        certifying forward pass, each (B,) float64 rounded up), or None for the a-priori
+        bound from ‖x‖. Every term is a precomputed linear form of these norms
+        (:class:`AllowanceForms`): one small matrix product per batch."""
+        if activation_norms is None or self.forms.per_sample is None:
+            forms = self.forms.a_priori
+            basis = torch.stack([self.input_norms(x), torch.ones(x.shape[0], dtype=torch.float64,
+                                                                 device=x.device)], dim=1)
+        else:
+            step_norms, feat = activation_norms
+            forms = self.forms.per_sample
+            if len(step_norms) + 2 != forms.size:
+                raise RuntimeError("activation norms do not match the layers' steps")
+            ones = torch.ones_like(feat)
+            basis = torch.stack(list(step_norms) + [feat, ones], dim=1)
+        return forms.evaluate(basis)
 
     # -- decisions ------------------------------------------------------------------
     def bottom(self, logits: torch.Tensor, allowance: Allowance, epsilon: float):
-        """(f_⊥ rounded up to the logits' dtype, certified mask) at radius ``epsilon``:
-        f_⊥ = max_{i≠j}(f̃_i + D_ji s1(ε)) + s0(ε), so that f̃_j > f_⊥ is the sound test
-        (the upward rounding of f_⊥ only rejects more)."""
-        f = logits.detach().to(torch.float64)
-        top = f.argmax(dim=1)
-        eps = float(epsilon)
-        s1 = up_tensor(allowance.s1 + up_tensor(eps * allowance.s1_slope))
-        s0 = up_tensor(allowance.s0 + up_tensor(eps * allowance.s0_slope))
-        d = self.distances.index_select(0, top)                        # (B, C): D_ji
-        rival = up_tensor_signed(f + up_tensor(d * s1.unsqueeze(1)))
-        own = torch.nn.functional.one_hot(top, f.shape[1]).bool()
-        rival = rival.masked_fill(own, -math.inf).amax(dim=1)
-        bottom64 = up_tensor_signed(rival + s0)
-        fj = f.gather(1, top.unsqueeze(1)).squeeze(1)
-        ok = torch.isfinite(f).all(dim=1) & (allowance.eps_max >= eps) & ~torch.isnan(bottom64)
-        certified = (fj > bottom64) & ok
-        bottom64 = torch.where(ok, bottom64, torch.full_like(bottom64, math.inf))
+        """(f_⊥ rounded up to the logits' dtype, certified mask) at radius ``epsilon``
+        (:func:`gloro_fast.sound.decision.decide`: f̃_j > f_⊥ is the sound test; the upward
+        rounding of f_⊥ only rejects more)."""
+        bottom64, certified, _ = decide(logits, self.distances, allowance, float(epsilon))
         bottom = bottom64.to(logits.dtype)
         bottom = torch.where(bottom.to(torch.float64) < bottom64,
                              torch.nextafter(bottom, torch.full_like(bottom, math.inf)), bottom)
         return bottom, certified
 
     def radius(self, logits: torch.Tensor, allowance: Allowance) -> torch.Tensor:
-        """The largest ε at which the sound test passes, rounded down, per sample:
-        r_ji = (g_ji − D_ji s1 − s0) / (D_ji s1_slope + s0_slope), min over i ≠ j, clamped
-        to [0, eps_max]."""
-        f = logits.detach().to(torch.float64)
-        top = f.argmax(dim=1)
-        d = self.distances.index_select(0, top)
-        gap = f.gather(1, top.unsqueeze(1)) - f                           # ≥ 0
-        gap_down = gap * (1.0 - 2.0 ** -50)
-        numer = gap_down - up_tensor(up_tensor(d * allowance.s1.unsqueeze(1)) + allowance.s0.unsqueeze(1))
-        denom = up_tensor(up_tensor(d * allowance.s1_slope.unsqueeze(1)) + allowance.s0_slope.unsqueeze(1))
-        ratio = torch.where(denom > 0, numer / denom,
-                            torch.where(numer > 0, torch.full_like(numer, math.inf), torch.zeros_like(numer)))
-        ratio = ratio * (1.0 - 2.0 ** -50)
-        own = torch.nn.functional.one_hot(top, f.shape[1]).bool()
-        radius = ratio.masked_fill(own, math.inf).amin(dim=1)
-        radius = torch.minimum(radius, allowance.eps_max * (1.0 - 2.0 ** -50)).clamp_min(0.0)
-        ok = torch.isfinite(f).all(dim=1) & ~torch.isnan(radius)
-        return torch.where(ok, radius, torch.zeros_like(radius))
-
-
-def _eps_limit(at_x, far, far_slope, cap):
-    """The largest ε with far + ε·far_slope ≤ cap, or −inf if at_x or far already exceed it."""
-    room = (cap - far) / far_slope.clamp_min(torch.finfo(torch.float64).tiny)
-    room = torch.where(far_slope > 0, room * (1.0 - 2.0 ** -50), torch.full_like(room, math.inf))
-    bad = ~((at_x <= cap) & (far <= cap))
-    return torch.where(bad, torch.full_like(room, -math.inf), room)
-
-
-def up_tensor_signed(x: torch.Tensor) -> torch.Tensor:
-    """A float64 tensor ≥ the exact value of the last operation producing ``x`` (any sign)."""
-    return x + (x.abs() * 2.0 ** -50 + 2.0 ** -1074)
+        """The largest ε at which the sound test passes, rounded down, per sample
+        (:func:`gloro_fast.sound.decision.radius`)."""
+        return sound_radius(logits, self.distances, allowance)
 
 
 class BoundCache:
@@ -301,8 +247,21 @@ class BoundCache:
         """``(values, same)`` without a host synchronisation when the key is unchanged:
         ``same`` is a 0-dim bool tensor, False when a weight was edited behind the version
         counter; a changed key empties the values (``same`` is then None)."""
-        key = self._key_of(model, extra)
         params = [p.detach() for p in model.parameters()]
+        if torch.compiler.is_compiling():
+            # torch.compile cannot trace storage pointers or version counters: the bounds
+            # computed eagerly become constants of the graph, and the value comparison alone
+            # keeps them from meeting other weights (the graph then certifies nothing until
+            # an eager query, e.g. model.sound_bounds(), refreshes them and it recompiles)
+            if self._key is None or len(self._snapshot) != len(params) or tuple(extra) != self._key[-len(extra):]:
+                raise RuntimeError(
+                    "compute the bounds once eagerly before compiling certification (e.g. "
+                    "model.sound_bounds() or model.estimate_bounds()): they are constants of "
+                    "the compiled graph"
+                )
+            same = torch.stack([torch.eq(a, b).all() for a, b in zip(self._snapshot, params)]).all()
+            return self.values, same
+        key = self._key_of(model, extra)
         if self._key == key and len(self._snapshot) == len(params):
             same = torch.stack([torch.eq(a, b).all() for a, b in zip(self._snapshot, params)]).all()
             return self.values, same
@@ -512,11 +471,18 @@ def compute_sound(model, uppers: Dict[int, Optional[float]]) -> SoundBounds:
     leaves = _named_layers(model)
     steps = tuple(fb.steps) if _is_chain(model) and len(fb.steps) == len(leaves) else None
     table = tuple((n, t, uppers[i]) for i, (n, t) in names.items() if i in uppers)
+    device = head.weight.device
+    head_terms = (g, w_max, b_max, underflow)
+    cap = arith.realmax / 2.0
+    forms = AllowanceForms(
+        per_sample=None if steps is None else _per_sample_forms(steps, fb.lipschitz, head_terms, cap, device),
+        a_priori=_a_priori_forms(fb, fb.lipschitz, head_terms, cap, device),
+    )
     return SoundBounds(
-        lipschitz=fb.lipschitz, distances=distances.to(head.weight.device), steps=steps,
+        lipschitz=fb.lipschitz, distances=distances.to(device), steps=steps,
         body_norm=fb.norm, body_error=fb.error, head_gamma=g, head_underflow=underflow,
-        w_max=w_max, b_max=b_max, cap=arith.realmax / 2.0,
-        max_input_norm=limits.max_input_norm(arith), uppers=table, dtype=arith.dtype,
+        w_max=w_max, b_max=b_max, cap=cap,
+        max_input_norm=limits.max_input_norm(arith), uppers=table, dtype=arith.dtype, forms=forms,
     )
 
 

@@ -52,8 +52,9 @@ from ._validation import check_epsilon
 from .bounds import _inferred_input_shape, _is_chain, _named_layers, check_certificate
 from .files import atomic_write, atomic_write_bytes
 from .model import GloroNet
+from .sound.decision import ROUNDING, Allowance, LinearForms, decide, up_with
+from .sound.decision import radius as sound_radius
 from .sound.forward_error import activation_norm_constants, ieee_arithmetic, norm_dtype
-from .sound.rounding import up
 
 __all__ = ["FrozenGloroNet", "FrozenOutput", "MinMax", "Residual", "export_onnx", "export_pt2",
            "freeze", "round_up_to", "to_onnx"]
@@ -61,14 +62,6 @@ __all__ = ["FrozenGloroNet", "FrozenOutput", "MinMax", "Residual", "export_onnx"
 _SUPPORTED = (gnn.Conv2d, gnn.LiResBlock, gnn.Linear, gnn.MinMax, gnn.ReLU, gnn.Flatten,
               gnn.MaxPool2d, gnn.AvgPool2d)
 OUTPUT_NAMES = ("logits", "certified", "radius")
-# gloro_fast.sound.rounding's upward rounding: x·(1 + 2⁻⁵⁰) + 2⁻¹⁰⁷⁴, and its downward factor
-_CONSTANTS = {
-    "up": 1.0 + 2.0 ** -50,
-    "eta": 2.0 ** -1074,
-    "down": 1.0 - 2.0 ** -50,
-    "ulp": 2.0 ** -50,              # gloro_fast.bounds.up_tensor_signed: x + (|x|·2⁻⁵⁰ + 2⁻¹⁰⁷⁴)
-    "tiny": torch.finfo(torch.float64).tiny,
-}
 
 
 class MinMax(nn.Module):
@@ -228,10 +221,10 @@ class FrozenGloroNet(nn.Module):
     C meaning ⊥); ``certify(x)``, ``certified_radius(x)`` and ``outputs(x)`` (all three at
     once) are those of the live model at the frozen ε. Buffers: ``lipschitz`` (K),
     ``distances`` (D_ji), ``margin_lipschitz`` (K_ji); for the sound certificate also the
-    rounding allowance's constants: ``rounding`` (per affine layer: U, α, γ, β, underflow,
-    Lipschitz bound of the layers before it, up(1 + γ)), ``head_rounding`` (γ, max‖w_i‖,
-    max|b_i|, underflow, γ·max‖w_i‖, up(1 + γ)), ``norm_scale`` (per recorded activation:
-    factor and offset of its norm bound), ``epsilon64`` and ``cap``.
+    rounding allowance's linear forms (``forms_matrix``, ``forms_slopes``,
+    ``forms_safe_slopes``, ``forms_has_slope``: :class:`gloro_fast.sound.decision.LinearForms`),
+    ``norm_scale`` (per recorded activation: factor and offset of its norm bound),
+    ``epsilon64`` and the arithmetic's constants ``c_*`` (:mod:`gloro_fast.sound.decision`).
     """
 
     lipschitz: torch.Tensor
@@ -241,8 +234,8 @@ class FrozenGloroNet(nn.Module):
     def __init__(self, body: nn.Sequential, measured: Sequence[bool], head: nn.Linear,
                  input_shape: Sequence[int], epsilon: float, certificate: str, dtype: torch.dtype,
                  lipschitz: torch.Tensor, distances: torch.Tensor, margin_lipschitz: torch.Tensor,
-                 bottom_offsets: Optional[torch.Tensor] = None, rounding=None, head_rounding=None,
-                 norm_scale=None, cap: float = math.inf) -> None:
+                 bottom_offsets: Optional[torch.Tensor] = None, forms: Optional[LinearForms] = None,
+                 norm_scale=None) -> None:
         super().__init__()
         self.body = body
         self.head = head
@@ -263,12 +256,12 @@ class FrozenGloroNet(nn.Module):
         if certificate == "estimate":
             self.register_buffer("bottom_offsets", bottom_offsets.detach().clone())   # (εK)·D_ji
         else:
-            self.register_buffer("rounding", constant(rounding).reshape(-1, 7))
-            self.register_buffer("head_rounding", constant(head_rounding))
+            for name in ("matrix", "slopes", "safe_slopes", "has_slope"):
+                self.register_buffer(f"forms_{name}", getattr(forms, name).detach().to(device).clone())
+            self.forms_factor, self.forms_cap = forms.factor, forms.cap
             self.register_buffer("norm_scale", constant(norm_scale).reshape(-1, 2))
             self.register_buffer("epsilon64", constant(epsilon))
-            self.register_buffer("cap", constant(cap))
-            for name, value in _CONSTANTS.items():
+            for name, value in {**ROUNDING, "factor": forms.factor, "cap": forms.cap}.items():
                 self.register_buffer(f"c_{name}", constant(value))
         self.eval()
 
@@ -326,14 +319,10 @@ class FrozenGloroNet(nn.Module):
         return self._run(lambda t: self._outputs(t, radius=True).radius, x)
 
     # -- the computation -------------------------------------------------------------------
-    def _up(self, x: torch.Tensor) -> torch.Tensor:
-        """gloro_fast.sound.rounding.up_tensor with tensor constants."""
-        x = x * _spread(self.c_up, x) + _spread(self.c_eta, x)
-        return torch.where(torch.isnan(x), torch.full_like(x, math.inf), x)
-
-    def _up_signed(self, x: torch.Tensor) -> torch.Tensor:
-        """gloro_fast.bounds.up_tensor_signed with tensor constants."""
-        return x + (x.abs() * _spread(self.c_ulp, x) + _spread(self.c_eta, x))
+    def _constant(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The accessor of :mod:`gloro_fast.sound.decision`: buffer ``c_<name>`` spread like
+        ``like``."""
+        return _spread(self.get_buffer(f"c_{name}"), like)
 
     def _norm(self, h: torch.Tensor, index: int) -> torch.Tensor:
         """activation_norm_upper(h) (gloro_fast.sound.forward_error), its constants from
@@ -342,7 +331,7 @@ class FrozenGloroNet(nn.Module):
         parts = torch.linalg.vector_norm(flat, dim=2, dtype=norm_dtype(h.dtype))
         total = torch.linalg.vector_norm(parts, dim=1, dtype=torch.float64)
         factor, offset = _row(self.norm_scale[index], total)
-        return self._up(self._up(total * factor) + offset)
+        return up_with(up_with(total * factor, self._constant) + offset, self._constant)
 
     def _features(self, x: torch.Tensor):
         """Body and head; for the sound certificate also the norms the live
@@ -365,13 +354,23 @@ class FrozenGloroNet(nn.Module):
 
     def _decide(self, logits: torch.Tensor, norms: List[torch.Tensor], features: torch.Tensor,
                 radius: bool = True) -> FrozenOutput:
-        """The sound decision from the logits and the recorded norms."""
-        terms = self._allowance(norms, features)
-        bottom, certified, top = self._bottom(logits, terms)
-        augmented = torch.cat([logits, bottom.unsqueeze(1)], dim=1)
+        """The sound decision from the logits and the recorded norms: the live
+        ``SoundBounds.allowance``, ``bottom`` and ``radius`` (one implementation,
+        :mod:`gloro_fast.sound.decision`), with the constants as buffers."""
+        allowance = self._allowance(norms, features)
+        eps = _spread(self.epsilon64, allowance.s1)
+        bottom, certified, top = decide(logits, self.distances, allowance, eps, self._constant)
+        augmented = torch.cat([logits, round_up_to(bottom, logits.dtype).unsqueeze(1)], dim=1)
         predicted = torch.where(certified, top, torch.full_like(top, self.num_classes))
-        rad = self._radius(logits, terms) if radius else predicted
+        rad = sound_radius(logits, self.distances, allowance, self._constant) if radius else predicted
         return FrozenOutput(augmented, predicted, rad)
+
+    def _allowance(self, norms: List[torch.Tensor], features: torch.Tensor) -> Allowance:
+        """The live ``SoundBounds.allowance`` for the recorded norms."""
+        forms = LinearForms(self.forms_matrix, self.forms_slopes, self.forms_safe_slopes,
+                            self.forms_has_slope, self.forms_factor, self.forms_cap)
+        basis = torch.stack(list(norms) + [features, torch.ones_like(features)], dim=1)
+        return forms.evaluate(basis, self._constant)
 
     def _estimate(self, logits: torch.Tensor, radius: bool) -> FrozenOutput:
         """The GloRo paper's test as ``GloroNet`` computes it (``bottom_logit`` and
@@ -390,93 +389,9 @@ class FrozenGloroNet(nn.Module):
         ratio = torch.where(k_ji > 0, gaps / k_ji,
                             torch.where(gaps > 0, torch.full_like(gaps, math.inf), torch.zeros_like(gaps)))
         ratio = torch.where(own, torch.full_like(ratio, math.inf), ratio)
-        return FrozenOutput(augmented, predicted, ratio.amin(dim=1).clamp_min(0.0))
-
-    # The three methods below repeat SoundBounds.allowance / bottom / radius
-    # (gloro_fast/bounds.py) operation for operation, with the same roundings, so that the
-    # frozen decisions are the live ones; tests/test_export.py compares them bit for bit.
-    def _allowance(self, norms: List[torch.Tensor], feat: torch.Tensor):
-        up_ = self._up
-        feat = up_(feat)
-        zero = torch.zeros_like(feat)
-        delta, dp, dp_slope = zero, zero, zero
-        eps_max = torch.full_like(feat, math.inf)
-        for index, n in enumerate(norms):
-            u_, a, g, b, uf, before, up_g = _row(self.rounding[index], feat)
-            n = up_(n)
-            reach = up_(a * n + b)
-            far = up_(up_(n + delta) + dp)
-            far_slope = up_(before + dp_slope)
-            reach_far = up_(a * far + b)
-            reach_far_slope = up_(a * far_slope)
-            eps_max = torch.minimum(eps_max, self._eps_limit(reach * up_g, reach_far * up_g,
-                                                             reach_far_slope * up_g))
-            delta = up_(up_(u_ * delta) + up_(g * reach + uf))
-            dp = up_(up_(u_ * dp) + up_(g * reach_far + uf))
-            dp_slope = up_(up_(u_ * dp_slope) + up_(g * reach_far_slope))
-        g, w, b, uf, gw, up_g = _row(self.head_rounding, feat)
-        k = _spread(self.lipschitz, feat)
-        rho = up_(g * up_(w * feat + b) + uf)
-        far = up_(feat + delta + dp)
-        far_slope = up_(k + dp_slope)
-        rho_far = up_(g * up_(w * far + b) + uf)
-        rho_far_slope = up_(gw * far_slope)
-        reach = up_(w * feat + b) * up_g
-        reach_far = up_(w * far + b) * up_g
-        head_max = self._eps_limit(reach, reach_far, up_(w * far_slope) * up_g)
-        finite = torch.isfinite(feat) & torch.isfinite(delta)
-        eps_max = torch.where(finite, torch.minimum(eps_max, head_max), torch.full_like(feat, -math.inf))
-        s1 = up_(delta + dp)
-        s1_slope = up_(k + dp_slope)
-        s0 = up_(2.0 * up_(rho + rho_far))
-        s0_slope = up_(2.0 * rho_far_slope)
-        return s1, s1_slope, s0, s0_slope, eps_max
-
-    def _eps_limit(self, at_x, far, far_slope):
-        """gloro_fast.bounds._eps_limit: the largest ε with far + ε·far_slope ≤ cap, or −inf
-        if at_x or far already exceed it."""
-        cap = _spread(self.cap, far)
-        room = (cap - far) / torch.maximum(far_slope, _spread(self.c_tiny, far))
-        room = torch.where(far_slope > 0, room * _spread(self.c_down, room), torch.full_like(room, math.inf))
-        bad = ~((at_x <= cap) & (far <= cap))
-        return torch.where(bad, torch.full_like(room, -math.inf), room)
-
-    def _bottom(self, logits: torch.Tensor, terms):
-        s1_0, s1_slope, s0_0, s0_slope, eps_max = terms
-        up_, eps = self._up, _spread(self.epsilon64, s1_slope)
-        f = logits.to(torch.float64)
-        top = f.argmax(dim=1)
-        s1 = up_(s1_0 + up_(eps * s1_slope))
-        s0 = up_(s0_0 + up_(eps * s0_slope))
-        d = self.distances.index_select(0, top)
-        rival = self._up_signed(f + up_(d * s1.unsqueeze(1)))
-        own = torch.arange(self.num_classes, device=f.device) == top.unsqueeze(1)
-        rival = torch.where(own, torch.full_like(rival, -math.inf), rival).amax(dim=1)
-        bottom64 = self._up_signed(rival + s0)
-        fj = f.gather(1, top.unsqueeze(1)).squeeze(1)
-        ok = torch.isfinite(f).all(dim=1) & (eps_max >= eps) & ~torch.isnan(bottom64)
-        certified = (fj > bottom64) & ok
-        bottom64 = torch.where(ok, bottom64, torch.full_like(bottom64, math.inf))
-        return round_up_to(bottom64, logits.dtype), certified, top
-
-    def _radius(self, logits: torch.Tensor, terms) -> torch.Tensor:
-        s1, s1_slope, s0, s0_slope, eps_max = terms
-        up_ = self._up
-        f = logits.to(torch.float64)
-        top = f.argmax(dim=1)
-        d = self.distances.index_select(0, top)
-        gap = f.gather(1, top.unsqueeze(1)) - f
-        gap_down = gap * _spread(self.c_down, gap)
-        numer = gap_down - up_(up_(d * s1.unsqueeze(1)) + s0.unsqueeze(1))
-        denom = up_(up_(d * s1_slope.unsqueeze(1)) + s0_slope.unsqueeze(1))
-        ratio = torch.where(denom > 0, numer / denom,
-                            torch.where(numer > 0, torch.full_like(numer, math.inf), torch.zeros_like(numer)))
-        ratio = ratio * _spread(self.c_down, ratio)
-        own = torch.arange(self.num_classes, device=f.device) == top.unsqueeze(1)
-        radius = torch.where(own, torch.full_like(ratio, math.inf), ratio).amin(dim=1)
-        radius = torch.minimum(radius, eps_max * _spread(self.c_down, eps_max)).clamp_min(0.0)
-        ok = torch.isfinite(f).all(dim=1) & ~torch.isnan(radius)
-        return torch.where(ok, radius, torch.zeros_like(radius))
+        rad = ratio.amin(dim=1).clamp_min(0.0)
+        ok = torch.isfinite(logits).all(dim=1)  # a non-finite input is never certified
+        return FrozenOutput(augmented, predicted, torch.where(ok, rad, torch.zeros_like(rad)))
 
 
 # ---------------------------------------------------------------------------- freezing
@@ -523,18 +438,14 @@ def freeze(model: GloroNet, certificate: str = "sound", epsilon: Optional[float]
         return FrozenGloroNet(body, measured, head, input_shape, eps, certificate, dtype,
                               lipschitz, distances, (lipschitz * distances).detach(), bottom_offsets=offsets)
     sb = model.sound_bounds()
-    if sb.steps is None or len(sb.steps) != len(layers):  # not reached for a chain of known layers
+    if sb.steps is None or len(sb.steps) != len(layers) or sb.forms.per_sample is None:  # not reached for a chain
         raise TypeError("freeze: the model's sound bounds have no per-layer rounding steps")
-    steps = [(st.lipschitz, st.abs_norm, st.gamma, st.offset, st.underflow, st.lipschitz_before,
-              up(1.0 + st.gamma)) for st in sb.steps if st is not None]
-    head_rounding = (sb.head_gamma, sb.w_max, sb.b_max, sb.head_underflow, sb.head_gamma * sb.w_max,
-                     up(1.0 + sb.head_gamma))
     measured = tuple(step is not None for step in sb.steps)
     norm_scale = [activation_norm_constants(shape, dtype) for shape in _norm_shapes(body, measured, input_shape, model.head.weight)]
     lipschitz = torch.tensor(sb.lipschitz, dtype=torch.float64, device=device)
     return FrozenGloroNet(body, measured, head, input_shape, eps, certificate, dtype, lipschitz,
-                          sb.distances.to(device), model.margin_lipschitz("sound"), rounding=steps,
-                          head_rounding=head_rounding, norm_scale=norm_scale, cap=sb.cap)
+                          sb.distances.to(device), model.margin_lipschitz("sound"), forms=sb.forms.per_sample,
+                          norm_scale=norm_scale)
 
 
 def _norm_shapes(body: nn.Sequential, measured, input_shape, reference: torch.Tensor) -> List[Tuple[int, int]]:

@@ -17,6 +17,7 @@ import re
 import shlex
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ import pytest
 from gloro_fast import cli
 
 ROOT = Path(__file__).resolve().parents[1]
-FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```[ \t]*$", re.S | re.M)
+FENCE = re.compile(r"^([ \t]*)```([^\n`]*)\n(.*?)^\1```[ \t]*$", re.S | re.M)  # indented too
 TUTORIALS = sorted((ROOT / "docs" / "tutorials").glob("*.md"))
 OTHER_DOCS = [ROOT / "README.md"] + sorted(p for p in (ROOT / "docs").glob("*.md"))
 TORCHRUN_FLAGS = {"--nproc_per_node", "--nproc-per-node", "--nnodes", "--node_rank", "--node-rank",
@@ -37,11 +38,11 @@ def code_blocks(path: Path):
     """(language, options, code, line) of every fenced block that names a language."""
     text = path.read_text(encoding="utf-8")
     for match in FENCE.finditer(text):
-        info = match.group(1).split()
+        info = match.group(2).split()
         if not info:
             continue
         line = text.count("\n", 0, match.start()) + 1
-        yield info[0], info[1:], match.group(2), line
+        yield info[0], info[1:], textwrap.dedent(match.group(3)), line
 
 
 def commands(code: str):

@@ -12,6 +12,7 @@ torch's to the last bit.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import subprocess
 import sys
@@ -148,15 +149,30 @@ def test_frozen_takes_the_live_decisions_bit_for_bit(trained, frozen, test_x, ce
     assert torch.equal(model(test_x).argmax(dim=1), model.certify(test_x))
 
 
+@pytest.mark.parametrize("certificate", CERTIFICATES)
+def test_non_finite_inputs_are_never_certified(trained, frozen, test_x, certificate):
+    """As the live model (without debug checks): ⊥ and radius 0, no error, no host sync."""
+    x = test_x[:6].clone()
+    x[1, 0, 3, 4] = math.nan
+    x[2, 0, 10, 10] = math.inf
+    x[3] = -math.inf
+    got = frozen[certificate].outputs(x)
+    expected = live(trained, x, certificate)
+    assert torch.equal(got.certified, expected[1])
+    assert (got.certified[1:4] == 10).all() and (got.radius[1:4] == 0).all()
+    assert torch.equal(got.radius, expected[2])
+    assert torch.allclose(got.logits, expected[0], equal_nan=True)
+    assert torch.equal(got.logits[[0, 4, 5]], expected[0][[0, 4, 5]])
+
+
 def test_sound_allowance_matches_the_live_one(trained, frozen, test_x):
     """The per-sample rounding allowance is the live SoundBounds.allowance, term by term."""
     _, _, allowance = trained.sound_forward(test_x)
     model = frozen["sound"]
     _, norms, features = model._features(test_x)
     terms = model._allowance(norms, features)
-    expected = (allowance.s1, allowance.s1_slope, allowance.s0, allowance.s0_slope, allowance.eps_max)
-    for a, b in zip(terms, expected):
-        assert torch.equal(a, b)
+    for field in dataclasses.fields(allowance):
+        assert torch.equal(getattr(terms, field.name), getattr(allowance, field.name)), field.name
     assert (allowance.s1 > 0).all()
 
 

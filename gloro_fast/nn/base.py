@@ -148,24 +148,31 @@ class PowerIterationModule(LipschitzModule):
             self.power_iterate = u
         else:
             self.register_buffer("power_iterate", u)
+        self._set_fallback()
+
+    def _set_fallback(self) -> None:
+        """A fixed unit vector of the iterate's shape (seeded, so runs stay reproducible) that
+        replaces a zero or non-finite iterate: a non-persistent buffer, so that ``.to()``
+        moves it and nothing is generated inside a training step or a compiled graph."""
+        ref = self.power_iterate
+        gen = torch.Generator(device="cpu").manual_seed(0x9E3779B9)
+        u = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
+        if u.numel():
+            u = u / torch.linalg.vector_norm(u)
+        u = u.to(device=ref.device, dtype=ref.dtype)
+        if "_iterate_fallback" in self._buffers:
+            self._iterate_fallback = u
+        else:
+            self.register_buffer("_iterate_fallback", u, persistent=False)
 
     @property
     def iterate_initialized(self) -> bool:
         return self.power_iterate.numel() > 0
 
     def _fallback_iterate(self) -> torch.Tensor:
-        """A fixed unit vector of the iterate's shape (seeded, so runs stay reproducible),
-        made once per shape, device and dtype."""
-        ref = self.power_iterate
-        key = (tuple(ref.shape), ref.device, ref.dtype)
-        cached = self.__dict__.get("_fallback_cache")
-        if cached is None or cached[0] != key:
-            gen = torch.Generator(device="cpu").manual_seed(0x9E3779B9)
-            u = torch.randn(ref.shape, generator=gen, dtype=torch.float64)
-            u = (u / torch.linalg.vector_norm(u)).to(device=ref.device, dtype=ref.dtype)
-            cached = (key, u)
-            self.__dict__["_fallback_cache"] = cached
-        return cached[1]
+        if self._iterate_fallback.shape != self.power_iterate.shape:  # the iterate was reshaped
+            self._set_fallback()
+        return self._iterate_fallback
 
     def _checked_iterate(self) -> torch.Tensor:
         """The stored iterate, or a fixed unit vector where it is zero or not finite (e.g.
@@ -259,4 +266,5 @@ class PowerIterationModule(LipschitzModule):
             self.power_iterate = torch.empty(
                 saved.shape, device=self.power_iterate.device, dtype=self.power_iterate.dtype
             )
+            self._set_fallback()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing, unexpected, errors)

@@ -157,7 +157,23 @@ def ieee_arithmetic(device_type: str):
     """Run the block in the model's own dtype with IEEE arithmetic: autocast off and, for
     float32 matrix products and convolutions, no TF32 / reduced-precision internal formats
     (the flags are global in torch: they are restored on exit, but another thread running
-    at the same time sees them too)."""
+    at the same time sees them too).
+
+    Under torch.compile the flags cannot be changed inside the graph: on CUDA they must
+    already be off (checked: a RuntimeError says so), and torch's float32 matmul precision
+    must be its default, "highest" (see docs/soundness.md)."""
+    if torch.compiler.is_compiling():
+        if device_type == "cuda" and (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32):
+            raise RuntimeError(
+                "certification compiled with torch.compile on CUDA needs IEEE float32: set "
+                "torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False"
+            )
+        if device_type in ("cpu", "cuda"):
+            with torch.autocast(device_type=device_type, enabled=False):
+                yield
+        else:
+            yield
+        return
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
              torch.get_float32_matmul_precision())
     try:

@@ -116,7 +116,7 @@ def check_epsilon(epsilon, name: str = "epsilon") -> float:
     if isinstance(epsilon, bool) or not isinstance(epsilon, (int, float)):
         raise TypeError(f"{name} must be a real number, got {type(epsilon).__name__}")
     epsilon = float(epsilon)
-    if not math.isfinite(epsilon) or epsilon < 0:
+    if not 0 <= epsilon < math.inf:  # also NaN; comparisons, so that torch.compile can trace it
         raise ValueError(f"{name} must be finite and >= 0, got {epsilon}")
     return epsilon
 

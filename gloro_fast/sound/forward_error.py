@@ -152,6 +152,27 @@ def exact_layer(bound: ForwardBound, out_shape) -> ForwardBound:
     return replace(bound, shape=tuple(out_shape), steps=bound.steps + (None,))
 
 
+@torch._dynamo.assume_constant_result  # read while tracing, not traced
+def _inductor_deviations() -> str:
+    """The Inductor settings that would leave IEEE semantics in the generated code (unsafe
+    math optimisations — reassociation, reciprocals — in C++, fast-math in Triton), if any."""
+    from torch._inductor import config
+
+    return ", ".join(name for name, bad in (
+        ("TORCHINDUCTOR_CPP_ENABLE_UNSAFE_MATH_OPT_FLAG (torch._inductor.config.cpp.enable_unsafe_math_opt_flag)",
+         config.cpp.enable_unsafe_math_opt_flag),
+        ("TORCHINDUCTOR_USE_FAST_MATH (torch._inductor.config.use_fast_math)", config.use_fast_math),
+    ) if bad)
+
+
+def _check_inductor_arithmetic() -> None:
+    changed = _inductor_deviations()
+    if changed:
+        raise RuntimeError(
+            f"sound certification compiled with torch.compile needs Inductor's IEEE arithmetic; turn off {changed}"
+        )
+
+
 @contextlib.contextmanager
 def ieee_arithmetic(device_type: str):
     """Run the block in the model's own dtype with IEEE arithmetic: autocast off and, for
@@ -163,6 +184,7 @@ def ieee_arithmetic(device_type: str):
     already be off (checked: a RuntimeError says so), and torch's float32 matmul precision
     must be its default, "highest" (see docs/soundness.md)."""
     if torch.compiler.is_compiling():
+        _check_inductor_arithmetic()
         if device_type == "cuda" and (torch.backends.cuda.matmul.allow_tf32 or torch.backends.cudnn.allow_tf32):
             raise RuntimeError(
                 "certification compiled with torch.compile on CUDA needs IEEE float32: set "

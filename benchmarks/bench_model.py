@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import (DEVICE, DTYPE, QUICK, compiled, contenders, label, pick, record_skip,
-                      run_contender, zero_grads)
+                      run_contender, run_paired, zero_grads)
 from gloro_fast import losses
-from gloro_fast.models import cnn_6C2F, liresnet
+from gloro_fast.models import cnn_2C2F, cnn_6C2F, liresnet
 from gloro_fast.nn import Linear, PowerIterationModule
 from gloro_fast.ops.power_iteration_conv import conv_operator, conv_operator_adjoint
 
@@ -360,3 +360,104 @@ def test_convergence(benchmark, arch, contender):
               params={"model": arch, "tol": TOL}, size=sum(w.numel() for w in weights),
               setup=reset, extra={"op": "convergence", "mode": "eval"})
     run_contender(benchmark, fn, contender, BOUND_OPS, **kw)
+
+
+# -- paired rounds against the same network in torch.nn layers ----------------------------
+# The targets of these cases are ratios near 1 (certify ≥ 0.97× the plain forward's
+# throughput, a training step ≤ 1.05× the plain step's time), below a shared machine's
+# drift: each runs as interleaved pairs (conftest.run_paired). The plain network is the
+# same body and head as torch.nn layers (gloro_fast.export.freeze's copy: nn.Conv2d with
+# the padding folded in, nn.Linear, the same MinMax), with its own copy of the weights.
+PAIRED_MODELS = {"6C2F": (cnn_6C2F, (3, 32, 32)), "2C2F": (cnn_2C2F, (1, 28, 28))}
+PAIRS = pick(15, 5)
+
+
+def build_pair(arch):
+    from gloro_fast.export import freeze
+
+    make, shape = PAIRED_MODELS[arch]
+    torch.manual_seed(0)
+    model = make(input_shape=shape, num_classes=10).to(DEVICE, DTYPE)
+    frozen = freeze(model.eval(), "estimate")
+    plain = torch.nn.Sequential(*frozen.body, frozen.head).to(DEVICE, DTYPE)
+    plain.requires_grad_(True)  # freeze() hands out constants
+    return model, plain, shape
+
+
+def paired_data(batch, shape):
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand((batch,) + shape, generator=g).to(DEVICE, DTYPE)
+    y = torch.randint(0, 10, (batch,), generator=g).to(DEVICE)
+    return x, y
+
+
+CERT_PAIRED = pick((("6C2F", 256), ("2C2F", 1024)), (("2C2F", 256),))
+
+
+@pytest.mark.parametrize("compile_", (False, True), ids=("eager", "compile"))
+@pytest.mark.parametrize("arch,batch", CERT_PAIRED)
+def test_certify_paired(benchmark, arch, batch, compile_):
+    model, plain, shape = build_pair(arch)
+    model.eval()
+    plain.eval()
+    x, _ = paired_data(batch, shape)
+    model.sound_bounds()  # cached once, as in any evaluation; compiled graphs take them as constants
+
+    def forward(t):
+        return plain(t).argmax(dim=1)
+
+    certify, plain_fn = model.certify, forward
+    if compile_:
+        certify = torch.compile(model.certify, fullgraph=True)
+        plain_fn = torch.compile(forward, fullgraph=True)
+
+    def ours():
+        return certify(x)
+
+    def theirs():
+        with torch.no_grad():
+            return plain_fn(x)
+
+    where = "compile" if compile_ else "eager"
+    run_paired(benchmark, ours, theirs, case=f"certify vs plain forward, paired, {arch} B={batch} {where}",
+               contender=f"gloro_fast sound [{where}]", params={"model": arch, "B": batch, "compiled": compile_},
+               size=batch, pairs=PAIRS, extra={"op": "certify_paired", "mode": "fwd"})
+
+
+TRAIN_PAIRED = pick((("6C2F", 256), ("6C2F", 32)), (("6C2F", 32),))
+
+
+@pytest.mark.parametrize("compile_", (False, True), ids=("eager", "compile"))
+@pytest.mark.parametrize("arch,batch", TRAIN_PAIRED)
+def test_training_step_paired(benchmark, arch, batch, compile_):
+    model, plain, shape = build_pair(arch)
+    model.train()
+    plain.train()
+    x, y = paired_data(batch, shape)
+    opt_ours = torch.optim.Adam(model.parameters(), lr=1e-4)
+    opt_theirs = torch.optim.Adam(plain.parameters(), lr=1e-4)
+
+    def gloro_loss(a, b):
+        return losses.trades_loss(model(a, parts=True).augmented, b, lam=1.0)
+
+    def plain_loss(a, b):
+        return F.cross_entropy(plain(a), b)
+
+    if compile_:
+        gloro_loss = torch.compile(gloro_loss, fullgraph=True)
+        plain_loss = torch.compile(plain_loss, fullgraph=True)
+
+    def stepper(loss_fn, opt):
+        def step():
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn(x, y)
+            loss.backward()
+            opt.step()
+            return loss
+        return step
+
+    where = "compile" if compile_ else "eager"
+    run_paired(benchmark, stepper(gloro_loss, opt_ours), stepper(plain_loss, opt_theirs),
+               case=f"training step vs plain, paired, {arch} B={batch} {where}",
+               contender=f"gloro_fast TRADES [{where}]", params={"model": arch, "B": batch, "compiled": compile_},
+               size=batch, pairs=PAIRS, extra={"op": "training_paired", "mode": "fwd+bwd+adam"})

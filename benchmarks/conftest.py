@@ -28,6 +28,7 @@ import math
 import os
 import platform
 import re
+import statistics
 import time
 from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
@@ -300,6 +301,40 @@ def run_case(benchmark, fn: Callable[[], object], *, case: str, contender: str, 
         benchmark.pedantic(call, setup=setup, rounds=rounds, iterations=1, warmup_rounds=0)
     else:
         benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=0)
+
+
+def run_paired(benchmark, ours: Callable[[], object], theirs: Callable[[], object], *, case: str,
+               contender: str, params: dict, size: float, pairs: int, extra: dict) -> dict:
+    """Time ``ours`` and ``theirs`` as interleaved pairs (the order alternating from pair to
+    pair, so that a shared machine's drifting load hits both alike) and record the median of
+    the per-pair throughput ratios theirs time / ours time, with its quartiles, under
+    ``extra_info["paired"]`` (what report.py reads for targets near 1). Returns that record."""
+    ratios: List[float] = []
+
+    def timed(fn):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
+    def pair():
+        if len(ratios) % 2:
+            t_ours, t_theirs = timed(ours), timed(theirs)
+        else:
+            t_theirs, t_ours = timed(theirs), timed(ours)
+        ratios.append(t_theirs / t_ours)
+
+    for fn in (ours, theirs, ours, theirs):  # warm-up: compilation, caches
+        fn()
+    sync()
+    ratios.clear()
+    run_case(benchmark, pair, case=case, contender=contender, params=params, size=size,
+             min_rounds=pairs, measure_memory=False, extra=extra)
+    q = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else [ratios[0]] * 3
+    record = {"ratio_median": statistics.median(ratios), "q1": q[0], "q3": q[2],
+              "min": min(ratios), "max": max(ratios), "pairs": len(ratios)}
+    benchmark.extra_info["paired"] = record
+    return record
 
 
 def run_contender(benchmark, fn: Callable[[], object], raw_contender: str, op_names: Iterable[str],

@@ -9,10 +9,9 @@ import copy
 import pytest
 import torch
 
-from gpu_env import CUDA, CUDA_BACKENDS, backend, requires_cuda
-
 import gloro_fast as gf
 from gloro_fast import nn as gnn
+from tests.gpu.gpu_env import CUDA, CUDA_BACKENDS, backend, requires_cuda
 
 pytestmark = requires_cuda
 
@@ -71,3 +70,22 @@ def test_certify_forces_ieee_fp32_and_restores_the_flags():
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = True  # torch's default
     assert torch.equal(with_tf32, without)
+
+
+@pytest.mark.parametrize("certificate", ["sound", "estimate"])
+def test_edit_behind_the_version_counter_certifies_nothing_until_refreshed(certificate):
+    """On the GPU the hot path compares the weights on the device (no host synchronisation):
+    an edit through ``.data`` makes the batch certify nothing until a slow-path query
+    (here ``lipschitz_constant``) recomputes the bounds."""
+    model = _model().to(CUDA)
+    x = torch.rand(256, 1, 14, 14, generator=torch.Generator().manual_seed(3)).to(CUDA)
+    eps = float(model.certified_radius(x, certificate=certificate).median())
+    assert (model.certify(x, epsilon=eps, certificate=certificate) < 10).any()
+    model.body[0].weight.data.mul_(1.5)
+    assert (model.certify(x, epsilon=eps, certificate=certificate) == 10).all()
+    assert (model.certified_radius(x, certificate=certificate) == 0).all()
+    model.lipschitz_constant(certificate)
+    fresh = copy.deepcopy(model)
+    fresh.clear_bound_cache()
+    assert torch.equal(model.certify(x, epsilon=eps, certificate=certificate),
+                       fresh.certify(x, epsilon=eps, certificate=certificate))

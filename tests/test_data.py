@@ -367,8 +367,6 @@ def test_test_split_needs_only_test_files(tmp_path):
 
 def _gzip_stream(path, header, filler_bytes, chunk=1 << 20):
     """A .gz of header + filler_bytes zero bytes, compressed chunk by chunk (little memory)."""
-    import zlib
-
     with gzip.open(path, "wb", compresslevel=9) as f:
         f.write(header)
         zeros = bytes(chunk)

@@ -26,8 +26,7 @@ from torch import nn
 import gloro_fast as gf
 from gloro_fast import cli
 from gloro_fast import nn as gnn
-from gloro_fast.export import (FrozenGloroNet, MinMax, Residual, export_onnx, export_pt2, freeze,
-                               round_up_to, to_onnx)
+from gloro_fast.export import FrozenGloroNet, MinMax, Residual, export_onnx, export_pt2, freeze, round_up_to, to_onnx
 from gloro_fast.train import load_checkpoint
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is a dev dependency (pip install -e '.[dev]')")

@@ -5,8 +5,15 @@ import stat
 import pytest
 import torch
 
-from gloro_fast.files import (CHECKPOINT_FORMAT, atomic_write, atomic_write_text, check_output_dir,
-                              content_hash, read_checkpoint, write_checkpoint)
+from gloro_fast.files import (
+    CHECKPOINT_FORMAT,
+    atomic_write,
+    atomic_write_text,
+    check_output_dir,
+    content_hash,
+    read_checkpoint,
+    write_checkpoint,
+)
 
 
 def leftovers(folder):

@@ -193,7 +193,8 @@ def test_margin_loss_with_gloro_model_output():
     got = margin_loss(out.logits, y, out.margin_lipschitz, 0.2)
     K = net.lipschitz_constant()
     w = net.head.weight.detach()
-    shifted = out.logits + 0.2 * K * torch.stack([torch.stack([(w[int(t)] - w[i]).norm() for i in range(3)]) for t in y])
+    gaps = torch.stack([torch.stack([(w[int(t)] - w[i]).norm() for i in range(3)]) for t in y])
+    shifted = out.logits + 0.2 * K * gaps
     torch.testing.assert_close(got, F.cross_entropy(shifted, y), rtol=1e-10, atol=1e-12)
 
 

@@ -2,15 +2,13 @@
 Tiny-ImageNet inputs, activations, build() by name, and exact bounds on tiny inputs."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
-from conftest import _explicit_matrix as explicit_matrix
 import torch.nn.functional as F
 
 from gloro_fast import GloroNet, models
 from gloro_fast import nn as gnn
+from tests.helpers import explicit_matrix
 
 DT = torch.float64
 
@@ -112,8 +110,8 @@ def test_cnn_4C3F_mnist():
     shapes, out = conv_output_shapes(net, torch.rand(2, 1, 28, 28))
     assert shapes == [(32, 28, 28), (32, 14, 14), (64, 14, 14), (64, 7, 7)]
     assert out.shape == (2, 11)
-    assert [m.pads_for(s[1:]) for m, s in zip(plain_convs(net), [(1, 28, 28), (32, 28, 28), (32, 14, 14), (64, 14, 14)])] \
-        == [(1, 1, 1, 1)] * 4
+    in_shapes = [(1, 28, 28), (32, 28, 28), (32, 14, 14), (64, 14, 14)]
+    assert [m.pads_for(s[1:]) for m, s in zip(plain_convs(net), in_shapes)] == [(1, 1, 1, 1)] * 4
 
 
 def test_cnn_6C2F_cifar():

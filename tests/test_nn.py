@@ -7,11 +7,11 @@ import math
 
 import pytest
 import torch
-from conftest import planted_matrix
 import torch.nn.functional as F
 from torch import nn
 
 import gloro_fast.nn as gnn
+from tests.helpers import explicit_matrix, planted_matrix
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -21,7 +21,7 @@ def exact_norm(matrix):
     return float(torch.linalg.matrix_norm(matrix, ord=2))
 
 
-def conv_matrix(weight, in_shape, stride, pads, dilation=(1, 1), groups=1, explicit_matrix=None):
+def conv_matrix(weight, in_shape, stride, pads, dilation=(1, 1), groups=1):
     """Explicit matrix of the zero-padded convolution, built with F.pad + F.conv2d."""
     top, bottom, left, right = pads
     w = weight.detach()
@@ -143,7 +143,7 @@ CONV_BOUND_CASES = [
 
 
 @pytest.mark.parametrize("case", CONV_BOUND_CASES)
-def test_conv_bound_is_operator_norm(case, gen, explicit_matrix):
+def test_conv_bound_is_operator_norm(case, gen):
     c_in, c_out, k, stride, padding, dilation, groups, hw, pads = case
     layer = gnn.Conv2d(c_in, c_out, k, stride=stride, padding=padding, dilation=dilation, groups=groups,
                        dtype=F64, input_shape=(c_in, *hw))
@@ -151,7 +151,7 @@ def test_conv_bound_is_operator_norm(case, gen, explicit_matrix):
     with torch.no_grad():  # a random (non-orthogonal) kernel, with its groups' norms apart
         layer.weight.copy_(torch.randn(layer.weight.shape, generator=gen, dtype=F64))
         layer.weight[: c_out // groups] *= 1.5
-    a = conv_matrix(layer.weight, (c_in, *hw), layer.stride, pads, layer.dilation, groups, explicit_matrix)
+    a = conv_matrix(layer.weight, (c_in, *hw), layer.stride, pads, layer.dilation, groups)
     exact = exact_norm(a)
     assert float(layer.lipschitz_bound(0).detach()) <= exact * (1 + 1e-12)
     assert abs(converged(layer) - exact) <= 1e-5 * exact
@@ -339,13 +339,13 @@ def test_to_device_moves_the_iterate():
 
 @pytest.mark.parametrize("channels, k, dilation, hw", [(2, 3, 1, (5, 5)), (1, 3, 1, (6, 4)), (2, 2, 1, (4, 5)),
                                                        (2, 3, 2, (6, 6))])
-def test_liresblock_bound_is_norm_of_identity_plus_conv(channels, k, dilation, hw, gen, explicit_matrix):
+def test_liresblock_bound_is_norm_of_identity_plus_conv(channels, k, dilation, hw, gen):
     block = gnn.LiResBlock(channels, k, dilation=dilation, dtype=F64, input_shape=(channels, *hw))
     with torch.no_grad():
         block.weight.copy_(0.4 * torch.randn(block.weight.shape, generator=gen, dtype=F64))
         block.bias.copy_(torch.randn(channels, generator=gen, dtype=F64))
     pads = block.pads_for(hw)
-    conv = conv_matrix(block.weight, (channels, *hw), (1, 1), pads, (dilation, dilation), 1, explicit_matrix)
+    conv = conv_matrix(block.weight, (channels, *hw), (1, 1), pads, (dilation, dilation), 1)
     a = torch.eye(conv.shape[0], dtype=F64) + conv
     exact = exact_norm(a)
     assert abs(converged(block) - exact) <= 1e-5 * exact
@@ -362,9 +362,10 @@ def test_liresblock_bound_is_norm_of_identity_plus_conv(channels, k, dilation, h
 
 @pytest.mark.parametrize(
     "kernel, stride, hw",
-    [(2, None, (6, 6)), (3, None, (7, 8)), ((2, 3), None, (6, 6)), (2, 3, (8, 7)), (1, None, (3, 3)), (4, None, (4, 4))],
+    [(2, None, (6, 6)), (3, None, (7, 8)), ((2, 3), None, (6, 6)), (2, 3, (8, 7)), (1, None, (3, 3)),
+     (4, None, (4, 4))],
 )
-def test_avgpool_bound_is_exact_norm(kernel, stride, hw, explicit_matrix):
+def test_avgpool_bound_is_exact_norm(kernel, stride, hw):
     pool = gnn.AvgPool2d(kernel, stride)
     a = explicit_matrix(lambda x: pool(x), (2, *hw))
     kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
@@ -470,7 +471,7 @@ def test_pools_reject_overlap_and_padding():
 
 # -- Sequential ---------------------------------------------------------------------------------
 
-def test_sequential_bound_is_product(gen, explicit_matrix):
+def test_sequential_bound_is_product(gen):
     conv = gnn.Conv2d(2, 4, 3, padding=1, dtype=F64, input_shape=(2, 4, 4))
     lin = gnn.Linear(4 * 2 * 2, 3, dtype=F64)
     with torch.no_grad():
@@ -484,7 +485,7 @@ def test_sequential_bound_is_product(gen, explicit_matrix):
     assert abs(float(model.lipschitz_bound(4).detach()) - expect) < 1e-14
     assert torch.equal(model[0].power_iterate, twin[0].power_iterate)
     # converged, the product of exact norms
-    exact_conv = exact_norm(conv_matrix(conv.weight, (2, 4, 4), (1, 1), (1, 1, 1, 1), explicit_matrix=explicit_matrix))
+    exact_conv = exact_norm(conv_matrix(conv.weight, (2, 4, 4), (1, 1), (1, 1, 1, 1)))
     exact = exact_conv * 0.5 * 1.5
     converged(conv)
     converged(lin)

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from data_files import write_mnist
 from gloro_fast import cli
 from gloro_fast.files import read_checkpoint, write_checkpoint
+from tests.data_files import write_mnist
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1",  # one thread: the same reductions in every process

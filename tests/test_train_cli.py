@@ -4,21 +4,28 @@ import copy
 import json
 import math
 import pickle
-import sys
 
 import pytest
 import torch
 
 import gloro_fast as gf
-from data_files import write_mnist
 from gloro_fast import cli
 from gloro_fast.data import load_dataset, make_loaders
 from gloro_fast.files import read_checkpoint
 from gloro_fast.plots import certified_accuracy
 from gloro_fast.presets import PRESETS, preset
 from gloro_fast.schedules import Schedule
-from gloro_fast.train import (TrainConfig, _AutocastForward, compute_loss, evaluate, load_checkpoint,
-                              setup_run, train, train_epoch)
+from gloro_fast.train import (
+    TrainConfig,
+    _AutocastForward,
+    compute_loss,
+    evaluate,
+    load_checkpoint,
+    setup_run,
+    train,
+    train_epoch,
+)
+from tests.data_files import write_mnist
 
 
 @pytest.fixture(scope="module")

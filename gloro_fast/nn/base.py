@@ -23,7 +23,6 @@ one that is zero or not finite is replaced before use.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Callable, NamedTuple, Optional, Tuple, Union
 
 import torch

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .activations import MinMax, ReLU
+from .activations import ReLU
 from .base import LipschitzModule
 from .containers import Flatten, Sequential
 from .conv import Conv2d

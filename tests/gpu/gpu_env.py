@@ -1,8 +1,7 @@
 """Shared pieces of the GPU suite (tests/gpu): skip without CUDA, backends that run on CUDA.
 
 Every test here runs on a CUDA device and is skipped (with that reason) on a machine without
-one; ``make gpu-check`` runs them on a lent GPU. Not a ``conftest.py``: tests/ has no
-``__init__.py``, and a second conftest would shadow tests/conftest.py as module ``conftest``.
+one; ``make gpu-check`` runs them on a lent GPU. Imported as ``from tests.gpu.gpu_env import …``.
 """
 from __future__ import annotations
 

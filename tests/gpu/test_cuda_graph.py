@@ -7,11 +7,10 @@ import copy
 
 import torch
 
-from gpu_env import CUDA, requires_cuda
-
 import gloro_fast as gf
 from gloro_fast import nn as gnn
 from gloro_fast.ops import get_backend
+from tests.gpu.gpu_env import CUDA, requires_cuda
 
 pytestmark = requires_cuda
 

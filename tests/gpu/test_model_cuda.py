@@ -10,12 +10,11 @@ import copy
 import pytest
 import torch
 
-from gpu_env import CPU, CUDA, CUDA_BACKENDS, F64, backend, requires_cuda
-
 import gloro_fast as gf
 from gloro_fast import models
 from gloro_fast import nn as gnn
 from gloro_fast.ops import use_backend
+from tests.gpu.gpu_env import CUDA, CUDA_BACKENDS, F64, backend, requires_cuda
 
 pytestmark = requires_cuda
 

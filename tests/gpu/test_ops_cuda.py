@@ -9,8 +9,6 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gpu_env import CPU, CUDA, CUDA_BACKENDS, F64, backend, deterministic, rand, requires_cuda
-
 from gloro_fast import ops
 from gloro_fast.ops import (
     bottom_logit_reference,
@@ -18,6 +16,7 @@ from gloro_fast.ops import (
     power_iteration_conv_reference,
     power_iteration_linear_reference,
 )
+from tests.gpu.gpu_env import CUDA, CUDA_BACKENDS, F64, backend, deterministic, rand, requires_cuda
 
 pytestmark = requires_cuda
 F32 = torch.float32
@@ -304,7 +303,7 @@ def _opcheck_every_op(gen):
     d = torch.rand(5, 5, generator=gen).to(CUDA).requires_grad_()
     k = torch.tensor(1.2, device=CUDA, requires_grad=True)
     torch.library.opcheck(torch.ops.gloro_fast.bottom_logit.default, (f, d, k, 0.2, None))
-    ws = [rand(6, 4, gen=gen, dtype=F32).to(CUDA).requires_grad_(), rand(3, 5, gen=gen, dtype=F32).to(CUDA).requires_grad_()]
+    ws = [rand(*shape, gen=gen, dtype=F32).to(CUDA).requires_grad_() for shape in ((6, 4), (3, 5))]
     us = [torch.nn.functional.normalize(torch.ones(n, device=CUDA), dim=0) for n in (4, 5)]
     torch.library.opcheck(torch.ops.gloro_fast.power_iteration_linear.default, (ws, us, 2))
     kw = rand(4, 2, 3, 3, gen=gen, dtype=F32).to(CUDA).requires_grad_()

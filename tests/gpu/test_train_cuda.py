@@ -5,13 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
-
-from gpu_env import CUDA_BACKENDS, backend, requires_cuda
 
 from gloro_fast import cli
 from gloro_fast.data import load_dataset, make_loaders
 from gloro_fast.train import evaluate, load_checkpoint
+from tests.gpu.gpu_env import CUDA_BACKENDS, backend, requires_cuda
 
 pytestmark = requires_cuda
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 import triton
 
-from gpu_env import CUDA, F64, requires_cuda
+from tests.gpu.gpu_env import CUDA, F64, requires_cuda
 
 pytestmark = requires_cuda
 
@@ -50,8 +50,8 @@ def test_class_distances_configs(dtype, c, d):
     rowsum = torch.empty(c, dtype=acc, device=CUDA)
     m = torch.where(dist > 0, g.to(acc) / dist.to(acc).clamp_min(1e-30), torch.zeros((), dtype=acc, device=CUDA))
     want = m + m.t()
-    for config in _launch(cd.BACKWARD_S_KERNELS[fp64], lambda meta: (triton.cdiv(c, meta["BLOCK_M"]),), g, dist, s, rowsum, c,
-                          FP64=fp64):
+    grid = lambda meta: (triton.cdiv(c, meta["BLOCK_M"]),)  # noqa: E731
+    for config in _launch(cd.BACKWARD_S_KERNELS[fp64], grid, g, dist, s, rowsum, c, FP64=fp64):
         torch.testing.assert_close(s, want, rtol=tol, atol=tol, msg=str(config))
         torch.testing.assert_close(rowsum, want.sum(1), rtol=tol * 10, atol=tol * 10, msg=str(config))
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gloro_triton_env import device, kernels_usable  # noqa: E402,F401  (sets TRITON_INTERPRET first)
-
 pytest.importorskip("triton")
+pytestmark = pytest.mark.usefixtures("kernels_usable")
 
 import gloro_fast.kernels.bottom_logit as bl  # noqa: E402
 from gloro_fast.ops import bottom_logit, bottom_logit_reference, registry, use_backend  # noqa: E402
@@ -152,8 +151,8 @@ def test_custom_op_registration(device, gen):
     )
 
 
-def test_classes_out_of_range(device, gen):
-    """The op rejects them; the kernels called directly give f_⊥ = NaN and i* = −1 for those
+def test_classes_out_of_range(device, gen, debug_checks):
+    """The op rejects them (a value check: debug mode); the kernels called directly give f_⊥ = NaN and i* = −1 for those
     rows (never an index outside D), and their backward skips them."""
     f, d, k = _inputs(3, 4, F64, device, gen, ties=False)
     bad = torch.tensor([0, 4, -1], device=device)

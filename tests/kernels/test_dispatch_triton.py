@@ -5,9 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gloro_triton_env import DEVICE, device, kernels_usable  # noqa: F401  (sets TRITON_INTERPRET first)
-
 pytest.importorskip("triton")
+pytestmark = pytest.mark.usefixtures("kernels_usable")
 
 from gloro_fast import ops  # noqa: E402
 

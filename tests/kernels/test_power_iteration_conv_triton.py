@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gloro_triton_env import device, kernels_usable  # noqa: E402,F401  (sets TRITON_INTERPRET first)
-
 pytest.importorskip("triton")
+pytestmark = pytest.mark.usefixtures("kernels_usable")
 
 from gloro_fast import ops  # noqa: E402
 from gloro_fast.kernels.power_iteration_conv import conv2d_ieee, normalize_segments, segment_norms  # noqa: E402
 from gloro_fast.ops import power_iteration_conv_reference, registry, use_backend  # noqa: E402
+from tests.helpers import explicit_matrix  # noqa: E402
 
 F64 = torch.float64
 TRITON = registry.kernels("power_iteration_conv", "triton")
@@ -93,7 +93,7 @@ def test_batched_equal_shapes(device, gen):
         torch.testing.assert_close(ws[k].grad.cpu(), coeff * w_ref.grad, rtol=1e-10, atol=1e-10)
 
 
-def test_converges_to_operator_norm(device, gen, explicit_matrix):
+def test_converges_to_operator_norm(device, gen):
     w = torch.randn(3, 2, 3, 3, generator=gen, dtype=F64).to(device)
     u0 = _unit((2, 5, 4), F64, device, gen)
     _, sigma = power_iteration_conv(w, u0, 25, 2, (1, 0, 1, 1), 1, 1, False)

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from gloro_triton_env import device, kernels_usable  # noqa: E402,F401  (sets TRITON_INTERPRET first)
-
 pytest.importorskip("triton")
+pytestmark = pytest.mark.usefixtures("kernels_usable")
 
 import gloro_fast.kernels.power_iteration_linear  # noqa: E402,F401  (registers the Triton kernels)
 from gloro_fast.ops import (  # noqa: E402

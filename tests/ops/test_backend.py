@@ -136,8 +136,8 @@ def test_power_iteration_ops_equal_autograd_of_the_reference(name, gen):
     for t in (*ws, kernels):
         t.grad = None
     rus, rss = ops.power_iteration_linear_reference(ws, us, 2)
-    per_layer = [ops.power_iteration_conv_reference(kernels[4 * l : 4 * l + 4], iterates[l : l + 1], 2, (2, 1),
-                                                    (1, 0, 0, 1), (1, 1), 1, False) for l in range(2)]
+    per_layer = [ops.power_iteration_conv_reference(kernels[4 * k : 4 * k + 4], iterates[k : k + 1], 2, (2, 1),
+                                                    (1, 0, 0, 1), (1, 1), 1, False) for k in range(2)]
     (rss[0] + 3 * rss[1] + per_layer[0][1] - 2 * per_layer[1][1]).backward()
     for a, b in zip(nus + [cu], rus + [torch.cat([p[0] for p in per_layer])]):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cpp_helpers import requires_cpu_kernels
 
 from gloro_fast.ops import bottom_logit
+from tests.ops.cpp_helpers import requires_cpu_kernels
 
 pytestmark = requires_cpu_kernels("bottom_logit")
 TOL = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-5)}

@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
-from conftest import reference_backend
 
 from gloro_fast.ops import class_distances, class_distances_reference
+from tests.helpers import reference_backend
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("single_thread")

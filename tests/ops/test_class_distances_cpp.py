@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cpp_helpers import requires_cpu_kernels
 
 from gloro_fast.ops import class_distances, class_distances_reference
+from tests.ops.cpp_helpers import requires_cpu_kernels
 
 pytestmark = requires_cpu_kernels("class_distances")
 TOL = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-4)}

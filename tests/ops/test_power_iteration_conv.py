@@ -8,6 +8,7 @@ import torch
 
 from gloro_fast.ops import power_iteration_conv, power_iteration_conv_reference
 from gloro_fast.ops.convolution import conv_operator, conv_operator_adjoint, normalize_padding
+from tests.helpers import explicit_matrix
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -119,7 +120,7 @@ def test_conv_operator_matches_naive_loops(cfg, gen):
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=cfg_id)
-def test_adjoint_is_exact_transpose(cfg, gen, explicit_matrix):
+def test_adjoint_is_exact_transpose(cfg, gen):
     c_in, *_, hw = cfg
     w = make_weight(cfg, gen)
     args = op_args(cfg)
@@ -160,7 +161,7 @@ def gapped_weight(draw, matrix_of, tries=20, good=0.95):
 
 
 @pytest.mark.parametrize("cfg", CONFIGS, ids=cfg_id)
-def test_converges_to_top_singular_value(cfg, gen, explicit_matrix):
+def test_converges_to_top_singular_value(cfg, gen):
     c_in, c_out, groups, *_, hw = cfg
     stride, pads, dilation, groups = op_args(cfg)
 
@@ -195,7 +196,7 @@ RESIDUAL = [
 
 
 @pytest.mark.parametrize("cfg", RESIDUAL)
-def test_residual_is_identity_plus_conv(cfg, gen, explicit_matrix):
+def test_residual_is_identity_plus_conv(cfg, gen):
     c, k, padding, dilation, hw = cfg
     pads = normalize_padding(padding)
 
@@ -222,7 +223,7 @@ def test_residual_is_identity_plus_conv(cfg, gen, explicit_matrix):
     assert float(sigma) <= 1 + float(torch.linalg.matrix_norm(conv, ord=2)) + 1e-9
 
 
-def test_one_step_matches_explicit_matrix(gen, explicit_matrix):
+def test_one_step_matches_explicit_matrix(gen):
     w = torch.randn(3, 2, 3, 2, generator=gen, dtype=F64)
     kw = dict(stride=(2, 1), padding=(1, 0, 2, 1), dilation=(1, 2))
     a = explicit_matrix(lambda x: naive_conv(x, w, (2, 1), (1, 0, 2, 1), (1, 2), 1), (2, 5, 6))
@@ -255,7 +256,7 @@ def test_reference_matches_entry(gen):
     torch.testing.assert_close(a[1], b[1], rtol=0, atol=0)
 
 
-def test_gradient_formula(gen, explicit_matrix):
+def test_gradient_formula(gen):
     w = torch.randn(2, 2, 3, 3, generator=gen, dtype=F64, requires_grad=True)
     kw = dict(stride=2, padding=(0, 1, 1, 0))
     u, sigma = power_iteration_conv(w, unit_iterate(2, (6, 5), gen), 3, **kw)

@@ -6,7 +6,6 @@ import random
 
 import pytest
 import torch
-from cpp_helpers import POWER_ITERATION_TOL, OpLog, cpp_op_marks, value_iterates_grads
 
 from gloro_fast.ops import power_iteration_conv
 from gloro_fast.ops.convolution import normalize_padding
@@ -14,6 +13,7 @@ from gloro_fast.ops.power_iteration_conv import (
     power_iteration_conv_batched,
     power_iteration_conv_batched_reference,
 )
+from tests.ops.cpp_helpers import POWER_ITERATION_TOL, OpLog, cpp_op_marks, value_iterates_grads
 
 pytestmark = cpp_op_marks("power_iteration_conv", single_thread=True)
 TOL = POWER_ITERATION_TOL
@@ -183,7 +183,8 @@ def test_batched_cpp_matches_batched_reference(dtype, gen, backend):
 def test_batched_reference_function(gen):
     cfg = CONFIGS[4]
     weights, iterates, kwargs = make(cfg, gen, torch.float64, 3)
-    args = (kwargs["stride"], normalize_padding(kwargs["padding"]), kwargs["dilation"], kwargs["groups"], kwargs["residual"])
+    args = (kwargs["stride"], normalize_padding(kwargs["padding"]), kwargs["dilation"], kwargs["groups"],
+            kwargs["residual"])
     u, sigma = power_iteration_conv_batched_reference(torch.cat(weights), torch.cat(iterates), 2, *args)
     assert u.shape == (3,) + iterates[0].shape[1:] and sigma.shape == (3,)
     for k in range(3):
@@ -229,8 +230,8 @@ def test_liresnet_blocks_batched(gen, backend):
 def test_opcheck(cfg, count, gen):
     weights, iterates, kwargs = make(cfg, gen, torch.float64, count)
     w, u = torch.cat(weights).requires_grad_(True), torch.cat(iterates)
-    args = (list(kwargs["stride"]), list(normalize_padding(kwargs["padding"])), list(kwargs["dilation"]), kwargs["groups"],
-            kwargs["residual"])
+    args = (list(kwargs["stride"]), list(normalize_padding(kwargs["padding"])), list(kwargs["dilation"]),
+            kwargs["groups"], kwargs["residual"])
     for n_iter in (0, 2):
         torch.library.opcheck(OP, (w, u, n_iter, *args))
     new_u, sigma = OP(w.detach(), u, 1, *args)

@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import reference_backend
-from conftest import planted_matrix
 
 from gloro_fast.ops import power_iteration_linear, power_iteration_linear_reference
+from tests.helpers import planted_matrix, reference_backend
 
 F64 = torch.float64
 pytestmark = pytest.mark.usefixtures("single_thread")

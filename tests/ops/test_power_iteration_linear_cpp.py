@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from cpp_helpers import POWER_ITERATION_TOL, OpLog, cpp_op_marks, value_iterates_grads
 
 from gloro_fast.ops import power_iteration_linear
+from tests.ops.cpp_helpers import POWER_ITERATION_TOL, OpLog, cpp_op_marks, value_iterates_grads
 
 pytestmark = cpp_op_marks("power_iteration_linear", single_thread=True)
 TOL = POWER_ITERATION_TOL

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from sound_fixtures import sample_points, trained_cnn, trained_dense
+from tests.sound.sound_fixtures import sample_points, trained_cnn, trained_dense
 
 MODELS = {"cnn-float32": trained_cnn, "dense-float64": trained_dense}
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import io
 import math
-import warnings
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ import torch
 import gloro_fast as gf
 from gloro_fast import nn as gnn
 from gloro_fast.ops import use_backend
-from sound_fixtures import small_cnn, sample_points, trained_cnn
+from tests.sound.sound_fixtures import sample_points, trained_cnn
 
 
 def forged_copy(model, edit):

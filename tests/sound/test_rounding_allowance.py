@@ -11,10 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-import gloro_fast as gf
 from gloro_fast import nn as gnn
 from gloro_fast.bounds import Allowance
-from sound_fixtures import sample_points, small_cnn, trained_cnn
+from tests.sound.sound_fixtures import sample_points, small_cnn, trained_cnn
 
 
 class Chain(gnn.LipschitzModule):

@@ -1,0 +1,1 @@
+"""Tests of the GPU code paths (skipped without CUDA; make gpu-check)."""

@@ -1,0 +1,1 @@
+"""Tests of the Triton kernels (CPU: the Triton interpreter)."""

@@ -1,0 +1,1 @@
+"""Tests of the ops (reference and compiled C++ backends)."""

@@ -20,8 +20,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (DEVICE, DTYPE, NAIVE_CAP_BYTES, NAIVE_MAX_ELEMENTS, compiled, contenders,
-                      label, pick, record_skip, run_contender, zero_grads)
+from conftest import (
+    DEVICE,
+    DTYPE,
+    NAIVE_CAP_BYTES,
+    NAIVE_MAX_ELEMENTS,
+    compiled,
+    contenders,
+    label,
+    pick,
+    record_skip,
+    run_contender,
+    zero_grads,
+)
 from gloro_fast.ops import bottom_logit, class_distances
 
 EPS = 0.141

@@ -12,8 +12,19 @@ import math
 import pytest
 import torch
 
-from conftest import (DEVICE, DTYPE, NAIVE_CAP_BYTES, NAIVE_MAX_ELEMENTS, compiled, contenders,
-                      label, pick, record_skip, run_contender, zero_grads)
+from conftest import (
+    DEVICE,
+    DTYPE,
+    NAIVE_CAP_BYTES,
+    NAIVE_MAX_ELEMENTS,
+    compiled,
+    contenders,
+    label,
+    pick,
+    record_skip,
+    run_contender,
+    zero_grads,
+)
 from gloro_fast.ops import class_distances
 
 NAIVE_TENSORS = {"fwd": 2, "fwd+bwd": 3}

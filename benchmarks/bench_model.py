@@ -18,8 +18,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (DEVICE, DTYPE, QUICK, compiled, contenders, label, pick, record_skip,
-                      run_contender, run_paired, zero_grads)
+from conftest import (
+    DEVICE,
+    DTYPE,
+    QUICK,
+    compiled,
+    contenders,
+    label,
+    pick,
+    record_skip,
+    run_contender,
+    run_paired,
+    zero_grads,
+)
 from gloro_fast import losses
 from gloro_fast.models import cnn_2C2F, cnn_6C2F, liresnet
 from gloro_fast.nn import Linear, PowerIterationModule

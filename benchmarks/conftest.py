@@ -430,6 +430,6 @@ def _seed():
 
 
 __all__ = [
-    "DEVICE", "DEVICE_NAME", "DTYPE", "QUICK", "NAIVE_CAP_BYTES", "NAIVE_MAX_ELEMENTS", "record_skip", "compiled", "contenders",
-    "contender_backend", "label", "math", "peak_memory", "pick", "run_case", "zero_grads",
+    "DEVICE", "DEVICE_NAME", "DTYPE", "QUICK", "NAIVE_CAP_BYTES", "NAIVE_MAX_ELEMENTS", "record_skip", "compiled",
+    "contenders", "contender_backend", "label", "math", "peak_memory", "pick", "run_case", "zero_grads",
 ]

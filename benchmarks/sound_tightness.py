@@ -20,7 +20,6 @@ import platform
 import time
 
 import torch
-import torch.nn.functional as F
 
 from gloro_fast import models
 from gloro_fast.nn import Conv2d, Linear, PowerIterationModule

@@ -36,10 +36,10 @@ import torch
 
 from .nn import Linear, LipschitzModule, PowerIterationModule, Sequential
 from .ops import class_distances
-from .sound.dense import spectral_norm_upper
-from .sound.forward_error import Affine, AffineStep, Arithmetic, ForwardBound
 from .sound.decision import Allowance, AllowanceForms, Form, LinearForms, decide
 from .sound.decision import radius as sound_radius
+from .sound.dense import spectral_norm_upper
+from .sound.forward_error import Affine, AffineStep, Arithmetic, ForwardBound
 from .sound.rounding import U64, gamma, up, up_tensor
 
 __all__ = ["Allowance", "AllowanceForms", "BoundCache", "EstimateBounds", "LayerBracket", "LinearForms",

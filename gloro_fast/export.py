@@ -441,7 +441,8 @@ def freeze(model: GloroNet, certificate: str = "sound", epsilon: Optional[float]
     if sb.steps is None or len(sb.steps) != len(layers) or sb.forms.per_sample is None:  # not reached for a chain
         raise TypeError("freeze: the model's sound bounds have no per-layer rounding steps")
     measured = tuple(step is not None for step in sb.steps)
-    norm_scale = [activation_norm_constants(shape, dtype) for shape in _norm_shapes(body, measured, input_shape, model.head.weight)]
+    shapes = _norm_shapes(body, measured, input_shape, model.head.weight)
+    norm_scale = [activation_norm_constants(shape, dtype) for shape in shapes]
     lipschitz = torch.tensor(sb.lipschitz, dtype=torch.float64, device=device)
     return FrozenGloroNet(body, measured, head, input_shape, eps, certificate, dtype, lipschitz,
                           sb.distances.to(device), model.margin_lipschitz("sound"), forms=sb.forms.per_sample,

@@ -23,8 +23,18 @@ import torch
 from torch import nn
 
 from ._validation import check_epsilon, check_finite, check_positive_int, check_tensor
-from .bounds import (BoundCache, EstimateBounds, LayerBracket, SoundBounds, chain_layers,
-                     check_certificate, compute_estimate, compute_sound, upper_bounds, with_uppers)
+from .bounds import (
+    BoundCache,
+    EstimateBounds,
+    LayerBracket,
+    SoundBounds,
+    chain_layers,
+    check_certificate,
+    compute_estimate,
+    compute_sound,
+    upper_bounds,
+    with_uppers,
+)
 from .nn import Linear, from_torch
 from .ops import bottom_logit, class_distances
 from .sound.forward_error import activation_norm_upper, ieee_arithmetic

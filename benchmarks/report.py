@@ -40,7 +40,8 @@ MODE_NOTES = {
     "power_iteration_linear": "`fwd`: training forward (autograd records σ̂); `fwd+bwd`: + backward of Σσ̂.",
     "power_iteration_conv": "`fwd`: training forward (autograd records σ̂); `fwd+bwd`: + backward of Σσ̂.",
     "dispatch": "`kernel`: the compiled kernel alone; `op`: `torch.ops.gloro_fast.<op>` (autograd layer, backend "
-                "table, kernel); `public`: `gloro_fast.ops.<op>` (+ the argument check). Dispatch overhead = op − kernel.",
+                "table, kernel); `public`: `gloro_fast.ops.<op>` (+ the argument check). "
+                "Dispatch overhead = op − kernel.",
 }
 
 
@@ -238,7 +239,8 @@ def markdown(rows, meta, targets, skips, plots, quick) -> str:
             desc = ", ".join(f"{op} → {res}" for op, res in status.items())
         lines.append(f"- backend `{backend}`: {desc}")
     if not meta.get("extension_loaded", True):
-        lines.append("- the compiled extension gloro_fast._C was not loaded: `cpp` resolves to reference and is skipped")
+        lines.append("- the compiled extension gloro_fast._C was not loaded: `cpp` resolves to reference and is "
+                     "skipped")
     cap = meta.get("naive_cap_bytes")
     if cap:
         lines.append(f"- naive B×C×d / C×C×d forms are capped at {cap / 2**30:.0f} GiB: above it they run in "
@@ -282,7 +284,8 @@ def markdown(rows, meta, targets, skips, plots, quick) -> str:
             lines += [MODE_NOTES[op], ""]
         if op in plots:
             lines += [f"![{op}]({plots[op]})", ""]
-        lines += ["| case | contender | median | vs naive | vs eager | vs compile | vs plain | peak mem | rounds | note |",
+        lines += ["| case | contender | median | vs naive | vs eager | vs compile | vs plain | peak mem | rounds "
+                  "| note |",
                   "|---|---|---|---|---|---|---|---|---|---|"]
         for case, case_rows in cases.items():
             for row in sorted(case_rows, key=lambda r: contender_order(r["contender"])):

@@ -32,6 +32,9 @@ OP_TITLES = OrderedDict([
     ("convergence", "Convergence of the evaluation bounds (tol 1e-6)"),
     ("export", "Frozen / exported model (gloro_fast.export) vs the plain network"),
     ("export_paired", "Frozen model vs the plain network, paired rounds (time of one pair)"),
+    ("layer_paired", "gloro_fast.nn layers vs their torch.nn equivalents, paired rounds (time of one pair)"),
+    ("certify_paired", "Certify (sound, bounds cached) vs the plain network's forward, paired rounds"),
+    ("training_paired", "GloRo training step vs the plain network's step, paired rounds"),
     ("dispatch", "Dispatch overhead: the op vs its kernel (cpp backend, microsecond-sized calls)"),
 ])
 MODE_NOTES = {
@@ -172,6 +175,27 @@ def compute_targets(rows: List[dict]) -> List[dict]:
         if r["contender"].startswith(("frozen", "pt2", "onnxruntime")):
             add("frozen model throughput vs plain network (unpaired medians)", r["contender"],
                 r["speedup_vs_plain"], 0.99, ">=", r["case"], info=True)
+
+    # 5b. paired targets of issue 11: layers ≤ 1.02× torch.nn, certify ≥ 0.97× the plain
+    # forward's throughput, a training step ≤ 1.05× the plain step's time
+    def paired_detail(r, p):
+        return (f"{r['case']}: median of {p.get('pairs')} per-pair ratios, quartiles "
+                f"{p.get('q1', 0):.3f}–{p.get('q3', 0):.3f}")
+
+    for r in _find(rows, op="layer_paired"):
+        p = r.get("paired") or {}
+        value = 1.0 / p["ratio_median"] if p.get("ratio_median") else None
+        add("gloro_fast.nn layer ≤ 1.02× its torch.nn equivalent (time ratio, paired)", r["contender"], value, 1.02,
+            "<=", paired_detail(r, p))
+    for r in _find(rows, op="certify_paired"):
+        p = r.get("paired") or {}
+        add("certify throughput ≥ 0.97× the plain forward (paired)", r["contender"], p.get("ratio_median"), 0.97,
+            ">=", paired_detail(r, p))
+    for r in _find(rows, op="training_paired"):
+        p = r.get("paired") or {}
+        value = 1.0 / p["ratio_median"] if p.get("ratio_median") else None
+        add("training step ≤ 1.05× the plain step (time ratio, paired)", r["contender"], value, 1.05, "<=",
+            paired_detail(r, p))
 
     # 6. per-call dispatch overhead (the op minus its kernel) ≤ 10 µs
     for case in sorted({r["case"] for r in rows if r["op"] == "dispatch"}):

@@ -52,11 +52,12 @@ from ._validation import check_epsilon
 from .bounds import _inferred_input_shape, _is_chain, _named_layers, check_certificate
 from .files import atomic_write, atomic_write_bytes
 from .model import GloroNet
+from .nn.linear import blocked_linear, certifying_blocks
 from .sound.decision import ROUNDING, Allowance, LinearForms, decide, up_with
 from .sound.decision import radius as sound_radius
 from .sound.forward_error import activation_norm_constants, ieee_arithmetic, norm_dtype
 
-__all__ = ["FrozenGloroNet", "FrozenOutput", "MinMax", "Residual", "export_onnx", "export_pt2",
+__all__ = ["BlockedLinear", "FrozenGloroNet", "FrozenOutput", "MinMax", "Residual", "export_onnx", "export_pt2",
            "freeze", "round_up_to", "to_onnx"]
 
 _SUPPORTED = (gnn.Conv2d, gnn.LiResBlock, gnn.Linear, gnn.MinMax, gnn.ReLU, gnn.Flatten,
@@ -91,6 +92,24 @@ class Residual(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x) + x
+
+
+class BlockedLinear(nn.Linear):
+    """``nn.Linear`` evaluated as the live model's certifying pass evaluates it: each dot
+    product summed in ``blocks`` blocks (``gloro_fast.nn.linear.blocked_linear``: one
+    batched matrix product and a sum, plain torch operations), the evaluation the sound
+    certificate's rounding allowance describes."""
+
+    def __init__(self, in_features: int, out_features: int, blocks: int, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.blocks = int(blocks)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, blocks={self.blocks}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return blocked_linear(x, self.weight, self.bias, self.blocks)
 
 
 class FrozenOutput(NamedTuple):
@@ -168,14 +187,21 @@ def _conv(layer: gnn.Conv2d) -> nn.Module:
     return Residual(module) if layer.residual else module
 
 
-def _frozen_layer(layer: nn.Module) -> nn.Module:
+def _frozen_layer(layer: nn.Module, certifying: bool = False) -> nn.Module:
+    """The torch.nn layer computing ``layer``'s forward, or (``certifying``) its
+    ``certifying_forward``, the evaluation the sound certificate describes."""
     kind = type(layer)
     if kind in (gnn.Conv2d, gnn.LiResBlock):
         return _conv(layer)
     if kind is gnn.Linear:
-        linear = nn.utils.skip_init(nn.Linear, layer.in_features, layer.out_features,
+        blocks, _ = certifying_blocks(layer.in_features)
+        if certifying and blocks > 1:
+            make, kwargs = BlockedLinear, {"blocks": blocks}
+        else:
+            make, kwargs = nn.Linear, {}
+        linear = nn.utils.skip_init(make, layer.in_features, layer.out_features,
                                     bias=layer.bias is not None, device=layer.weight.device,
-                                    dtype=layer.weight.dtype)
+                                    dtype=layer.weight.dtype, **kwargs)
         linear.weight = _param(layer.weight)
         if layer.bias is not None:
             linear.bias = _param(layer.bias)
@@ -426,7 +452,7 @@ def freeze(model: GloroNet, certificate: str = "sound", epsilon: Optional[float]
     input_shape = tuple(model.input_shape or _inferred_input_shape(model))
     layers = [layer for _, layer in named]
     head = _frozen_layer(model.head)
-    body = nn.Sequential(*[_frozen_layer(layer) for layer in layers])
+    body = nn.Sequential(*[_frozen_layer(layer, certifying=certificate == "sound") for layer in layers])
     device = model.head.weight.device
     if certificate == "estimate":
         est = model.estimate_bounds()

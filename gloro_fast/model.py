@@ -22,7 +22,16 @@ from typing import List, NamedTuple, Optional, Sequence
 import torch
 from torch import nn
 
-from ._validation import check_epsilon, check_finite, check_positive_int, check_tensor
+from ._validation import (
+    BOUNDS,
+    check_batch_shape,
+    check_choice,
+    check_epsilon,
+    check_finite,
+    check_input_shape,
+    check_positive_int,
+    check_tensor,
+)
 from .bounds import (
     BoundCache,
     EstimateBounds,
@@ -114,9 +123,7 @@ class GloroNet(nn.Module):
             raise ValueError(f"head must have at least 2 output classes, got {head.out_features}")
         self.head = head
         self.epsilon = check_epsilon(epsilon)
-        if bound not in ("margin", "global"):
-            raise ValueError(f"bound must be 'margin' or 'global', got {bound!r}")
-        self.bound = bound
+        self.bound = check_choice("bound", bound, BOUNDS)
         self.n_iter = check_positive_int("n_iter", n_iter, allow_zero=True)
         if not (isinstance(tol, (int, float)) and 0 < tol <= 1e-2):
             # a looser "convergence" would call a power iteration converged that is not
@@ -125,9 +132,7 @@ class GloroNet(nn.Module):
         self.max_iter = check_positive_int("max_iter", max_iter)
         self.input_shape = None
         if input_shape is not None:
-            self.input_shape = tuple(int(s) for s in input_shape)
-            if not self.input_shape or min(self.input_shape) < 1:
-                raise ValueError(f"input_shape must be a tuple of positive ints, got {input_shape}")
+            self.input_shape = check_input_shape(input_shape)
             ref = self.head.weight
             with torch.no_grad():
                 features = self.body(torch.zeros((1,) + self.input_shape, dtype=ref.dtype, device=ref.device))
@@ -226,10 +231,8 @@ class GloroNet(nn.Module):
     # -- forward ----------------------------------------------------------------------
     def _check_input(self, x) -> None:
         check_tensor("x", x, min_ndim=2, floating=True)
-        if self.input_shape is not None and tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(
-                f"x must have shape (B, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}"
-            )
+        if self.input_shape is not None:
+            check_batch_shape("x", x, self.input_shape)
         ref = self.head.weight
         if x.device != ref.device:
             raise ValueError(f"x must be on the model's device {ref.device}, got {x.device}")
@@ -269,7 +272,7 @@ class GloroNet(nn.Module):
                 for layer, step in zip(chain_layers(self), sb.steps):
                     if step is not None:
                         norms.append(_activation_norms(h))
-                    h = layer(h)
+                    h = layer.certifying_forward(h)
                 features = _activation_norms(h)
                 logits = self.head(h)
             allowance = sb.allowance(x, (norms, features))

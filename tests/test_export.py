@@ -26,7 +26,17 @@ from torch import nn
 import gloro_fast as gf
 from gloro_fast import cli
 from gloro_fast import nn as gnn
-from gloro_fast.export import FrozenGloroNet, MinMax, Residual, export_onnx, export_pt2, freeze, round_up_to, to_onnx
+from gloro_fast.export import (
+    BlockedLinear,
+    FrozenGloroNet,
+    MinMax,
+    Residual,
+    export_onnx,
+    export_pt2,
+    freeze,
+    round_up_to,
+    to_onnx,
+)
 from gloro_fast.train import load_checkpoint
 
 ort = pytest.importorskip("onnxruntime", reason="onnxruntime is a dev dependency (pip install -e '.[dev]')")
@@ -121,7 +131,7 @@ def test_frozen_is_built_from_torch_nn_layers(frozen):
     assert isinstance(model, nn.Module) and not model.training
     for name, module in model.named_modules():
         assert type(module).__module__.startswith("torch.nn") or type(module) in (
-            FrozenGloroNet, MinMax, Residual), (name, type(module))
+            FrozenGloroNet, MinMax, Residual, BlockedLinear), (name, type(module))
     assert all(not p.requires_grad for p in model.parameters())
     body = list(model.body)
     # asymmetric "same" padding (0, 1, 0, 1) stays a ZeroPad2d; symmetric padding is folded
@@ -130,6 +140,9 @@ def test_frozen_is_built_from_torch_nn_layers(frozen):
     assert isinstance(body[2], Residual) and body[2].conv.padding == (1, 1)
     assert isinstance(body[5], nn.Conv2d) and body[5].padding == (1, 1)
     assert model.distances.shape == (10, 10) and model.margin_lipschitz.shape == (10, 10)
+    # the dense layer as the certifying pass computes it (blocked sums); the estimate's as nn.Linear
+    assert type(body[-2]) is BlockedLinear and body[-2].blocks == 16
+    assert type(frozen["estimate"].body[-2]) is nn.Linear
 
 
 @pytest.mark.parametrize("certificate", CERTIFICATES)

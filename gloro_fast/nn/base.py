@@ -28,13 +28,34 @@ from typing import Callable, NamedTuple, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from .._validation import check_choice
 from ..sound.forward_error import Arithmetic, ForwardBound
 from ..sound.rounding import U64, down, gamma, up
 
-__all__ = ["LipschitzModule", "PowerIterationModule", "ConstantLipschitzModule", "Convergence"]
+__all__ = ["LipschitzModule", "PowerIterationModule", "ConstantLipschitzModule", "Convergence", "WeightInit"]
 
 Bound = Union[torch.Tensor, float]
 UpperOf = Callable[["LipschitzModule"], float]
+
+
+class WeightInit:
+    """Mixin (listed before the torch layer) of the layers that take ``init=``:
+    ``"orthogonal"`` (the default) initialises the weight orthogonally and the bias to 0,
+    ``"default"`` keeps torch's Kaiming-uniform initialisation."""
+
+    INITS = ("orthogonal", "default")
+    init: str = "orthogonal"
+
+    def _set_init(self, init: str) -> None:
+        """Call before the torch layer's ``__init__`` (which calls ``reset_parameters``)."""
+        self.init = check_choice("init", init, self.INITS)
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if self.init == "orthogonal":
+            nn.init.orthogonal_(self.weight)
+            if self.bias is not None:
+                nn.init.zeros_(self.bias)
 
 
 def float64_scalar(value: float) -> torch.Tensor:
@@ -69,6 +90,12 @@ class LipschitzModule(nn.Module):
     def lipschitz_lower_bound(self) -> torch.Tensor:
         """Provable lower bound of the Lipschitz constant (0-dim float64)."""
         raise NotImplementedError(f"{type(self).__name__} has no Lipschitz lower bound")
+
+    def certifying_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The evaluation the certifying pass (``GloroNet.sound_forward``) runs: the same map
+        as ``forward``, computed in the way whose rounding ``forward_bound``'s per-sample
+        step describes (by default ``forward`` itself)."""
+        return self(x)
 
     def forward_bound(self, bound: ForwardBound, arith: Arithmetic, upper_of: UpperOf) -> ForwardBound:
         """Propagate the a-priori activation-norm and rounding-error bounds through this

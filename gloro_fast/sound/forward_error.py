@@ -81,9 +81,9 @@ class Arithmetic:
 
 @dataclass(frozen=True)
 class AffineStep:
-    """One affine layer's constants for the per-sample (a-posteriori) error bound: its
-    Lipschitz bound U, ‖|A|‖ bound α, γ_{n+k}, ‖L(0)‖ bound β, the underflow term, and the
-    Lipschitz bound of everything before it."""
+    """One affine layer's constants for the per-sample (a-posteriori) error bound of its
+    ``certifying_forward``: its Lipschitz bound U, ‖|A|‖ bound α, γ of the longest rounding
+    chain, ‖L(0)‖ bound β, the underflow term, and the Lipschitz bound of everything before it."""
 
     lipschitz: float
     abs_norm: float
@@ -124,10 +124,16 @@ class ForwardBound:
 
 
 def affine_layer(bound: ForwardBound, out_shape, lipschitz: float, abs_norm: float, fan_in: int,
-                 offset: float, arith: Arithmetic, additions: int = 1) -> ForwardBound:
+                 offset: float, arith: Arithmetic, additions: int = 1,
+                 certifying_fan_in: Optional[int] = None) -> ForwardBound:
     """The bound after an affine layer L(h) = A h + c (see the module docstring):
     ``lipschitz`` ≥ ‖A‖, ``abs_norm`` ≥ ‖|A|‖, ``offset`` ≥ ‖c‖ (the whole output's),
-    ``fan_in`` terms per dot product and ``additions`` more roundings per output."""
+    ``fan_in`` terms per dot product and ``additions`` more roundings per output.
+
+    ``certifying_fan_in``: the longest chain of roundings a product goes through in the
+    layer's ``certifying_forward`` (the evaluation the per-sample bound describes), when
+    it is shorter than ``fan_in`` (e.g. a blocked dense layer: b + k − 1 for k blocks of b);
+    the a-priori error keeps ``fan_in`` (it also covers the plain forward)."""
     terms = fan_in + additions
     g = gamma(terms, arith.u)
     computed = bound.computed_norm()
@@ -135,7 +141,8 @@ def affine_layer(bound: ForwardBound, out_shape, lipschitz: float, abs_norm: flo
     numel = math.prod(out_shape)
     underflow = up(terms * arith.eta * math.sqrt(numel))
     local = reach.scale(g).shift(underflow)
-    step = AffineStep(lipschitz, abs_norm, g, offset, underflow, bound.lipschitz)
+    step_gamma = g if certifying_fan_in is None else min(g, gamma(certifying_fan_in + additions, arith.u))
+    step = AffineStep(lipschitz, abs_norm, step_gamma, offset, underflow, bound.lipschitz)
     return ForwardBound(
         shape=tuple(out_shape),
         lipschitz=up(bound.lipschitz * lipschitz),

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from gloro_fast import nn as gnn
-from gloro_fast.bounds import Allowance
+from gloro_fast.bounds import Allowance, chain_layers
 from tests.sound.sound_fixtures import sample_points, small_cnn, trained_cnn
 
 
@@ -52,7 +52,13 @@ def as_chain(model):
 
 
 def features(model, x):
+    """The certifying pass's features: each layer's ``certifying_forward`` for a chain (the
+    evaluation the per-sample bound describes), the body's own forward otherwise."""
     with torch.no_grad():
+        if isinstance(model.body, gnn.Sequential):
+            for layer in chain_layers(model):
+                x = layer.certifying_forward(x)
+            return x
         return model.body(x)
 
 

@@ -15,19 +15,26 @@ from __future__ import annotations
 
 import math
 import os
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
 __all__ = [
+    "BOUNDS",
     "check_tensor",
     "check_finite",
     "check_epsilon",
     "check_labels",
     "check_positive_int",
+    "check_choice",
+    "check_input_shape",
+    "check_batch_shape",
     "debug_enabled",
     "set_debug",
 ]
+
+# GloroNet's ⊥-logit bound: "margin" (K · ‖w_j − w_i‖ per class pair) or "global" (one K)
+BOUNDS = ("margin", "global")
 
 _DEBUG = {"on": None}  # None: read GLORO_FAST_DEBUG when first needed (never at import)
 
@@ -138,6 +145,35 @@ def check_labels(name: str, labels, batch: int, num_classes: int, device=None) -
                 f"{name} must be in [0, {num_classes}), got values in [{lo}, {hi}]"
             )
     return labels.long()
+
+
+def check_choice(name: str, value, choices):
+    """``value`` must be one of ``choices`` (named in the message as given)."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return value
+
+
+def check_input_shape(input_shape, *, ndim: Optional[int] = None, channels: Optional[int] = None,
+                      name: str = "input_shape") -> Tuple[int, ...]:
+    """The shape of one input sample (no batch axis) as a tuple of ints: at least one size,
+    every size >= 1; ``ndim`` sizes and ``channels`` first where given."""
+    shape = tuple(int(s) for s in input_shape)
+    if (not shape or min(shape) < 1 or (ndim is not None and len(shape) != ndim)
+            or (channels is not None and shape[0] != channels)):
+        if ndim == 3:
+            form = f"({'C' if channels is None else channels}, H, W) with positive sizes"
+        else:
+            form = "a tuple of positive ints" if ndim is None else f"{ndim} positive ints"
+        raise ValueError(f"{name} must be {form}, got {input_shape}")
+    return shape
+
+
+def check_batch_shape(name: str, x: torch.Tensor, input_shape: Tuple[int, ...]) -> torch.Tensor:
+    """``x`` must be a batch (B, *input_shape) of samples of the given shape."""
+    if x.dim() != len(input_shape) + 1 or tuple(x.shape[1:]) != tuple(input_shape):
+        raise ValueError(f"{name} must have shape (B, {', '.join(map(str, input_shape))}), got {tuple(x.shape)}")
+    return x
 
 
 def check_positive_int(name: str, value, *, allow_zero: bool = False) -> int:

@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from . import losses, models
-from ._validation import check_epsilon, check_positive_int
+from ._validation import BOUNDS, check_epsilon, check_positive_int
 from .bounds import CERTIFICATES
 from .data import DATASETS, load_dataset, make_loaders
 from .files import check_output_dir
@@ -28,6 +28,7 @@ from .train import (
     TrainConfig,
     evaluate,
     load_checkpoint,
+    model_from_run,
     read_run,
     resolve_device,
     resume_config,
@@ -70,7 +71,7 @@ _TRAIN_OPTIONS = [
     (("--loss",), "loss", dict(choices=losses.LOSSES)),
     (("--lam",), "lam", dict(type=float, help="TRADES λ, the base of --lam-schedule")),
     (("--lam-schedule",), "lam_schedule", dict(help="GloRo schedule of the TRADES λ")),
-    (("--bound",), "bound", dict(choices=("margin", "global"))),
+    (("--bound",), "bound", dict(choices=BOUNDS)),
     (("--n-iter",), "n_iter", dict(type=int, help="power iterations per training step")),
     (("--amp",), "amp", dict(choices=AMP_MODES, help="autocast the network (Lipschitz bounds stay float32)")),
     (("--augment",), "augment", dict(choices=AUGMENTATIONS, help="auto: crop-flip for colour images")),
@@ -226,8 +227,8 @@ def _certify(args) -> int:
     check_positive_int("--batch-size", args.batch_size)
     if args.plot is not None:
         check_output_dir(Path(args.plot).expanduser().parent, "--plot folder")
-    ckpt, config = read_run(args.checkpoint)
-    model = load_checkpoint(args.checkpoint, map_location=device)
+    ckpt, config = read_run(args.checkpoint)  # read and hash-checked once
+    model = model_from_run(ckpt, config, args.checkpoint, map_location=device)
     # Files carry no authority: the data comes from this command line only. The checkpoint
     # may name the dataset (the name picks a reader), never the folder it is read from.
     dataset = args.dataset or config.dataset

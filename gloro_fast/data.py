@@ -62,7 +62,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ._validation import check_positive_int
+from ._validation import check_choice, check_positive_int
 
 __all__ = ["DATASETS", "SPLITS", "load_dataset", "make_loaders", "augmentation", "Augmented",
            "torchvision"]
@@ -120,8 +120,7 @@ def load_dataset(
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; expected one of {DATASETS}")
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    check_choice("split", split, SPLITS)
     wanted = ("train", "test") if split == "both" else (split,)
     if name == "mnist-sample":
         train, test = _mnist_sample(seed)

@@ -15,6 +15,7 @@ from typing import Callable, Dict, List, Sequence, Tuple
 import torch
 
 from . import nn as gnn
+from ._validation import check_choice, check_input_shape
 from .model import GloroNet
 
 __all__ = ["ARCHITECTURES", "build", "cnn_2C2F", "cnn_4C3F", "cnn_6C2F", "cnn_8C2F", "liresnet"]
@@ -30,16 +31,9 @@ def _activation(name: str) -> gnn.LipschitzModule:
     raise ValueError(f"activation must be 'minmax' or 'relu', got {name!r}")
 
 
-def _check_input_shape(input_shape) -> Tuple[int, int, int]:
-    shape = tuple(int(s) for s in input_shape)
-    if len(shape) != 3 or min(shape) < 1:
-        raise ValueError(f"input_shape must be (C, H, W) with positive sizes, got {input_shape}")
-    return shape
-
-
 def _conv_net(input_shape, num_classes, epsilon, convs: Sequence[ConvSpec], dense: Sequence[int],
               activation: str, **gloro_kwargs) -> GloroNet:
-    input_shape = _check_input_shape(input_shape)
+    input_shape = check_input_shape(input_shape, ndim=3)
     layers: List[torch.nn.Module] = []
     channels = input_shape[0]
     for filters, kernel, stride in convs:
@@ -89,7 +83,7 @@ def liresnet(input_shape=(3, 32, 32), num_classes: int = 10, epsilon: float = 0.
              depth: int = 6, width: int = 32, activation: str = "minmax", **gloro_kwargs) -> GloroNet:
     """A small LiResNet: stem conv 3×3 → ``width``, ``depth`` LiResBlocks (each followed by
     the activation), neck conv k4 s4 → 2·width, dense 512, head."""
-    input_shape = _check_input_shape(input_shape)
+    input_shape = check_input_shape(input_shape, ndim=3)
     for name, value in (("depth", depth), ("width", width)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -115,6 +109,5 @@ ARCHITECTURES: Dict[str, Callable[..., GloroNet]] = {
 
 def build(name: str, input_shape, num_classes: int, epsilon: float, **kwargs) -> GloroNet:
     """Build an architecture of :data:`ARCHITECTURES` by name."""
-    if name not in ARCHITECTURES:
-        raise ValueError(f"architecture must be one of {sorted(ARCHITECTURES)}, got {name!r}")
+    check_choice("architecture", name, sorted(ARCHITECTURES))
     return ARCHITECTURES[name](input_shape=input_shape, num_classes=num_classes, epsilon=epsilon, **kwargs)

@@ -34,7 +34,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from . import losses, models
-from ._validation import check_epsilon, check_positive_int
+from ._validation import BOUNDS, check_choice, check_epsilon, check_positive_int
 from .bounds import check_certificate
 from .data import DATASETS, STREAMED, Augmented, augmentation, load_dataset, make_loaders
 from .files import atomic_write_text, check_output_dir, read_checkpoint, write_checkpoint
@@ -43,7 +43,7 @@ from .ops import bottom_logit, class_distances
 from .schedules import Schedule
 
 __all__ = ["TrainConfig", "Run", "train", "setup_run", "train_epoch", "evaluate", "compute_loss",
-           "save_checkpoint", "load_checkpoint", "read_run", "resume_config", "certified_radii",
+           "save_checkpoint", "load_checkpoint", "model_from_run", "read_run", "resume_config", "certified_radii",
            "robustness_plot",
            "OPTIMIZERS", "AMP_MODES", "AUGMENTATIONS", "RUN_FILES"]
 
@@ -96,12 +96,10 @@ class TrainConfig:
 
     def validate(self, check_device: bool = True) -> "TrainConfig":
         """Check every field; raise ``ValueError``/``TypeError`` naming the first bad one."""
-        if self.dataset not in DATASETS:
-            raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
+        check_choice("dataset", self.dataset, DATASETS)
         if self.data_dir is not None and not isinstance(self.data_dir, str):
             raise TypeError(f"data_dir must be a string path or None, got {type(self.data_dir).__name__}")
-        if self.arch not in models.ARCHITECTURES:
-            raise ValueError(f"arch must be one of {sorted(models.ARCHITECTURES)}, got {self.arch!r}")
+        check_choice("arch", self.arch, sorted(models.ARCHITECTURES))
         if not isinstance(self.arch_kwargs, dict):
             raise TypeError(f"arch_kwargs must be a dict, got {type(self.arch_kwargs).__name__}")
         if self.arch_kwargs and self.arch != "liresnet":
@@ -110,8 +108,7 @@ class TrainConfig:
             if key not in ("depth", "width"):
                 raise ValueError(f"arch_kwargs may hold depth and width, got {key!r}")
             check_positive_int(key, value)
-        if self.loss not in losses.LOSSES:
-            raise ValueError(f"loss must be one of {losses.LOSSES}, got {self.loss!r}")
+        check_choice("loss", self.loss, losses.LOSSES)
         check_epsilon(self.epsilon, "epsilon")
         if self.train_epsilon is not None:
             check_epsilon(self.train_epsilon, "train_epsilon")
@@ -123,19 +120,15 @@ class TrainConfig:
         check_positive_int("seed", self.seed, allow_zero=True)
         if self.num_workers is not None:
             check_positive_int("num_workers", self.num_workers, allow_zero=True)
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        check_choice("optimizer", self.optimizer, OPTIMIZERS)
         _check_number("lr", self.lr, positive=True)
         for name in ("weight_decay", "momentum", "lam"):
             _check_number(name, getattr(self, name))
         if self.grad_clip is not None:
             _check_number("grad_clip", self.grad_clip, positive=True)
-        if self.bound not in ("margin", "global"):
-            raise ValueError(f"bound must be 'margin' or 'global', got {self.bound!r}")
-        if self.amp not in AMP_MODES:
-            raise ValueError(f"amp must be one of {AMP_MODES}, got {self.amp!r}")
-        if self.augment not in AUGMENTATIONS:
-            raise ValueError(f"augment must be one of {AUGMENTATIONS}, got {self.augment!r}")
+        check_choice("bound", self.bound, BOUNDS)
+        check_choice("amp", self.amp, AMP_MODES)
+        check_choice("augment", self.augment, AUGMENTATIONS)
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
         self.schedules()  # every schedule parses and gives usable values
@@ -330,12 +323,17 @@ def read_run(path) -> Tuple[Dict[str, Any], TrainConfig]:
     return ckpt, config_from_dict(ckpt["config"], source)
 
 
+def model_from_run(ckpt: Dict[str, Any], config: TrainConfig, path, map_location="cpu") -> GloroNet:
+    """The GloroNet of a checkpoint that :func:`read_run` has read from ``path`` (no second read)."""
+    model = _model_from(ckpt, config, f"checkpoint {str(path)!r}")
+    return model.to(map_location) if map_location is not None else model
+
+
 def load_checkpoint(path, map_location="cpu") -> GloroNet:
     """Rebuild the GloroNet saved by :func:`train` (architecture, test ε, bound, weights);
     a damaged or foreign file is a ``ValueError`` naming it."""
     ckpt, config = read_run(path)
-    model = _model_from(ckpt, config, f"checkpoint {str(path)!r}")
-    return model.to(map_location) if map_location is not None else model
+    return model_from_run(ckpt, config, path, map_location)
 
 
 def resume_config(run_dir, overrides: Optional[Dict[str, Any]] = None) -> Tuple[TrainConfig, Dict[str, Any]]:

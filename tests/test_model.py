@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from gloro_fast import GloroNet, GloroOutput
 from gloro_fast import nn as gnn
 from gloro_fast.losses import gloro_cross_entropy
-from tests.helpers import explicit_matrix
+from tests.helpers import explicit_matrix, same_conv_reference
 
 DT = torch.float64
 TIGHT = dict(tol=1e-13, max_iter=20000)
@@ -66,21 +66,6 @@ def conv_net(seed=0, classes=3, eps=0.2, bound="margin", **kw):
 
 
 # ---------------------------------------------------------------- independent references
-def tf_same_pads(size, k, s):
-    out = -(-size // s)
-    total = max((out - 1) * s + k - size, 0)
-    return total // 2, total - total // 2
-
-
-def ref_conv(layer, x):
-    """Zero-padded conv from first principles of "same" padding (+ x for LiResBlock)."""
-    kh, kw = layer.weight.shape[2:]
-    top, bottom = tf_same_pads(x.shape[2], kh, layer.stride[0])
-    left, right = tf_same_pads(x.shape[3], kw, layer.stride[1])
-    out = F.conv2d(F.pad(x, (left, right, top, bottom)), layer.weight, None, layer.stride)
-    return out + x if isinstance(layer, gnn.LiResBlock) else out
-
-
 def ref_logits(net, x):
     h = x
     with torch.no_grad():
@@ -88,7 +73,7 @@ def ref_logits(net, x):
             if isinstance(layer, gnn.Linear):
                 h = h @ layer.weight.t() + layer.bias
             elif isinstance(layer, gnn.Conv2d):
-                h = ref_conv(layer, h) + layer.bias.view(1, -1, 1, 1)
+                h = same_conv_reference(layer, h) + layer.bias.view(1, -1, 1, 1)
             elif isinstance(layer, gnn.MinMax):
                 a, b = h.chunk(2, dim=1)
                 h = torch.cat([torch.minimum(a, b), torch.maximum(a, b)], dim=1)
@@ -114,11 +99,7 @@ def exact_layer_norms(net, input_shape=None):
             w = layer.weight.detach().to(DT)
 
             def op(u, layer=layer, w=w):
-                kh, kw = w.shape[2:]
-                top, bottom = tf_same_pads(u.shape[2], kh, layer.stride[0])
-                left, right = tf_same_pads(u.shape[3], kw, layer.stride[1])
-                out = F.conv2d(F.pad(u, (left, right, top, bottom)), w, None, layer.stride)
-                return out + u if isinstance(layer, gnn.LiResBlock) else out
+                return same_conv_reference(layer, u, w)
 
             norms.append(float(torch.linalg.matrix_norm(explicit_matrix(op, shape), ord=2)))
         if shape is not None and isinstance(layer, gnn.Conv2d):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from gloro_fast import GloroNet, models
 from gloro_fast import nn as gnn
-from tests.helpers import explicit_matrix
+from tests.helpers import explicit_matrix, same_conv_reference
 
 DT = torch.float64
 
@@ -20,12 +20,6 @@ def _one_thread():
     torch.manual_seed(0)
     yield
     torch.set_num_threads(threads)
-
-
-def tf_same_pads(size, k, s):
-    out = -(-size // s)
-    total = max((out - 1) * s + k - size, 0)
-    return total // 2, total - total // 2
 
 
 def plain_convs(net):
@@ -202,11 +196,7 @@ def exact_body_norm(net):
             w = m.weight.detach()
 
             def op(u, m=m, w=w):
-                kh, kw = w.shape[2:]
-                top, bottom = tf_same_pads(u.shape[2], kh, m.stride[0])
-                left, right = tf_same_pads(u.shape[3], kw, m.stride[1])
-                out = F.conv2d(F.pad(u, (left, right, top, bottom)), w, None, m.stride)
-                return out + u if isinstance(m, gnn.LiResBlock) else out
+                return same_conv_reference(m, u, w)
 
             K *= float(torch.linalg.matrix_norm(explicit_matrix(op, shape), ord=2))
             with torch.no_grad():

@@ -13,6 +13,7 @@ import torch
 from gloro_fast import cli
 from gloro_fast.files import read_checkpoint, write_checkpoint
 from tests.data_files import write_mnist
+from tests.helpers import one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, OMP_NUM_THREADS="1",  # one thread: the same reductions in every process
@@ -110,15 +111,6 @@ def test_an_interrupted_schedule_differs_without_resume(runs, data, tmp_path):
     assert any(not torch.equal(t, different["state_dict"][k]) for k, t in ckpt["state_dict"].items())
 
 
-def _one_error_line(capsys, *needles):
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gloro-fast: error: "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
 @pytest.mark.parametrize("damage", ["truncated", "empty", "random"])
 def test_resume_refuses_damaged_checkpoint(runs, tmp_path, capsys, damage):
     _, cut = runs
@@ -129,7 +121,7 @@ def test_resume_refuses_damaged_checkpoint(runs, tmp_path, capsys, damage):
             "random": os.urandom(len(blob))}[damage]
     (folder / "last.pt").write_bytes(blob)
     assert cli.main(["train", "--resume", str(folder)]) == 2
-    _one_error_line(capsys, str(folder / "last.pt"), "empty" if damage == "empty" else "corrupt")
+    one_error_line(capsys, str(folder / "last.pt"), "empty" if damage == "empty" else "corrupt")
 
 
 def _rewrite(src, dst, change):
@@ -144,7 +136,7 @@ def test_resume_refuses_missing_config_key(runs, tmp_path, capsys):
     _, cut = runs
     _rewrite(cut / "last.pt", tmp_path / "run", lambda c: c["config"].pop("arch"))
     assert cli.main(["train", "--resume", str(tmp_path / "run")]) == 2
-    _one_error_line(capsys, "config is missing key(s) arch")
+    one_error_line(capsys, "config is missing key(s) arch")
 
 
 def test_resume_refuses_architecture_mismatch(runs, tmp_path, capsys):
@@ -152,15 +144,15 @@ def test_resume_refuses_architecture_mismatch(runs, tmp_path, capsys):
     # weights of a 2C2F under a config that says 4C3F
     _rewrite(cut / "last.pt", tmp_path / "run", lambda c: c["config"].update(arch="4C3F"))
     assert cli.main(["train", "--resume", str(tmp_path / "run")]) == 2
-    _one_error_line(capsys, "weights do not fit architecture 4C3F")
+    one_error_line(capsys, "weights do not fit architecture 4C3F")
     # a different architecture asked for on the command line
     assert cli.main(["train", "--resume", str(cut), "--arch", "4C3F"]) == 2
-    _one_error_line(capsys, "--arch '4C3F' conflicts with the resumed run's arch '2C2F'")
+    one_error_line(capsys, "--arch '4C3F' conflicts with the resumed run's arch '2C2F'")
 
 
 def test_resume_may_move_the_data(runs, data, tmp_path, capsys):
     _, cut = runs
     assert cli.main(["train", "--resume", str(cut), "--data-dir", str(tmp_path / "gone")]) == 2
-    _one_error_line(capsys, str(tmp_path / "gone"))
+    one_error_line(capsys, str(tmp_path / "gone"))
     assert cli.main(["train", "--resume", str(tmp_path)]) == 2
-    _one_error_line(capsys, "holds no last.pt")
+    one_error_line(capsys, "holds no last.pt")

@@ -26,6 +26,7 @@ from gloro_fast.train import (
     train_epoch,
 )
 from tests.data_files import write_mnist
+from tests.helpers import one_error_line
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +126,16 @@ def test_evaluate_matches_certify(run):
     assert wider["vra"] <= metrics["vra"] and model.epsilon == 0.3
 
 
-def test_cli_certify(run, capsys):
+def test_cli_certify(run, capsys, monkeypatch):
+    import gloro_fast.train as train_module
+
+    reads = []
+    read = train_module.read_checkpoint
+    monkeypatch.setattr(train_module, "read_checkpoint", lambda path: reads.append(path) or read(path))
     assert cli.main(["certify", str(run / "model.pt"), "--epsilon", "0.1"]) == 0
     out = capsys.readouterr().out
     assert "VRA sound    ε=0.1" in out and "VRA estimate" in out and "clean accuracy" in out
+    assert len(reads) == 1  # the checkpoint is read (and its hash checked) once
 
 
 def test_finished_run_folder_is_replaced_unfinished_refused(run, tmp_path, capsys):
@@ -146,14 +153,6 @@ def test_finished_run_folder_is_replaced_unfinished_refused(run, tmp_path, capsy
 
 
 # --------------------------------------------------------------------------- one-line errors
-
-
-def _one_error_line(capsys, *needles):
-    err = capsys.readouterr().err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("gloro-fast: error: "), err
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
 
 
 @pytest.mark.parametrize(
@@ -180,7 +179,7 @@ def _one_error_line(capsys, *needles):
 def test_cli_rejects_bad_arguments(argv, message, capsys, tmp_path):
     out = tmp_path / "out"
     assert cli.main(argv + ["--output-dir", str(out)]) == 2
-    _one_error_line(capsys, message)
+    one_error_line(capsys, message)
     assert not (out / "last.pt").exists()  # refused before any training
 
 
@@ -188,9 +187,9 @@ def test_output_dir_must_be_a_writable_folder(tmp_path, capsys):
     a_file = tmp_path / "f"
     a_file.write_text("x")
     assert cli.main(["train", "--output-dir", str(a_file)]) == 2
-    _one_error_line(capsys, "is a file, not a folder")
+    one_error_line(capsys, "is a file, not a folder")
     assert cli.main(["train", "--output-dir", "/sys/gloro_fast_run"]) == 2
-    _one_error_line(capsys, "is not a writable folder")
+    one_error_line(capsys, "is not a writable folder")
 
 
 def _gzip_mnist(tmp_path):
@@ -205,7 +204,7 @@ def test_cli_corrupt_gzip(tmp_path, capsys):
     folder, path = _gzip_mnist(tmp_path)
     assert cli.main(["train", "--dataset", "mnist", "--data-dir", str(folder),
                      "--output-dir", str(tmp_path / "out")]) == 2
-    _one_error_line(capsys, str(path))
+    one_error_line(capsys, str(path))
     assert not (tmp_path / "out" / "last.pt").exists()
 
 
@@ -221,7 +220,7 @@ def test_cli_truncated_cifar_pickle(tmp_path, capsys):
     (folder / "data_batch_4").write_bytes(blob[: len(blob) // 2])
     assert cli.main(["train", "--dataset", "cifar10", "--data-dir", str(tmp_path), "--arch", "6C2F",
                      "--output-dir", str(tmp_path / "out")]) == 2
-    _one_error_line(capsys, "data_batch_4: truncated or corrupt CIFAR batch")
+    one_error_line(capsys, "data_batch_4: truncated or corrupt CIFAR batch")
 
 
 def test_cli_garbage_jpeg(tmp_path, capsys):
@@ -237,7 +236,7 @@ def test_cli_garbage_jpeg(tmp_path, capsys):
     (root / "val" / "val_annotations.txt").write_text("v.JPEG\tn01\t0\t0\t1\t1\n")
     assert cli.main(["train", "--dataset", "tiny-imagenet", "--data-dir", str(tmp_path), "--arch", "8C2F",
                      "--output-dir", str(tmp_path / "out")]) == 2
-    _one_error_line(capsys, "b.JPEG: not a readable image")
+    one_error_line(capsys, "b.JPEG: not a readable image")
 
 
 def test_cli_certify_rejects_non_checkpoint(tmp_path, capsys):
@@ -462,7 +461,7 @@ def test_certify_never_takes_the_data_folder_from_the_checkpoint(mnist_run, caps
     assert read_checkpoint(out / "model.pt")["config"]["data_dir"] == str(data)
     # the checkpoint names mnist and its folder; without --data-dir certify must refuse
     assert cli.main(["certify", str(out / "model.pt")]) == 2
-    _one_error_line(capsys, "needs data_dir")
+    one_error_line(capsys, "needs data_dir")
 
 
 def test_certify_several_epsilons_and_plot(mnist_run, tmp_path, capsys):
@@ -489,7 +488,7 @@ def test_certify_refuses_damaged_checkpoints(mnist_run, tmp_path, capsys, damage
     bad.write_bytes({"truncated": blob[: len(blob) // 2], "empty": b"",
                      "random": bytes(reversed(blob))}[damage])
     assert cli.main(["certify", str(bad), "--data-dir", str(test_only)]) == 2
-    _one_error_line(capsys, str(bad))
+    one_error_line(capsys, str(bad))
 
 
 def test_certify_rejects_a_bad_epsilon_before_work(mnist_run, capsys):

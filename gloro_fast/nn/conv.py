@@ -8,12 +8,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._validation import check_input_shape
 from ..ops import power_iteration_conv
 from ..ops.convolution import conv_operator, normalize_padding
 from ..sound.conv import conv_abs_norm_upper, conv_geometry, conv_norm_upper
 from ..sound.forward_error import affine_layer
 from ..sound.rounding import U64, gamma, up
-from .base import PowerIterationModule, float64_scalar
+from .base import PowerIterationModule, WeightInit, float64_scalar
 
 __all__ = ["Conv2d", "LiResBlock", "same_padding"]
 
@@ -29,7 +30,7 @@ def same_padding(input_hw, kernel_size, stride, dilation) -> Tuple[int, int, int
     return tuple(pads)
 
 
-class Conv2d(nn.Conv2d, PowerIterationModule):
+class Conv2d(WeightInit, nn.Conv2d, PowerIterationModule):
     """``torch.nn.Conv2d`` whose bound is σ̂ of the real convolution operator.
 
     The operator is the zero-padded, strided, dilated, grouped convolution on the actual
@@ -50,9 +51,7 @@ class Conv2d(nn.Conv2d, PowerIterationModule):
             raise ValueError(
                 f"padding_mode must be 'zeros' (the bound is derived for zero padding), got {padding_mode!r}"
             )
-        if init not in ("orthogonal", "default"):
-            raise ValueError(f"init must be 'orthogonal' or 'default', got {init!r}")
-        self.init = init
+        self._set_init(init)
         explicit4 = isinstance(padding, (tuple, list)) and len(padding) == 4
         torch_padding = 0 if isinstance(padding, str) or explicit4 else padding
         super().__init__(in_channels, out_channels, kernel_size, stride, torch_padding, dilation,
@@ -66,13 +65,6 @@ class Conv2d(nn.Conv2d, PowerIterationModule):
         self._init_iterate(None, device=self.weight.device, dtype=self.weight.dtype)
         if input_shape is not None:
             self.set_input_shape(input_shape)
-
-    def reset_parameters(self) -> None:
-        super().reset_parameters()
-        if self.init == "orthogonal":
-            nn.init.orthogonal_(self.weight)
-            if self.bias is not None:
-                nn.init.zeros_(self.bias)
 
     # -- geometry -----------------------------------------------------------------
     def pads_for(self, input_hw) -> Tuple[int, int, int, int]:
@@ -89,11 +81,7 @@ class Conv2d(nn.Conv2d, PowerIterationModule):
 
     def set_input_shape(self, input_shape: Sequence[int]) -> None:
         """Fix the input size (C_in, H, W) the operator acts on, initialising the iterate."""
-        input_shape = tuple(int(s) for s in input_shape)
-        if len(input_shape) != 3 or input_shape[0] != self.in_channels or min(input_shape) < 1:
-            raise ValueError(
-                f"input_shape must be ({self.in_channels}, H, W) with H, W >= 1, got {input_shape}"
-            )
+        input_shape = check_input_shape(input_shape, ndim=3, channels=self.in_channels)
         if self.input_shape is not None and self.input_shape != input_shape:
             raise ValueError(
                 f"{type(self).__name__} is bound for inputs of shape {self.input_shape}, got "

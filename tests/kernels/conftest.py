@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import pytest
 
+from gloro_fast.ops import use_backend
 from tests.kernels.gloro_triton_env import DEVICE, REASON
 
 
 @pytest.fixture
 def kernels_usable():
     """Skip (with the reason) where the kernels cannot run; modules that run the kernels use it
-    with ``pytestmark = pytest.mark.usefixtures("kernels_usable")``."""
+    with ``pytestmark = pytest.mark.usefixtures("kernels_usable", …)``."""
     if REASON is not None:
         pytest.skip(f"Triton kernels unusable here: {REASON}")
 
@@ -18,3 +19,10 @@ def kernels_usable():
 def device():
     """Where the kernels run: the GPU when there is one, else the CPU (interpreter)."""
     return DEVICE
+
+
+@pytest.fixture
+def triton_backend():
+    """The Triton backend selected for the test (the modules of one kernel use it)."""
+    with use_backend("triton"):
+        yield

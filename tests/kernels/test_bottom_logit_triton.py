@@ -7,19 +7,15 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-pytestmark = pytest.mark.usefixtures("kernels_usable")
+pytestmark = pytest.mark.usefixtures("kernels_usable", "triton_backend")
 
 import gloro_fast.kernels.bottom_logit as bl  # noqa: E402
-from gloro_fast.ops import bottom_logit, bottom_logit_reference, registry, use_backend  # noqa: E402
+from gloro_fast.ops import bottom_logit, bottom_logit_reference, registry  # noqa: E402
+from tests.helpers import OpLog  # noqa: E402
 
 F64 = torch.float64
 TRITON = registry.kernels("bottom_logit", "triton")
 
-
-@pytest.fixture(autouse=True)
-def triton_backend():
-    with use_backend("triton"):
-        yield
 
 
 def bottom_logit_forward(f, d, k, eps, classes):
@@ -190,17 +186,6 @@ def test_autotune_key_leaves_the_batch_size_out():
 def test_deterministic_mode_scatters_without_atomics(device, gen):
     """Under torch.use_deterministic_algorithms the ∂D scatter is an index_put_ (which torch
     runs deterministically) instead of float atomics; the values are the same."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class OpLog(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.names = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.names.append(str(func))
-            return func(*args, **(kwargs or {}))
-
     f, d, k = _inputs(40, 3, F64, device, gen)  # 40 rows over 3 classes: cells shared by many rows
     _, i_star, j = bottom_logit_forward(f, d, k, 0.5, None)
     g = torch.randn(40, generator=gen, dtype=F64).to(device)

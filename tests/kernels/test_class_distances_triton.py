@@ -7,19 +7,15 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-pytestmark = pytest.mark.usefixtures("kernels_usable")
+pytestmark = pytest.mark.usefixtures("kernels_usable", "triton_backend")
 
 import gloro_fast.kernels.class_distances  # noqa: E402,F401  (registers the Triton kernels)
-from gloro_fast.ops import class_distances, class_distances_reference, registry, use_backend  # noqa: E402
+from gloro_fast.ops import class_distances, class_distances_reference, registry  # noqa: E402
 
 F64 = torch.float64
 TRITON = registry.kernels("class_distances", "triton")
 
 
-@pytest.fixture(autouse=True)
-def triton_backend():
-    with use_backend("triton"):
-        yield
 # non-powers of 2, C = 1 and 2, d = 1, tails in both tile axes (tiles are 32×32×32 / 16³)
 SHAPES = [(1, 1), (2, 1), (2, 5), (7, 3), (19, 33), (37, 2), (40, 17)]
 

@@ -7,21 +7,16 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-pytestmark = pytest.mark.usefixtures("kernels_usable")
+pytestmark = pytest.mark.usefixtures("kernels_usable", "triton_backend")
 
 from gloro_fast import ops  # noqa: E402
 from gloro_fast.kernels.power_iteration_conv import conv2d_ieee, normalize_segments, segment_norms  # noqa: E402
-from gloro_fast.ops import power_iteration_conv_reference, registry, use_backend  # noqa: E402
+from gloro_fast.ops import power_iteration_conv_reference, registry  # noqa: E402
 from tests.helpers import explicit_matrix  # noqa: E402
 
 F64 = torch.float64
 TRITON = registry.kernels("power_iteration_conv", "triton")
 
-
-@pytest.fixture(autouse=True)
-def triton_backend():
-    with use_backend("triton"):
-        yield
 
 
 def power_iteration_conv(w, u, n_iter, stride=1, padding=0, dilation=1, groups=1, residual=False):

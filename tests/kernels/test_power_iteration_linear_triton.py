@@ -7,24 +7,19 @@ import pytest
 import torch
 
 pytest.importorskip("triton")
-pytestmark = pytest.mark.usefixtures("kernels_usable")
+pytestmark = pytest.mark.usefixtures("kernels_usable", "triton_backend")
 
 import gloro_fast.kernels.power_iteration_linear  # noqa: E402,F401  (registers the Triton kernels)
 from gloro_fast.ops import (  # noqa: E402
     power_iteration_linear,
     power_iteration_linear_reference,
     registry,
-    use_backend,
 )
 
 F64 = torch.float64
 TRITON = registry.kernels("power_iteration_linear", "triton")
 
 
-@pytest.fixture(autouse=True)
-def triton_backend():
-    with use_backend("triton"):
-        yield
 # (1,1), d = 1 columns, tails past BLOCK_M = 32 rows and BLOCK_N = 64 columns
 SHAPES = [(7, 5), (1, 1), (70, 3), (3, 130), (2, 1)]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from gloro_fast.ops import resolve_backend, use_backend
 
@@ -45,13 +44,3 @@ def value_iterates_grads(fn, weights, iterates):
     return value.detach(), new_us, [w.grad for w in ws]
 
 
-class OpLog(TorchDispatchMode):
-    """Records the name of every op dispatched inside the block (``log.names``)."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.names.append(str(func))
-        return func(*args, **(kwargs or {}))

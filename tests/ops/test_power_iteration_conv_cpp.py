@@ -13,7 +13,8 @@ from gloro_fast.ops.power_iteration_conv import (
     power_iteration_conv_batched,
     power_iteration_conv_batched_reference,
 )
-from tests.ops.cpp_helpers import POWER_ITERATION_TOL, OpLog, cpp_op_marks, value_iterates_grads
+from tests.helpers import OpLog
+from tests.ops.cpp_helpers import POWER_ITERATION_TOL, cpp_op_marks, value_iterates_grads
 
 pytestmark = cpp_op_marks("power_iteration_conv", single_thread=True)
 TOL = POWER_ITERATION_TOL

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from gloro_fast.ops import power_iteration_linear
-from tests.ops.cpp_helpers import POWER_ITERATION_TOL, OpLog, cpp_op_marks, value_iterates_grads
+from tests.helpers import OpLog
+from tests.ops.cpp_helpers import POWER_ITERATION_TOL, cpp_op_marks, value_iterates_grads
 
 pytestmark = cpp_op_marks("power_iteration_linear", single_thread=True)
 TOL = POWER_ITERATION_TOL

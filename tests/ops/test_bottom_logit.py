@@ -249,8 +249,6 @@ def _bad_cases():
     ]
 
 
-VALUE_CASES = ("logits-nan", "logits-inf", "distances-nan", "k-negative", "k-negative-tensor", "k-nan",
-               "classes-high", "classes-negative")
 @pytest.mark.parametrize("case", _bad_cases(), ids=lambda c: c[0])
 def test_bad_inputs(case, debug_checks):
     _, fn, exc, name = case

@@ -383,14 +383,28 @@ PAIRED_MODELS = {"6C2F": (cnn_6C2F, (3, 32, 32)), "2C2F": (cnn_2C2F, (1, 28, 28)
 PAIRS = pick(15, 5)
 
 
-def build_pair(arch):
-    from gloro_fast.export import freeze
+class UserMinMax(torch.nn.Module):
+    """MinMax as a user writes it for training (differentiable): min and max of the channel
+    halves, concatenated."""
+
+    def forward(self, x):
+        a, b = x.chunk(2, dim=1)
+        return torch.cat([torch.minimum(a, b), torch.maximum(a, b)], dim=1)
+
+
+def build_pair(arch, training=False):
+    """The GloroNet and the same network in torch.nn layers (its own copy of the weights):
+    gloro_fast.export.freeze's plain body (nn.Conv2d with the padding folded in, nn.Linear,
+    MinMax writing one output) for inference; for training, with MinMax as a user writes it
+    (the frozen one computes without autograd)."""
+    from gloro_fast.export import MinMax, freeze
 
     make, shape = PAIRED_MODELS[arch]
     torch.manual_seed(0)
     model = make(input_shape=shape, num_classes=10).to(DEVICE, DTYPE)
     frozen = freeze(model.eval(), "estimate")
-    plain = torch.nn.Sequential(*frozen.body, frozen.head).to(DEVICE, DTYPE)
+    layers = [UserMinMax() if training and isinstance(m, MinMax) else m for m in frozen.body]
+    plain = torch.nn.Sequential(*layers, frozen.head).to(DEVICE, DTYPE)
     plain.requires_grad_(True)  # freeze() hands out constants
     return model, plain, shape
 
@@ -441,7 +455,7 @@ TRAIN_PAIRED = pick((("6C2F", 256), ("6C2F", 32)), (("6C2F", 32),))
 @pytest.mark.parametrize("compile_", (False, True), ids=("eager", "compile"))
 @pytest.mark.parametrize("arch,batch", TRAIN_PAIRED)
 def test_training_step_paired(benchmark, arch, batch, compile_):
-    model, plain, shape = build_pair(arch)
+    model, plain, shape = build_pair(arch, training=True)
     model.train()
     plain.train()
     x, y = paired_data(batch, shape)

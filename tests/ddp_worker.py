@@ -1,5 +1,6 @@
 """Run by tests/test_ddp.py under torchrun: train briefly with DDP, then check that every
 rank holds the same parameters and power-iteration iterates."""
+import os
 import sys
 
 import torch
@@ -21,3 +22,9 @@ for name, tensor in list(model.named_parameters()) + list(model.named_buffers())
 if dist.get_rank() == 0:
     print(f"DDP_OK world={world} vra={metrics['vra']:.4f}")
 dist.destroy_process_group()
+# Leave without interpreter finalisation: on a busy machine a rank sometimes aborts there
+# ("terminate called without an active exception", SIGABRT) after every check above has
+# passed and both ranks have destroyed the process group (about 1 run in 10 with both cores
+# loaded, with or without TRITON_INTERPRET): torch's teardown, not what this test checks.
+sys.stdout.flush()
+os._exit(0)

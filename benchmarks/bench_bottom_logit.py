@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (
+from benchmarks.harness import (
     DEVICE,
     DTYPE,
     NAIVE_CAP_BYTES,

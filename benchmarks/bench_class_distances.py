@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from conftest import (
+from benchmarks.harness import (
     DEVICE,
     DTYPE,
     NAIVE_CAP_BYTES,

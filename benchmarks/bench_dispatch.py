@@ -16,7 +16,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, QUICK, record_skip, run_case
+from benchmarks.harness import DEVICE, QUICK, record_skip, run_case
 from gloro_fast import ops
 from gloro_fast.ops import registry
 

@@ -22,7 +22,7 @@ import time
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPE, pick, record_skip, run_case
+from benchmarks.harness import DEVICE, DTYPE, pick, record_skip, run_case
 from gloro_fast.export import FrozenGloroNet, _Program, export_pt2, freeze, to_onnx
 from gloro_fast.models import cnn_6C2F
 

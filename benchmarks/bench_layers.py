@@ -17,7 +17,7 @@ import pytest
 import torch
 from torch import nn
 
-from conftest import DEVICE, DTYPE, pick, run_paired
+from benchmarks.harness import DEVICE, DTYPE, pick, run_paired
 from gloro_fast import nn as gnn
 
 BATCH = pick(128, 32)

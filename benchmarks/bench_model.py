@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import (
+from benchmarks.harness import (
     DEVICE,
     DTYPE,
     QUICK,
@@ -376,7 +376,7 @@ def test_convergence(benchmark, arch, contender):
 # -- paired rounds against the same network in torch.nn layers ----------------------------
 # The targets of these cases are ratios near 1 (certify ≥ 0.97× the plain forward's
 # throughput, a training step ≤ 1.05× the plain step's time), below a shared machine's
-# drift: each runs as interleaved pairs (conftest.run_paired). The plain network is the
+# drift: each runs as interleaved pairs (harness.run_paired). The plain network is the
 # same body and head as torch.nn layers (gloro_fast.export.freeze's copy: nn.Conv2d with
 # the padding folded in, nn.Linear, the same MinMax), with its own copy of the weights.
 PAIRED_MODELS = {"6C2F": (cnn_6C2F, (3, 32, 32)), "2C2F": (cnn_2C2F, (1, 28, 28))}

@@ -15,7 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPE, compiled, contenders, label, pick, run_contender, zero_grads
+from benchmarks.harness import DEVICE, DTYPE, compiled, contenders, label, pick, run_contender, zero_grads
 from gloro_fast.ops import power_iteration_conv
 from gloro_fast.ops.convolution import conv_operator, conv_operator_adjoint
 

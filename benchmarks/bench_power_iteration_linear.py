@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import DEVICE, DTYPE, compiled, contenders, label, pick, run_contender, zero_grads
+from benchmarks.harness import DEVICE, DTYPE, compiled, contenders, label, pick, run_contender, zero_grads
 from gloro_fast.ops import power_iteration_linear
 
 # name → list of (out_features, in_features)

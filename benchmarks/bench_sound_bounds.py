@@ -23,7 +23,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import pick, record_skip, run_case
+from benchmarks.harness import pick, record_skip, run_case
 from gloro_fast import models
 from gloro_fast.nn import Conv2d, Linear
 

@@ -3,7 +3,7 @@
     python benchmarks/report.py --raw benchmarks/.raw/bench.json --out benchmarks
 
 reads the pytest-benchmark file (``--benchmark-json``) and the run's metadata written by
-conftest.py beside it (``<raw>.meta.json``: device, backends, skipped contenders), and writes
+benchmarks/harness.py beside it (``<raw>.meta.json``: device, backends, skipped contenders), and writes
 
 - ``<out>/results/<device>.json``: every case × contender (median, IQR, rounds, peak memory,
   speed-ups) and the targets,

@@ -243,3 +243,60 @@ def test_kernels_import_no_private_name_from_gloro_fast():
             if module.startswith("gloro_fast.") and not module.startswith("gloro_fast.kernels"):
                 parts = module.split(".") + ([imported] if imported else [])
                 assert not any(p.startswith("_") for p in parts), f"{name} imports {'.'.join(parts)}"
+
+
+# ---- the autograd kernel's shortcut ----
+
+
+def _linear_args(gen, requires_grad=False):
+    ws = [torch.randn(5, 4, generator=gen, dtype=F64, requires_grad=requires_grad)]
+    us = [torch.nn.functional.normalize(torch.randn(4, generator=gen, dtype=F64), dim=0)]
+    return ws, us, 2
+
+
+@pytest.mark.parametrize("name", _backends())
+def test_a_call_without_graph_skips_the_redispatch_and_nothing_else(name, gen, monkeypatch):
+    """A call that builds no graph (no input requiring grad, or grad mode off) on plain CPU
+    tensors runs the chosen kernels straight from the op's autograd kernel; a call that
+    builds one, and any call under a dispatch mode, goes the general way (the redispatch
+    below autograd, where modes, fake and functional tensors see the op). Same values,
+    same kernels either way."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    op = torch.ops.gloro_fast.power_iteration_linear.default
+    redispatched = []
+    original = torch._ops.OpOverload.redispatch
+
+    def spy(self, *args, **kwargs):
+        redispatched.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch._ops.OpOverload, "redispatch", spy)
+
+    class Seen(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func)
+            return func(*args, **(kwargs or {}))
+
+    ws, us, n_iter = _linear_args(gen)
+    want_u, want_s = ops.power_iteration_linear_reference(ws, us, n_iter)
+    with ops.use_backend(name):
+        (u,), (s,) = op(ws, us, n_iter)  # no input requires grad
+        assert redispatched == [] and not s.requires_grad
+        ws_grad = [w.detach().requires_grad_() for w in ws]
+        with torch.no_grad():
+            (u_ng,), (s_ng,) = op(ws_grad, us, n_iter)  # grad mode off
+        assert redispatched == [] and not s_ng.requires_grad
+        (u_g,), (s_g,) = op(ws_grad, us, n_iter)  # a graph: torch's autograd kernel, redispatch
+        assert redispatched == [op] and s_g.requires_grad
+        redispatched.clear()
+        with Seen() as mode:
+            (u_m,), (s_m,) = op(ws, us, n_iter)
+        assert redispatched == [op] and op in mode.ops
+    for got_u, got_s in ((u, s), (u_ng, s_ng), (u_g, s_g), (u_m, s_m)):
+        torch.testing.assert_close(got_u, want_u[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got_s, want_s[0], rtol=1e-12, atol=1e-12)

@@ -23,7 +23,7 @@ import pytest
 import torch
 
 from benchmarks.harness import DEVICE, DTYPE, pick, record_skip, run_case
-from gloro_fast.export import FrozenGloroNet, _Program, export_pt2, freeze, to_onnx
+from gloro_fast.export import ExportedOutputs, FrozenGloroNet, export_pt2, freeze, to_onnx
 from gloro_fast.models import cnn_6C2F
 
 BATCH = pick(256, 64)
@@ -147,7 +147,7 @@ def test_onnxruntime(benchmark, contender, tmp_path):
         frozen = m["estimate"]
         proto = to_onnx(_Plain(frozen), (x[:2],), batch, ["x"], ["logits"])
     else:
-        proto = to_onnx(_Program(m[contender[len("onnxruntime["):-1]]), (x[:2],), batch, ["x"],
+        proto = to_onnx(ExportedOutputs(m[contender[len("onnxruntime["):-1]]), (x[:2],), batch, ["x"],
                         ["logits", "certified", "radius"])
     session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     feed = {"x": x.cpu().numpy()}

@@ -1,4 +1,5 @@
-"""The Lipschitz bounds a :class:`~gloro_fast.GloroNet` certifies with, and their cache.
+"""The Lipschitz bounds a :class:`~gloro_fast.GloroNet` certifies with: how they are computed
+(:mod:`gloro_fast.bound_cache` keeps them per set of weights and guards against stale ones).
 
 Two kinds, both computed once per set of weights and cached until any parameter changes
 (in place, through ``.data``, by ``load_state_dict``, ``.to()``/``.double()``):
@@ -42,9 +43,10 @@ from .sound.dense import spectral_norm_upper
 from .sound.forward_error import Affine, AffineStep, Arithmetic, ForwardBound
 from .sound.rounding import U64, gamma, up, up_tensor
 
-__all__ = ["Allowance", "AllowanceForms", "BoundCache", "EstimateBounds", "LayerBracket", "LinearForms",
+__all__ = ["Allowance", "AllowanceForms", "EstimateBounds", "LayerBracket", "LinearForms",
            "SoundBounds",
            "CERTIFICATES", "check_certificate", "chain_layers", "compute_estimate", "compute_sound",
+           "global_distances", "inferred_input_shape", "is_chain", "model_tensor", "named_layers",
            "upper_bounds", "with_uppers"]
 
 CERTIFICATES = ("sound", "estimate")
@@ -207,77 +209,22 @@ class SoundBounds:
         return sound_radius(logits, self.distances, allowance)
 
 
-class BoundCache:
-    """Computed bounds of one model, valid until any parameter changes.
-
-    The key holds every parameter's storage pointer, version counter, dtype, device and
-    shape (host-side, no synchronisation). Version counters miss in-place edits through
-    ``p.data``, so a copy of the weights is kept and compared as well: with a host
-    decision on the slow path (:meth:`valid_for`, which then recomputes), as a 0-dim
-    boolean tensor on the hot path (:meth:`current`), which certification turns into "not
-    certified" — a changed weight never meets a cached bound, and no host synchronisation.
-    """
-
-    def __init__(self) -> None:
-        self._key = None
-        self._snapshot: List[torch.Tensor] = []
-        self.values: Dict[str, object] = {}
-
-    @staticmethod
-    def _key_of(model, extra):
-        return tuple((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape))
-                     for p in model.parameters()) + tuple(extra)
-
-    def _refresh(self, key, params) -> None:
-        self._key = key
-        self._snapshot = [p.clone() for p in params]
-        self.values = {}
-
-    def valid_for(self, model: torch.nn.Module, extra=()) -> Dict[str, object]:
-        """The values, emptied first unless the weights are exactly those cached (slow path:
-        the value comparison synchronises with the host)."""
-        key = self._key_of(model, extra)
-        params = [p.detach() for p in model.parameters()]
-        if not (self._key == key and len(self._snapshot) == len(params)
-                and all(torch.equal(a, b) for a, b in zip(self._snapshot, params))):
-            self._refresh(key, params)
-        return self.values
-
-    def current(self, model: torch.nn.Module, extra=()):
-        """``(values, same)`` without a host synchronisation when the key is unchanged:
-        on an accelerator ``same`` is a 0-dim bool tensor, False when a weight was edited
-        behind the version counter (the caller then certifies nothing); on the CPU, where
-        there is no device to wait for, such an edit empties the values at once, as a
-        changed key does (``same`` is then None)."""
-        params = [p.detach() for p in model.parameters()]
-        if torch.compiler.is_compiling():
-            # torch.compile cannot trace storage pointers or version counters: the bounds
-            # computed eagerly become constants of the graph, and the value comparison alone
-            # keeps them from meeting other weights (the graph then certifies nothing until
-            # an eager query, e.g. model.sound_bounds(), refreshes them and it recompiles)
-            if self._key is None or len(self._snapshot) != len(params) or tuple(extra) != self._key[-len(extra):]:
-                raise RuntimeError(
-                    "compute the bounds once eagerly before compiling certification (e.g. "
-                    "model.sound_bounds() or model.estimate_bounds()): they are constants of "
-                    "the compiled graph"
-                )
-            same = torch.stack([torch.eq(a, b).all() for a, b in zip(self._snapshot, params)]).all()
-            return self.values, same
-        key = self._key_of(model, extra)
-        if self._key == key and len(self._snapshot) == len(params):
-            if all(p.device.type == "cpu" for p in params):
-                # no device to synchronise with: one host-side pass (torch.equal, about half
-                # the cost of eq + all), and an edited weight recomputes the bounds at once
-                if all(torch.equal(a, b) for a, b in zip(self._snapshot, params)):
-                    return self.values, None
-            else:
-                same = torch.stack([torch.eq(a, b).all() for a, b in zip(self._snapshot, params)]).all()
-                return self.values, same
-        self._refresh(key, params)
-        return self.values, None
+def model_tensor(model, value) -> torch.Tensor:
+    """``value`` (a number or tensor) as a tensor of the model's dtype, on its device."""
+    ref = model.head.weight
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype=ref.dtype)
+    return torch.tensor(float(value), dtype=ref.dtype, device=ref.device)
 
 
-def _named_layers(model) -> List[Tuple[str, LipschitzModule]]:
+def global_distances(model, sigma_head: torch.Tensor) -> torch.Tensor:
+    """D of ``bound="global"``: √2 σ_head off the diagonal, 0 on it (C, C), model dtype."""
+    ref = model.head.weight
+    off = 1.0 - torch.eye(model.head.out_features, dtype=ref.dtype, device=ref.device)
+    return (math.sqrt(2.0) * sigma_head) * off
+
+
+def named_layers(model) -> List[Tuple[str, LipschitzModule]]:
     """The leaf Lipschitz layers of the body (and the head), in order, with their names."""
     out = []
     for name, module in model.body.named_modules(prefix="body"):
@@ -297,12 +244,12 @@ def compute_estimate(model) -> EstimateBounds:
     ends come from the converged iterates; their upper ends are filled in by
     :func:`with_uppers`."""
     brackets = []
-    layers = [(n, m) for n, m in _named_layers(model)]
+    layers = [(n, m) for n, m in named_layers(model)]
     if model.bound == "global":
         layers.append(("head", model.head))
     # K is the product of the layers' values when the body is a chain (Sequential); other
     # containers compose their own bound from their layers' converged iterates
-    chain = _is_chain(model)
+    chain = is_chain(model)
     for name, layer in layers:
         if isinstance(layer, PowerIterationModule):
             if not layer.iterate_initialized:
@@ -332,11 +279,11 @@ def compute_estimate(model) -> EstimateBounds:
     with torch.no_grad():
         ref = model.head.weight
         if not chain:
-            lipschitz = model._as_tensor(model.body.lipschitz_bound(0)).detach()
+            lipschitz = model_tensor(model, model.body.lipschitz_bound(0)).detach()
             if model.bound == "margin":
                 distances = class_distances(model.head.weight, exact=True).detach()
             else:
-                distances = model._global_distances(model.head.lipschitz_bound(0)).detach()
+                distances = global_distances(model, model.head.lipschitz_bound(0)).detach()
             return EstimateBounds(lipschitz, distances, tuple(brackets))
         lipschitz = torch.ones((), dtype=ref.dtype, device=ref.device)
         head_sigma = None
@@ -349,14 +296,14 @@ def compute_estimate(model) -> EstimateBounds:
         if model.bound == "margin":
             distances = class_distances(model.head.weight, exact=True).detach()
         else:
-            distances = model._global_distances(head_sigma).detach()
+            distances = global_distances(model, head_sigma).detach()
     return EstimateBounds(lipschitz, distances, tuple(brackets))
 
 
 def with_uppers(model, brackets, uppers: Dict[int, Optional[float]]) -> List[LayerBracket]:
     """The brackets with their provable upper ends, warning when a power iteration stopped
     with a bracket wider than 5 % (its estimate may be far below the norm)."""
-    by_name = {name: id(layer) for name, layer in _named_layers(model) + [("head", model.head)]}
+    by_name = {name: id(layer) for name, layer in named_layers(model) + [("head", model.head)]}
     out = []
     for b in brackets:
         upper = uppers.get(by_name.get(b.name))
@@ -378,7 +325,7 @@ def with_uppers(model, brackets, uppers: Dict[int, Optional[float]]) -> List[Lay
 def upper_bounds(model) -> Dict[int, Optional[float]]:
     """id(layer) → provable upper bound of every leaf layer and the head (None for a layer
     that has none), warning with the layer's name when one is not finite."""
-    layers = _named_layers(model) + [("head", model.head)]
+    layers = named_layers(model) + [("head", model.head)]
     out: Dict[int, Optional[float]] = {}
     for name, layer in layers:
         try:
@@ -398,9 +345,9 @@ def upper_bounds(model) -> Dict[int, Optional[float]]:
     return out
 
 
-def _inferred_input_shape(model) -> Tuple[int, ...]:
+def inferred_input_shape(model) -> Tuple[int, ...]:
     """The sample shape of a model that has not seen an input yet, from its first layer."""
-    layers = _named_layers(model)
+    layers = named_layers(model)
     first = layers[0][1] if layers else None
     if isinstance(first, Linear):
         return (first.in_features,)
@@ -429,9 +376,9 @@ def compute_sound(model, uppers: Dict[int, Optional[float]]) -> SoundBounds:
     """Provable bounds (see the module docstring); raises NotImplementedError naming a
     layer that has no provable bound. ``uppers`` from :func:`upper_bounds`."""
     head = model.head
-    input_shape = model.input_shape or _inferred_input_shape(model)
+    input_shape = model.input_shape or inferred_input_shape(model)
     arith = Arithmetic.of(head.weight.dtype)
-    names = {id(m): (n, type(m).__name__) for n, m in _named_layers(model) + [("head", head)]}
+    names = {id(m): (n, type(m).__name__) for n, m in named_layers(model) + [("head", head)]}
     for key, (name, kind) in names.items():
         if uppers.get(key, 0.0) is None:
             raise NotImplementedError(
@@ -476,8 +423,8 @@ def compute_sound(model, uppers: Dict[int, Optional[float]]) -> SoundBounds:
             RuntimeWarning,
             stacklevel=4,
         )
-    leaves = _named_layers(model)
-    steps = tuple(fb.steps) if _is_chain(model) and len(fb.steps) == len(leaves) else None
+    leaves = named_layers(model)
+    steps = tuple(fb.steps) if is_chain(model) and len(fb.steps) == len(leaves) else None
     table = tuple((n, t, uppers[i]) for i, (n, t) in names.items() if i in uppers)
     device = head.weight.device
     head_terms = (g, w_max, b_max, underflow)
@@ -494,7 +441,7 @@ def compute_sound(model, uppers: Dict[int, Optional[float]]) -> SoundBounds:
     )
 
 
-def _is_chain(model) -> bool:
+def is_chain(model) -> bool:
     """Whether the body's leaf layers, run in order, are the body (every container in it
     is a Sequential)."""
     return all(isinstance(m, Sequential) for m in model.body.modules()
@@ -502,5 +449,5 @@ def _is_chain(model) -> bool:
 
 
 def chain_layers(model) -> List[LipschitzModule]:
-    """The body's leaf layers in order (valid as a forward pass when :func:`_is_chain`)."""
-    return [layer for _, layer in _named_layers(model)]
+    """The body's leaf layers in order (valid as a forward pass when :func:`is_chain`)."""
+    return [layer for _, layer in named_layers(model)]

@@ -48,17 +48,17 @@ import torch
 from torch import nn
 
 from . import nn as gnn
-from ._validation import check_epsilon
-from .bounds import _inferred_input_shape, _is_chain, _named_layers, check_certificate
+from ._validation import check_batch_shape, check_epsilon
+from .bounds import check_certificate, inferred_input_shape, is_chain, named_layers
 from .files import atomic_write, atomic_write_bytes
-from .model import GloroNet
+from .gloro_net import GloroNet
 from .nn.linear import blocked_linear, certifying_blocks
 from .sound.decision import ROUNDING, Allowance, LinearForms, decide, up_with
 from .sound.decision import radius as sound_radius
 from .sound.forward_error import activation_norm_constants, ieee_arithmetic, norm_dtype
 
-__all__ = ["BlockedLinear", "FrozenGloroNet", "FrozenOutput", "MinMax", "Residual", "export_onnx", "export_pt2",
-           "freeze", "round_up_to", "to_onnx"]
+__all__ = ["BlockedLinear", "ExportedOutputs", "FrozenGloroNet", "FrozenOutput", "MinMax", "Residual",
+           "export_onnx", "export_pt2", "freeze", "round_up_to", "to_onnx"]
 
 _SUPPORTED = (gnn.Conv2d, gnn.LiResBlock, gnn.Linear, gnn.MinMax, gnn.ReLU, gnn.Flatten,
               gnn.MaxPool2d, gnn.AvgPool2d)
@@ -299,10 +299,7 @@ class FrozenGloroNet(nn.Module):
     def _check_input(self, x) -> None:
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if x.dim() != len(self.input_shape) + 1 or tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(
-                f"x must have shape (B, {', '.join(map(str, self.input_shape))}), got {tuple(x.shape)}"
-            )
+        check_batch_shape("x", x, self.input_shape)
         weight = self.head.weight
         if weight.dtype != self.dtype or self.distances.dtype != self._distances_dtype:
             raise TypeError(
@@ -439,9 +436,9 @@ def freeze(model: GloroNet, certificate: str = "sound", epsilon: Optional[float]
     dtype = model.head.weight.dtype
     if dtype not in (torch.float32, torch.float64):
         raise TypeError(f"model must be float32 or float64 to be frozen, got {dtype}")
-    if not _is_chain(model):
+    if not is_chain(model):
         raise TypeError("freeze: model.body must be a Sequential (possibly nested) of gloro_fast.nn layers")
-    named = _named_layers(model)
+    named = named_layers(model)
     for name, layer in named:
         _check_exact_type(name, layer)
         if isinstance(layer, gnn.Conv2d) and layer.input_shape is None:
@@ -449,7 +446,7 @@ def freeze(model: GloroNet, certificate: str = "sound", epsilon: Optional[float]
                 f"freeze: layer {name} (Conv2d) has no input size yet; pass input_shape= to "
                 "GloroNet or run one forward pass before freezing"
             )
-    input_shape = tuple(model.input_shape or _inferred_input_shape(model))
+    input_shape = tuple(model.input_shape or inferred_input_shape(model))
     layers = [layer for _, layer in named]
     head = _frozen_layer(model.head)
     body = nn.Sequential(*[_frozen_layer(layer, certifying=certificate == "sound") for layer in layers])
@@ -492,8 +489,9 @@ def _norm_shapes(body: nn.Sequential, measured, input_shape, reference: torch.Te
 # ---------------------------------------------------------------------------- exporting
 
 
-class _Program(nn.Module):
-    """What the exported programs compute: :meth:`FrozenGloroNet.outputs` as a tuple."""
+class ExportedOutputs(nn.Module):
+    """What the exported programs (.pt2, ONNX) compute: :meth:`FrozenGloroNet.outputs` as a
+    tuple (logits, certified, radius)."""
 
     def __init__(self, frozen: FrozenGloroNet) -> None:
         super().__init__()
@@ -543,7 +541,7 @@ def export_pt2(model: Union[GloroNet, FrozenGloroNet], path, certificate: Option
     path = _check_path(path)
     frozen = _frozen(model, certificate, epsilon)
     x, dynamic = _example(frozen)
-    program = torch.export.export(_Program(frozen), (x,), dynamic_shapes=dynamic)
+    program = torch.export.export(ExportedOutputs(frozen), (x,), dynamic_shapes=dynamic)
     atomic_write(path, lambda f: torch.export.save(program, f))
     return program
 
@@ -557,7 +555,7 @@ def export_onnx(model: Union[GloroNet, FrozenGloroNet], path, certificate: Optio
     path = _check_path(path)
     frozen = _frozen(model, certificate, epsilon)
     x, dynamic = _example(frozen)
-    proto = to_onnx(_Program(frozen), (x,), dynamic, ["x"], list(OUTPUT_NAMES), opset_version)
+    proto = to_onnx(ExportedOutputs(frozen), (x,), dynamic, ["x"], list(OUTPUT_NAMES), opset_version)
     atomic_write_bytes(path, proto.SerializeToString())
     return proto
 

@@ -16,7 +16,7 @@ import torch
 
 from . import nn as gnn
 from ._validation import check_choice, check_input_shape
-from .model import GloroNet
+from .gloro_net import GloroNet
 
 __all__ = ["ARCHITECTURES", "build", "cnn_2C2F", "cnn_4C3F", "cnn_6C2F", "cnn_8C2F", "liresnet"]
 

@@ -38,7 +38,7 @@ from ._validation import BOUNDS, check_choice, check_epsilon, check_positive_int
 from .bounds import check_certificate
 from .data import DATASETS, STREAMED, Augmented, augmentation, load_dataset, make_loaders
 from .files import atomic_write_text, check_output_dir, read_checkpoint, write_checkpoint
-from .model import GloroNet, GloroOutput
+from .gloro_net import GloroNet, GloroOutput
 from .ops import bottom_logit, class_distances
 from .schedules import Schedule
 

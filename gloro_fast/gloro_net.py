@@ -32,30 +32,14 @@ from ._validation import (
     check_positive_int,
     check_tensor,
 )
-from .bounds import (
-    BoundCache,
-    EstimateBounds,
-    LayerBracket,
-    SoundBounds,
-    chain_layers,
-    check_certificate,
-    compute_estimate,
-    compute_sound,
-    upper_bounds,
-    with_uppers,
-)
+from .bound_cache import cached_bounds, clear_cached_bounds, training_bounds
+from .bounds import EstimateBounds, LayerBracket, SoundBounds, chain_layers, check_certificate
 from .nn import Linear, from_torch
-from .ops import bottom_logit, class_distances
+from .ops import bottom_logit
 from .sound.forward_error import activation_norm_upper, ieee_arithmetic
 from .sound.rounding import up_tensor
 
 __all__ = ["GloroNet", "GloroOutput"]
-
-
-def _activation_norms(h: torch.Tensor) -> torch.Tensor:
-    """‖h_b‖ per sample, float64, rounded up (mostly computed in h's precision: see
-    :func:`~gloro_fast.sound.forward_error.activation_norm_upper`)."""
-    return activation_norm_upper(h)
 
 
 class GloroOutput(NamedTuple):
@@ -146,63 +130,19 @@ class GloroNet(nn.Module):
     def num_classes(self) -> int:
         return self.head.out_features
 
-    # -- bounds ---------------------------------------------------------------------
-    def _as_tensor(self, value) -> torch.Tensor:
-        ref = self.head.weight
-        if isinstance(value, torch.Tensor):
-            return value.to(dtype=ref.dtype)
-        return torch.tensor(float(value), dtype=ref.dtype, device=ref.device)
-
-    def _global_distances(self, sigma_head: torch.Tensor) -> torch.Tensor:
-        c = self.num_classes
-        off = 1.0 - torch.eye(c, dtype=self.head.weight.dtype, device=self.head.weight.device)
-        return (math.sqrt(2.0) * sigma_head) * off
-
-    def _training_bounds(self):
-        lipschitz = self._as_tensor(self.body.lipschitz_bound(self.n_iter))
-        if self.bound == "margin":
-            distances = class_distances(self.head.weight)
-        else:
-            distances = self._global_distances(self.head.lipschitz_bound(self.n_iter))
-        return lipschitz, distances
-
-    def _cached(self, kind: str, hot: bool = False):
-        """The cached bounds of ``kind`` ("sound", "estimate", "uppers", "brackets"),
-        recomputed after any change of a parameter (:class:`gloro_fast.bounds.BoundCache`).
-        ``hot``: returns ``(value, same)`` without a host synchronisation once cached, where
-        ``same`` (a 0-dim bool tensor or None) is False if a weight changed behind the
-        version counters since — the caller must then certify nothing."""
-        cache = self.__dict__.setdefault("_bound_cache", BoundCache())
-        extra = (self.bound, self.tol, self.max_iter, self.input_shape)
-        if hot:
-            values, same = cache.current(self, extra)
-        else:
-            values, same = cache.valid_for(self, extra), None
-        if kind not in values:
-            with torch.no_grad():
-                if kind in ("sound", "uppers") and "uppers" not in values:
-                    values["uppers"] = upper_bounds(self)
-                if kind == "sound":
-                    values[kind] = compute_sound(self, values["uppers"])
-                elif kind == "estimate":
-                    values[kind] = compute_estimate(self)
-                elif kind == "brackets":
-                    values[kind] = with_uppers(self, self._cached("estimate").brackets,
-                                               self._cached("uppers"))
-        return (values[kind], same) if hot else values[kind]
-
+    # -- bounds (computed and cached by gloro_fast.bound_cache) -----------------------
     def clear_bound_cache(self) -> None:
         """Forget every cached bound (they are recomputed when next needed). Never needed
         for correctness: any change of a parameter already invalidates them."""
-        self.__dict__.pop("_bound_cache", None)
+        clear_cached_bounds(self)
 
     def sound_bounds(self) -> SoundBounds:
         """The provable bounds sound certificates use (cached; see :mod:`gloro_fast.bounds`)."""
-        return self._cached("sound")
+        return cached_bounds(self, "sound")
 
     def estimate_bounds(self) -> EstimateBounds:
         """Converged power-iteration bounds (cached): K = Π σ̂, D in the model's dtype."""
-        return self._cached("estimate")
+        return cached_bounds(self, "estimate")
 
     def lipschitz_constant(self, certificate: str = "sound") -> torch.Tensor:
         """K, a bound of the body's Lipschitz constant (0-dim, detached): ``"sound"`` a
@@ -226,7 +166,7 @@ class GloroNet(nn.Module):
         """Per layer, the provable bracket [lower, upper] of its Lipschitz constant: lower
         from the converged power iteration (the estimate's), upper the sound bound; with the
         iteration's count and outcome. Warns when a bracket is wider than 5 %."""
-        return list(self._cached("brackets"))
+        return list(cached_bounds(self, "brackets"))
 
     # -- forward ----------------------------------------------------------------------
     def _check_input(self, x) -> None:
@@ -261,7 +201,7 @@ class GloroNet(nn.Module):
         if self.input_shape is None:
             self._logits(x, certifying=True)  # learn the input size first
         self._check_input(x)
-        sb, same = self._cached("sound", hot=True)
+        sb, same = cached_bounds(self, "sound", hot=True)
         if sb.steps is None:
             logits = self._logits(x, certifying=True)
             allowance = sb.allowance(x)
@@ -271,9 +211,9 @@ class GloroNet(nn.Module):
                 h = x
                 for layer, step in zip(chain_layers(self), sb.steps):
                     if step is not None:
-                        norms.append(_activation_norms(h))
+                        norms.append(activation_norm_upper(h))
                     h = layer.certifying_forward(h)
-                features = _activation_norms(h)
+                features = activation_norm_upper(h)
                 logits = self.head(h)
             allowance = sb.allowance(x, (norms, features))
         if same is not None:  # a weight edited behind the version counters: certify nothing
@@ -282,9 +222,9 @@ class GloroNet(nn.Module):
 
     def _estimate_forward(self, x: torch.Tensor):
         """(logits, estimate bounds, same): the certifying forward of the estimate, with the
-        hot-path staleness flag of :meth:`_cached`."""
+        hot-path staleness flag of :func:`~gloro_fast.bound_cache.cached_bounds`."""
         logits = self._logits(x, certifying=True)
-        est, same = self._cached("estimate", hot=True)
+        est, same = cached_bounds(self, "estimate", hot=True)
         return logits, est, same
 
     def _epsilon(self, epsilon) -> float:
@@ -304,7 +244,7 @@ class GloroNet(nn.Module):
         eps = self._epsilon(epsilon)
         if not converged:
             logits = self._logits(x, certifying=False)
-            lipschitz, distances = self._training_bounds()
+            lipschitz, distances = training_bounds(self)
             bottom, _ = bottom_logit(logits, distances, lipschitz, eps)
             return GloroOutput(logits, bottom, lipschitz, distances)
         if check_certificate(certificate) == "estimate":

@@ -1,0 +1,139 @@
+"""Which bounds a :class:`~gloro_fast.GloroNet` uses, and the cache that keeps them.
+
+- **training** (:func:`training_bounds`): K = Π σ̂ of each layer's power iteration, advanced
+  by ``n_iter`` steps per call, with autograd, and D (margin: ‖w_j − w_i‖; global: √2σ̂_head);
+- **certification** (:func:`cached_bounds`): the kinds of :mod:`gloro_fast.bounds` —
+  ``"sound"`` (provable, the default), ``"estimate"`` (converged power iteration),
+  ``"uppers"`` (each layer's provable upper bound) and ``"brackets"`` — computed once per
+  set of weights and kept in a :class:`BoundCache` on the network, so a changed weight
+  (in place, through ``.data``, ``load_state_dict``, ``.to()``) never meets a cached bound.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+
+from .bounds import compute_estimate, compute_sound, global_distances, model_tensor, upper_bounds, with_uppers
+from .ops import class_distances
+
+__all__ = ["BoundCache", "cached_bounds", "clear_cached_bounds", "training_bounds"]
+
+_KINDS = ("sound", "estimate", "uppers", "brackets")
+_CACHE_ATTR = "_bound_cache"   # in the network's __dict__: not a buffer, not in its state_dict
+
+
+class BoundCache:
+    """Computed bounds of one model, valid until any parameter changes.
+
+    The key holds every parameter's storage pointer, version counter, dtype, device and
+    shape (host-side, no synchronisation). Version counters miss in-place edits through
+    ``p.data``, so a copy of the weights is kept and compared as well: with a host
+    decision on the slow path (:meth:`valid_for`, which then recomputes), as a 0-dim
+    boolean tensor on the hot path (:meth:`current`), which certification turns into "not
+    certified" — a changed weight never meets a cached bound, and no host synchronisation.
+    """
+
+    def __init__(self) -> None:
+        self._key = None
+        self._snapshot: List[torch.Tensor] = []
+        self.values: Dict[str, object] = {}
+
+    @staticmethod
+    def _key_of(model, extra):
+        return tuple((p.data_ptr(), p._version, p.dtype, p.device, tuple(p.shape))
+                     for p in model.parameters()) + tuple(extra)
+
+    def _refresh(self, key, params) -> None:
+        self._key = key
+        self._snapshot = [p.clone() for p in params]
+        self.values = {}
+
+    def valid_for(self, model: torch.nn.Module, extra=()) -> Dict[str, object]:
+        """The values, emptied first unless the weights are exactly those cached (slow path:
+        the value comparison synchronises with the host)."""
+        key = self._key_of(model, extra)
+        params = [p.detach() for p in model.parameters()]
+        if not (self._key == key and len(self._snapshot) == len(params)
+                and all(torch.equal(a, b) for a, b in zip(self._snapshot, params))):
+            self._refresh(key, params)
+        return self.values
+
+    def current(self, model: torch.nn.Module, extra=()):
+        """``(values, same)`` without a host synchronisation when the key is unchanged:
+        on an accelerator ``same`` is a 0-dim bool tensor, False when a weight was edited
+        behind the version counter (the caller then certifies nothing); on the CPU, where
+        there is no device to wait for, such an edit empties the values at once, as a
+        changed key does (``same`` is then None)."""
+        params = [p.detach() for p in model.parameters()]
+        if torch.compiler.is_compiling():
+            # torch.compile cannot trace storage pointers or version counters: the bounds
+            # computed eagerly become constants of the graph, and the value comparison alone
+            # keeps them from meeting other weights (the graph then certifies nothing until
+            # an eager query, e.g. model.sound_bounds(), refreshes them and it recompiles)
+            if self._key is None or len(self._snapshot) != len(params) or tuple(extra) != self._key[-len(extra):]:
+                raise RuntimeError(
+                    "compute the bounds once eagerly before compiling certification (e.g. "
+                    "model.sound_bounds() or model.estimate_bounds()): they are constants of "
+                    "the compiled graph"
+                )
+            same = torch.stack([torch.eq(a, b).all() for a, b in zip(self._snapshot, params)]).all()
+            return self.values, same
+        key = self._key_of(model, extra)
+        if self._key == key and len(self._snapshot) == len(params):
+            if all(p.device.type == "cpu" for p in params):
+                # no device to synchronise with: one host-side pass (torch.equal, about half
+                # the cost of eq + all), and an edited weight recomputes the bounds at once
+                if all(torch.equal(a, b) for a, b in zip(self._snapshot, params)):
+                    return self.values, None
+            else:
+                same = torch.stack([torch.eq(a, b).all() for a, b in zip(self._snapshot, params)]).all()
+                return self.values, same
+        self._refresh(key, params)
+        return self.values, None
+
+
+def training_bounds(net):
+    """``(K, D)`` for a training step: K = Π σ̂ after ``net.n_iter`` more power-iteration
+    steps (0-dim, the model's dtype, with autograd through σ̂) and D (C, C)."""
+    lipschitz = model_tensor(net, net.body.lipschitz_bound(net.n_iter))
+    if net.bound == "margin":
+        distances = class_distances(net.head.weight)
+    else:
+        distances = global_distances(net, net.head.lipschitz_bound(net.n_iter))
+    return lipschitz, distances
+
+
+def cached_bounds(net, kind: str, hot: bool = False):
+    """The certification bounds of ``kind`` (``"sound"``, ``"estimate"``, ``"uppers"``,
+    ``"brackets"``) of ``net``, computed on first use and recomputed after any change of a
+    parameter or of the settings they depend on (bound, tol, max_iter, input_shape).
+
+    ``hot=True`` returns ``(value, same)`` without a host synchronisation once cached, where
+    ``same`` (a 0-dim bool tensor, or None) is False if a weight changed behind the version
+    counters since: the caller must then certify nothing (:meth:`BoundCache.current`)."""
+    cache = net.__dict__.setdefault(_CACHE_ATTR, BoundCache())
+    extra = (net.bound, net.tol, net.max_iter, net.input_shape)
+    if hot:
+        values, same = cache.current(net, extra)
+    else:
+        values, same = cache.valid_for(net, extra), None
+    if kind not in values:
+        if kind not in _KINDS:
+            raise ValueError(f"kind must be one of {_KINDS}, got {kind!r}")
+        with torch.no_grad():
+            if kind in ("sound", "uppers") and "uppers" not in values:
+                values["uppers"] = upper_bounds(net)
+            if kind == "sound":
+                values[kind] = compute_sound(net, values["uppers"])
+            elif kind == "estimate":
+                values[kind] = compute_estimate(net)
+            elif kind == "brackets":
+                values[kind] = with_uppers(net, cached_bounds(net, "estimate").brackets,
+                                           cached_bounds(net, "uppers"))
+    return (values[kind], same) if hot else values[kind]
+
+
+def clear_cached_bounds(net) -> None:
+    """Forget every cached bound of ``net`` (recomputed when next needed)."""
+    net.__dict__.pop(_CACHE_ATTR, None)

@@ -151,3 +151,18 @@ def test_huge_inputs_are_not_admissible():
     assert (model.certify(large, epsilon=1e38) == 10).all()
     radius = model.certified_radius(large)
     assert (radius < 1e38).all()
+
+
+def test_forms_hold_no_subnormal_coefficient():
+    """Coefficients that round up from zero are raised to TINY instead of the subnormal
+    2⁻¹⁰⁷⁴ (subnormal products take the CPU's slow path): every coefficient and slope is 0 or
+    ≥ TINY, and the coefficients still dominate those of the exact forms built without it."""
+    from gloro_fast.sound.decision import TINY
+
+    bounds = trained_cnn().sound_bounds()
+    for forms in (bounds.forms.per_sample, bounds.forms.a_priori):
+        values = torch.cat([forms.matrix.flatten(), forms.slopes])
+        assert ((values == 0) | (values >= TINY)).all()
+        tiny_normal = torch.finfo(torch.float64).tiny
+        assert not ((values > 0) & (values < tiny_normal)).any()
+        assert (forms.safe_slopes >= tiny_normal).all()

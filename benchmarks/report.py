@@ -35,6 +35,8 @@ OP_TITLES = OrderedDict([
     ("layer_paired", "gloro_fast.nn layers vs their torch.nn equivalents, paired rounds (time of one pair)"),
     ("certify_paired", "Certify (sound, bounds cached) vs the plain network's forward, paired rounds"),
     ("training_paired", "GloRo training step vs the plain network's step, paired rounds"),
+    ("minmax_norm_paired", "minmax_norm (MinMax + per-sample sums of squares, fused) vs MinMax then the norms, "
+                           "paired rounds"),
     ("dispatch", "Dispatch overhead: the op vs its kernel (cpp backend, microsecond-sized calls)"),
 ])
 MODE_NOTES = {
@@ -196,6 +198,10 @@ def compute_targets(rows: List[dict]) -> List[dict]:
         value = 1.0 / p["ratio_median"] if p.get("ratio_median") else None
         add("training step ≤ 1.05× the plain step (time ratio, paired)", r["contender"], value, 1.05, "<=",
             paired_detail(r, p))
+    for r in _find(rows, op="minmax_norm_paired"):
+        p = r.get("paired") or {}
+        add("fused minmax_norm vs MinMax + norms (speed-up, paired)", r["contender"], p.get("ratio_median"), 1.0,
+            ">=", paired_detail(r, p), info=True)
 
     # 6. per-call dispatch overhead (the op minus its kernel) ≤ 10 µs
     for case in sorted({r["case"] for r in rows if r["op"] == "dispatch"}):

@@ -208,12 +208,12 @@ class GloroNet(nn.Module):
         else:
             norms = []
             with ieee_arithmetic(x.device.type):
-                h = x
+                h, known = x, None  # known: a bound of ‖h‖ a layer gave on the way (MinMax)
                 for layer, step in zip(chain_layers(self), sb.steps):
                     if step is not None:
-                        norms.append(activation_norm_upper(h))
-                    h = layer.certifying_forward(h)
-                features = activation_norm_upper(h)
+                        norms.append(activation_norm_upper(h) if known is None else known)
+                    h, known = layer.certifying_forward_norm(h, known)
+                features = activation_norm_upper(h) if known is None else known
                 logits = self.head(h)
             allowance = sb.allowance(x, (norms, features))
         if same is not None:  # a weight edited behind the version counters: certify nothing

@@ -97,6 +97,14 @@ class LipschitzModule(nn.Module):
         step describes (by default ``forward`` itself)."""
         return self(x)
 
+    def certifying_forward_norm(self, x: torch.Tensor, norm: Optional[torch.Tensor]):
+        """``(certifying_forward(x), bound)``: ``bound`` (B,) float64 ≥ each output sample's
+        l2 norm when this layer knows one without reading its output again, else None.
+        ``norm`` is such a bound for x, or None. By default None (the certifying pass then
+        measures the norm where it needs it); norm-preserving or norm-reducing layers pass
+        ``norm`` on, and MinMax computes it while it writes (:func:`gloro_fast.ops.minmax_norm`)."""
+        return self.certifying_forward(x), None
+
     def forward_bound(self, bound: ForwardBound, arith: Arithmetic, upper_of: UpperOf) -> ForwardBound:
         """Propagate the a-priori activation-norm and rounding-error bounds through this
         layer (``upper_of(layer)`` returns a layer's cached upper bound as a float)."""

@@ -1,6 +1,8 @@
 """Containers and shape layers: Sequential (bound = product), Flatten (bound 1)."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -17,6 +19,10 @@ class Flatten(nn.Flatten, ConstantLipschitzModule):
         if start_dim == 0:
             raise ValueError("Flatten must keep the batch axis: start_dim must not be 0")
         super().__init__(start_dim, end_dim)
+
+    def certifying_forward_norm(self, x: torch.Tensor, norm: Optional[torch.Tensor]):
+        """A reshape keeps each sample's norm."""
+        return self.certifying_forward(x), norm
 
 
 class Sequential(nn.Sequential, LipschitzModule):

@@ -9,6 +9,7 @@ backend.
 from ._backend import BACKENDS, get_backend, resolve_backend, set_backend, use_backend
 from .bottom_logit import bottom_logit, bottom_logit_reference
 from .class_distances import class_distances, class_distances_reference
+from .minmax_norm import minmax_norm, minmax_norm_reference
 from .power_iteration_conv import (
     power_iteration_conv,
     power_iteration_conv_batched,
@@ -23,6 +24,8 @@ __all__ = [
     "class_distances",
     "class_distances_reference",
     "get_backend",
+    "minmax_norm",
+    "minmax_norm_reference",
     "power_iteration_conv",
     "power_iteration_conv_batched",
     "power_iteration_conv_reference",

@@ -42,7 +42,8 @@ import torch
 from .rounding import U64, gamma, largest_finite, underflow_unit, unit_roundoff, up, up_tensor
 
 __all__ = ["Affine", "AffineStep", "Arithmetic", "ForwardBound", "activation_norm_constants",
-           "activation_norm_upper", "affine_layer", "exact_layer", "ieee_arithmetic", "norm_dtype"]
+           "activation_norm_upper", "affine_layer", "exact_layer", "ieee_arithmetic", "norm_dtype",
+           "norm_upper_from_sumsq"]
 
 
 @dataclass(frozen=True)
@@ -243,6 +244,18 @@ def activation_norm_upper(h: torch.Tensor) -> torch.Tensor:
     parts = torch.linalg.vector_norm(flat, dim=2, dtype=norm_dtype(h.dtype))
     total = torch.linalg.vector_norm(parts, dim=1, dtype=torch.float64)
     return up_tensor(up_tensor(total * factor) + offset)
+
+
+def norm_upper_from_sumsq(sumsq: torch.Tensor, terms: int) -> torch.Tensor:
+    """‖h_b‖₂ per sample (B,), float64, rounded up, from S̃_b: the float64 sum of the squares
+    of h_b's ``terms`` entries, squared and summed in float64 in any order (the fused MinMax
+    kernel, :func:`gloro_fast.ops.minmax_norm`). Each square rounds at most by a factor
+    1 ± u₆₄ and loses at most η₆₄ to underflow (float32 and narrower squares are exact), each
+    addition of non-negative terms one more factor, the square root one more: the bound of
+    :func:`activation_norm_upper` with one row of ``terms`` entries in float64 holds,
+    ‖h_b‖ ≤ (1 + γ_{m+2}(u₆₄))(1 + γ₃(u₆₄))·fl(√S̃_b) + √(2mη₆₄) + 2√(2η₆₄)."""
+    factor, offset = activation_norm_constants((1, int(terms)), torch.float64)
+    return up_tensor(up_tensor(torch.sqrt(sumsq) * factor) + offset)
 
 
 def norm_dtype(dtype: torch.dtype) -> torch.dtype:

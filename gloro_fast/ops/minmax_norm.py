@@ -1,0 +1,108 @@
+"""``minmax_norm(x)``: MinMax and each sample's sum of squares, in one pass.
+
+For x (N, C, ...) with channel halves a = x[:, :C/2], b = x[:, C/2:]:
+
+    out = [min(a, b), max(a, b)]         (N, C, ...), x's dtype (NaN propagates, as torch.minimum)
+    sumsq_n = Σ x_n²                     (N,), float64, summed in any order
+
+MinMax permutes each pair, so ‖out_n‖ = ‖x_n‖: the certifying pass reads the norm of the
+activation entering the next affine layer from here instead of reading that activation
+once more (:func:`gloro_fast.sound.forward_error.norm_upper_from_sumsq` turns sumsq into a
+provable upper bound of the norm). The fused kernel also reads each pair once for both
+min and max, where ``torch.minimum`` and ``torch.maximum`` read it twice.
+
+Backward: out's gradient is routed back through the permutation (on a tie a gets the
+min's gradient, as :class:`gloro_fast.nn.MinMax`), plus 2·x·grad_sumsq_n.
+
+The op ``torch.ops.gloro_fast.minmax_norm`` and its backward op ``minmax_norm_backward``;
+kernels: the reference below and the C++ CPU kernel (csrc/cpu/minmax_norm.cpp). Other
+devices run the reference.
+"""
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+
+from .._validation import check_tensor
+from ._backend import backend_for, get_backend
+from ._library import define_op
+
+__all__ = ["fused_minmax_norm", "minmax_norm", "minmax_norm_reference"]
+
+SCHEMA = "(Tensor x) -> (Tensor, Tensor)"
+BACKWARD_SCHEMA = "(Tensor grad_out, Tensor grad_sumsq, Tensor x) -> Tensor"
+
+
+def minmax_norm_reference(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Reference in torch ops: ``torch.minimum``/``torch.maximum`` of the halves, and the
+    float64 sum of squares of each sample."""
+    a, b = x.chunk(2, dim=1)
+    out = torch.cat([torch.minimum(a, b), torch.maximum(a, b)], dim=1)
+    sumsq = x.detach().to(torch.float64).square().flatten(1).sum(dim=1)
+    return out, sumsq
+
+
+def _check(x) -> None:
+    check_tensor("x", x, min_ndim=2, floating=True)
+    if x.shape[1] % 2:
+        raise ValueError(f"x must have an even channel count (shape (N, C, ...), C even), got {tuple(x.shape)}")
+
+
+def minmax_norm(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``(MinMax(x), Σ x_n² per sample)``: x (N, C, ...) floating point with C even →
+    (out (N, C, ...) of x's dtype, sumsq (N,) float64). Differentiable in x."""
+    _check(x)
+    if backend_for("minmax_norm", x.device.type) == "reference":
+        return minmax_norm_reference(x)
+    return _OP(x.contiguous())
+
+
+def fused_minmax_norm(device_type: str) -> bool:
+    """Whether :func:`minmax_norm` runs a fused kernel (not the reference) for tensors of
+    ``device_type`` under the current backend setting (never raises: the ``triton`` setting,
+    which has no kernel for this op, answers False)."""
+    return get_backend() in ("auto", "cpp") and backend_for("minmax_norm", device_type) == "cpp"
+
+
+# ---- the op: reference kernels, fake kernels, autograd ----
+
+
+def _reference_backward(grad_out, grad_sumsq, x):
+    a, b = x.chunk(2, dim=1)
+    g_low, g_high = grad_out.chunk(2, dim=1)
+    a_low = a <= b
+    grad = torch.cat([torch.where(a_low, g_low, g_high), torch.where(a_low, g_high, g_low)], dim=1)
+    scale = (2.0 * grad_sumsq).to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
+    return grad + scale * x
+
+
+def _fake(x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((x.shape[0],), dtype=torch.float64)
+
+
+def _fake_backward(grad_out, grad_sumsq, x):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _setup_context(ctx, inputs, output):
+    (x,) = inputs
+    ctx.save_for_backward(x)
+
+
+def _backward(ctx, grad_out, grad_sumsq):
+    (x,) = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None
+    if grad_out is None:
+        grad_out = torch.zeros_like(x)
+    if grad_sumsq is None:
+        grad_sumsq = x.new_zeros((x.shape[0],), dtype=torch.float64)
+    return _BACKWARD_OP(grad_out.contiguous(), grad_sumsq.contiguous(), x)
+
+
+_OP, _BACKWARD_OP = define_op(
+    "minmax_norm", SCHEMA, BACKWARD_SCHEMA,
+    fake=_fake, fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward,
+    reference_forward=minmax_norm_reference, reference_backward=_reference_backward,
+)

@@ -1,0 +1,166 @@
+"""minmax_norm: MinMax and each sample's sum of squares in one pass — the reference against
+an independent per-sample float64 loop, the compiled CPU kernel against the reference
+(values, NaN, gradients, opcheck), the norm bound built from it against the exact norm, and
+the certifying pass that uses it against the one that measures norms itself."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gloro_fast import nn as gnn
+from gloro_fast.ops import minmax_norm, minmax_norm_reference, use_backend
+from gloro_fast.ops.minmax_norm import fused_minmax_norm
+from gloro_fast.sound.forward_error import activation_norm_upper, norm_upper_from_sumsq
+from tests.ops.cpp_helpers import has_cpu_kernels
+
+SHAPES = [(3, 2), (5, 6), (4, 8, 5, 7), (1, 2, 1, 1), (7, 64, 3, 3)]
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+needs_cpp = pytest.mark.skipif(not has_cpu_kernels("minmax_norm"), reason="gloro_fast._C without minmax_norm")
+
+
+def per_sample_loop(x):
+    """(out, sumsq) one sample and one pair at a time, in float64 (independent of the op)."""
+    n, c = x.shape[:2]
+    out = torch.empty_like(x)
+    sumsq = torch.zeros(n, dtype=torch.float64)
+    for i in range(n):
+        for k in range(c // 2):
+            a, b = x[i, k], x[i, k + c // 2]
+            out[i, k] = torch.minimum(a, b)
+            out[i, k + c // 2] = torch.maximum(a, b)
+        sumsq[i] = math.fsum(float(v) ** 2 for v in x[i].flatten().tolist())
+    return out, sumsq
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_reference_matches_a_per_sample_loop(shape):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    out, sumsq = minmax_norm_reference(x)
+    ref_out, ref_sumsq = per_sample_loop(x)
+    assert torch.equal(out, ref_out)
+    torch.testing.assert_close(sumsq, ref_sumsq, rtol=1e-14, atol=0)
+
+
+@needs_cpp
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_kernel_matches_reference(shape, dtype):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    with use_backend("cpp"):
+        out, sumsq = minmax_norm(x)
+    ref_out, ref_sumsq = minmax_norm_reference(x)
+    assert out.dtype == dtype and sumsq.dtype == torch.float64
+    assert torch.equal(out, ref_out)  # min and max are exact
+    torch.testing.assert_close(sumsq, ref_sumsq, rtol=1e-13, atol=0)
+
+
+@needs_cpp
+def test_kernel_propagates_nan_and_inf_like_torch():
+    x = torch.tensor([[1.0, float("nan"), 2.0, 0.5], [float("inf"), -1.0, 3.0, float("-inf")]])
+    with use_backend("cpp"):
+        out, sumsq = minmax_norm(x)
+    ref_out, ref_sumsq = minmax_norm_reference(x)
+    assert torch.equal(out.isnan(), ref_out.isnan())
+    assert torch.equal(out.nan_to_num(0.0), ref_out.nan_to_num(0.0))
+    assert math.isnan(sumsq[0]) and sumsq[1] == math.inf
+    bound = norm_upper_from_sumsq(sumsq, 4)
+    assert not torch.isfinite(bound).any()  # fails closed: such a sample is never certified
+
+
+@needs_cpp
+def test_kernel_takes_non_contiguous_input():
+    x = torch.randn(6, 4, 5, 8, generator=torch.Generator().manual_seed(2)).transpose(2, 3)
+    with use_backend("cpp"):
+        out, sumsq = minmax_norm(x)
+    ref_out, ref_sumsq = minmax_norm_reference(x)
+    assert torch.equal(out, ref_out)
+    torch.testing.assert_close(sumsq, ref_sumsq, rtol=1e-13, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp)])
+def test_gradient_against_float64_gradcheck(backend):
+    x = torch.randn(3, 4, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    x.requires_grad_(True)
+    with use_backend(backend):
+        assert torch.autograd.gradcheck(lambda t: minmax_norm(t), (x,))
+        # only one of the outputs used: the other gradient is absent
+        out, _ = minmax_norm(x)
+        (g,) = torch.autograd.grad(out.sum(), x)
+        assert torch.equal(g, torch.ones_like(x))
+
+
+@needs_cpp
+def test_opcheck():
+    x = torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(4))
+    torch.library.opcheck(torch.ops.gloro_fast.minmax_norm.default, (x,))
+    grad_out = torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(5))
+    grad_sumsq = torch.randn(4, dtype=torch.float64, generator=torch.Generator().manual_seed(6))
+    torch.library.opcheck(torch.ops.gloro_fast.minmax_norm_backward.default, (grad_out, grad_sumsq, x))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (torch.zeros(3, 5), "even channel count"),
+    (torch.zeros(4), "x must"),
+    (torch.zeros(2, 4, dtype=torch.int64), "floating"),
+])
+def test_bad_input_is_a_clear_error(bad, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        minmax_norm(bad)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_norm_bound_holds_and_is_tight(dtype):
+    """The bound from the float64 sum of squares is ≥ the exact norm (math.fsum of exact
+    squares), within 1e-12 relative of it, also for tiny and huge entries."""
+    gen = torch.Generator().manual_seed(7)
+    scales = torch.tensor([1e-30, 1e-3, 1.0, 1e3, 1e30], dtype=torch.float64)
+    x = (torch.randn(5, 8, 9, dtype=torch.float64, generator=gen) * scales.view(5, 1, 1)).to(dtype)
+    _, sumsq = minmax_norm_reference(x)
+    bound = norm_upper_from_sumsq(sumsq, x[0].numel())
+    for i in range(x.shape[0]):
+        exact = math.sqrt(math.fsum(float(v) ** 2 for v in x[i].flatten().tolist()))
+        assert bound[i] >= exact
+        assert bound[i] <= exact * (1 + 1e-12) + 1e-150
+
+
+@needs_cpp
+def test_certifying_pass_with_fused_norms_certifies_as_with_measured_norms():
+    """GloroNet.sound_forward takes the norms after each MinMax from the fused kernel (cpp
+    backend) or measures them itself (reference backend): the same logits bit for bit, the
+    same decisions, and radii at least as large (the float64 sum of squares bounds the norm
+    more tightly than float32 norms do) and within 0.1 % of them."""
+    from gloro_fast.models import cnn_2C2F
+
+    torch.manual_seed(0)
+    model = cnn_2C2F(input_shape=(1, 28, 28), num_classes=10, epsilon=0.05).eval()
+    x = torch.rand(257, 1, 28, 28, generator=torch.Generator().manual_seed(8))
+    with use_backend("cpp"):
+        assert fused_minmax_norm("cpu")
+        logits_c, _, allowance_c = model.sound_forward(x)
+        cert_c, radius_c = model.certify(x), model.certified_radius(x)
+    with use_backend("reference"):
+        assert not fused_minmax_norm("cpu")
+        logits_r, _, allowance_r = model.sound_forward(x)
+        cert_r, radius_r = model.certify(x), model.certified_radius(x)
+    assert torch.equal(logits_c, logits_r)
+    assert torch.equal(cert_c, cert_r)
+    assert (radius_c >= radius_r).all() and (radius_r > 0).any()
+    torch.testing.assert_close(radius_c, radius_r, rtol=1e-3, atol=0)
+    assert (allowance_c.s1 <= allowance_r.s1).all() and (allowance_c.s0 <= allowance_r.s0).all()
+
+
+def test_minmax_layer_passes_a_known_norm_on_and_measures_one_otherwise():
+    layer = gnn.MinMax()
+    x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(9))
+    known = torch.full((3,), 7.0, dtype=torch.float64)
+    out, norm = layer.certifying_forward_norm(x, known)
+    assert torch.equal(out, layer(x)) and norm is known
+    out, norm = layer.certifying_forward_norm(x, None)
+    assert torch.equal(out, layer(x))
+    if fused_minmax_norm("cpu"):
+        assert (norm >= activation_norm_upper(x) * (1 - 1e-6)).all()
+        assert (norm >= torch.linalg.vector_norm(x.double().flatten(1), dim=1)).all()
+    else:
+        assert norm is None

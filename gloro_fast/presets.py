@@ -66,22 +66,28 @@ PRESETS: Dict[str, Dict[str, Any]] = {
                   "codes/models/margin_layer.py",
         "paper_vra": 0.701,
     },
-    # The embedded 4,000/1,000-image MNIST sample, with the full-MNIST settings (README lists
-    # what they reach here).
+    # The embedded 4,000/1,000-image MNIST sample: settings tuned here to reach the most in
+    # ≤ 15 min on a 2-core CPU (README lists what they reach). On 4,000 training images the
+    # full-MNIST settings overfit (2C2F: train VRA 99.7 %, test 93.7 % after 500 epochs) or
+    # do not converge in time (4C3F: 300 epochs of TRADES-CE λ = 3 collapsed to a constant
+    # prediction); what helped: the GloRo cross-entropy, decoupled weight decay (2C2F), a
+    # smaller batch (4C3F: more steps per epoch) and ε ramped up over the first 20 % of epochs.
     "mnist-0.3-sample": {
-        "config": dict(dataset="mnist-sample", arch="2C2F", epsilon=0.3, train_epsilon=0.45,
-                       epsilon_schedule="fixed", epochs=500, batch_size=256, optimizer="adam",
-                       lr=1e-3, lr_schedule="decay_after_half_to_1e-6", loss="trades_ce", lam=2.0,
-                       lam_schedule="linear", n_iter=10, augment="none"),
-        "source": "mnist-0.3 on the 4,000-image sample (this repository)",
+        "config": dict(dataset="mnist-sample", arch="2C2F", epsilon=0.3, train_epsilon=0.6,
+                       epsilon_schedule="[0.]-[20%:1.]-[1.]", epochs=200, batch_size=256,
+                       optimizer="adamw", lr=1e-3, weight_decay=0.1,
+                       lr_schedule="decay_after_half_to_1e-6", loss="gloro_ce", lam_schedule="fixed",
+                       n_iter=1, augment="none", eval_every=10),
+        "source": "tuned on the 4,000-image sample (this repository)",
         "paper_vra": 0.957,
     },
     "mnist-1.58-sample": {
         "config": dict(dataset="mnist-sample", arch="4C3F", epsilon=1.58, train_epsilon=1.75,
-                       epsilon_schedule="fixed", epochs=300, batch_size=256, optimizer="adam",
-                       lr=1e-3, lr_schedule="decay_after_half_to_5e-6", loss="trades_ce", lam=3.0,
-                       lam_schedule="linear", n_iter=10, augment="none"),
-        "source": "mnist-1.58 on the 4,000-image sample (this repository)",
+                       epsilon_schedule="[0.]-[20%:1.]-[1.]", epochs=250, batch_size=128,
+                       optimizer="adam", lr=1e-3, lr_schedule="decay_after_half_to_5e-6",
+                       loss="gloro_ce", lam_schedule="fixed", n_iter=1, augment="none",
+                       eval_every=25),
+        "source": "tuned on the 4,000-image sample (this repository)",
         "paper_vra": 0.628,
     },
 }

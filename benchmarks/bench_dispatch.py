@@ -3,9 +3,10 @@ kernel itself takes microseconds (the margin path at C = 10 is such a call).
 
 Contenders, all on the ``cpp`` backend:
 - kernel: the compiled kernel alone, as the backend table holds it;
-- op: ``torch.ops.gloro_fast.<op>``: the autograd layer, the device-generic implementation
-  reading the backend choice (a dictionary lookup, made once per op, device type and
-  setting) and the kernel;
+- op: ``torch.ops.gloro_fast.<op>``: the dispatcher, the op's autograd kernel (which, for a
+  call that builds no graph on plain CPU/CUDA tensors, reads the backend choice — a
+  dictionary lookup made once per op, device type and setting — and runs the kernel below
+  autograd without a second crossing into Python) and the kernel;
 - public: ``gloro_fast.ops.<op>``: the op's argument check (host syncs for the value checks),
   the backend choice, then the op.
 

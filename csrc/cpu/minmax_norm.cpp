@@ -30,7 +30,7 @@ inline int64_t sample_grain(int64_t per_sample) { return std::max<int64_t>(1, (i
 constexpr int64_t kBlock = 256;
 
 template <typename scalar_t>
-inline void minmax_block(const scalar_t* a, const scalar_t* b, scalar_t* lo, scalar_t* hi, int64_t len) {
+inline __attribute__((always_inline)) void minmax_block(const scalar_t* a, const scalar_t* b, scalar_t* lo, scalar_t* hi, int64_t len) {
   using acc_t = at::opmath_type<scalar_t>;
 #pragma omp simd
   for (int64_t i = 0; i < len; ++i) {
@@ -45,7 +45,7 @@ inline void minmax_block(const scalar_t* a, const scalar_t* b, scalar_t* lo, sca
 }
 
 template <typename scalar_t>
-inline double squares_block(const scalar_t* a, int64_t len) {
+inline __attribute__((always_inline)) double squares_block(const scalar_t* a, int64_t len) {
   double s = 0.0;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < len; ++i) {
@@ -53,6 +53,34 @@ inline double squares_block(const scalar_t* a, int64_t len) {
     s += v * v;
   }
   return s;
+}
+
+// One block: MinMax of len pairs and the squares of both halves. The extension is built for
+// the baseline x86-64 ISA (SSE2); on a CPU with AVX2 and FMA the same code compiled for them
+// runs instead (twice the vector width: measured MinMax_norm on a (256, 32, 32, 32) float32
+// input ~1.1x -> see README), chosen once at load time.
+template <typename scalar_t>
+double block_pass(const scalar_t* a, const scalar_t* b, scalar_t* lo, scalar_t* hi, int64_t len) {
+  minmax_block(a, b, lo, hi, len);
+  return squares_block(a, len) + squares_block(b, len);
+}
+
+#if defined(__GNUC__) && defined(__x86_64__)
+template <typename scalar_t>
+__attribute__((target("avx2,fma"))) double block_pass_avx2(const scalar_t* a, const scalar_t* b, scalar_t* lo,
+                                                           scalar_t* hi, int64_t len) {
+  minmax_block(a, b, lo, hi, len);
+  return squares_block(a, len) + squares_block(b, len);
+}
+const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#endif
+
+template <typename scalar_t>
+inline double block(const scalar_t* a, const scalar_t* b, scalar_t* lo, scalar_t* hi, int64_t len) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  if (kHasAvx2) return block_pass_avx2(a, b, lo, hi, len);
+#endif
+  return block_pass(a, b, lo, hi, len);
 }
 
 template <typename scalar_t>
@@ -66,8 +94,7 @@ void minmax_norm_kernel(const scalar_t* x, scalar_t* out, double* sumsq, int64_t
       double s = 0.0;
       for (int64_t i = 0; i < half; i += kBlock) {
         const int64_t len = std::min(kBlock, half - i);
-        minmax_block(a + i, b + i, lo + i, hi + i, len);
-        s += squares_block(a + i, len) + squares_block(b + i, len);
+        s += block(a + i, b + i, lo + i, hi + i, len);
       }
       sumsq[n] = s;
     }

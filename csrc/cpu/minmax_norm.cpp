@@ -57,8 +57,8 @@ inline __attribute__((always_inline)) double squares_block(const scalar_t* a, in
 
 // One block: MinMax of len pairs and the squares of both halves. The extension is built for
 // the baseline x86-64 ISA (SSE2); on a CPU with AVX2 and FMA the same code compiled for them
-// runs instead (twice the vector width: measured MinMax_norm on a (256, 32, 32, 32) float32
-// input ~1.1x -> see README), chosen once at load time.
+// runs instead (twice the vector width; 1.2-2.3x the unfused pair instead of 1.1-1.9x on a
+// 2-core Xeon, benchmarks/bench_minmax_norm.py), chosen once at load time.
 template <typename scalar_t>
 double block_pass(const scalar_t* a, const scalar_t* b, scalar_t* lo, scalar_t* hi, int64_t len) {
   minmax_block(a, b, lo, hi, len);

@@ -82,7 +82,8 @@ class MinMax(ConstantLipschitzModule):
         squares while it writes, and the bound comes from that sum."""
         if norm is None and x.dim() >= 2 and x.shape[0] > 0 and fused_minmax_norm(x.device.type):
             out, sumsq = minmax_norm(x)
-            return out, norm_upper_from_sumsq(sumsq, x[0].numel())
+            # a bound, never differentiated: detached like activation_norm_upper's norms
+            return out, norm_upper_from_sumsq(sumsq.detach(), x[0].numel())
         return self.certifying_forward(x), norm
 
 

@@ -37,6 +37,8 @@ OP_TITLES = OrderedDict([
     ("training_paired", "GloRo training step vs the plain network's step, paired rounds"),
     ("minmax_norm_paired", "minmax_norm (MinMax + per-sample sums of squares, fused) vs MinMax then the norms, "
                            "paired rounds"),
+    ("same_bits_paired", "same_bits (the CPU stale-bound guard's comparison) vs a torch.equal loop, paired rounds"),
+    ("guard_share", "The stale-bound guard's time as a share of certify's, paired rounds"),
     ("dispatch", "Dispatch overhead: the op vs its kernel (cpp backend, microsecond-sized calls)"),
 ])
 MODE_NOTES = {
@@ -202,6 +204,16 @@ def compute_targets(rows: List[dict]) -> List[dict]:
         p = r.get("paired") or {}
         add("fused minmax_norm vs MinMax + norms (speed-up, paired)", r["contender"], p.get("ratio_median"), 1.0,
             ">=", paired_detail(r, p), info=True)
+
+    for r in _find(rows, op="same_bits_paired"):
+        p = r.get("paired") or {}
+        add("same_bits vs torch.equal loop (speed-up, paired)", r["contender"], p.get("ratio_median"), 1.0,
+            ">=", paired_detail(r, p), info=True)
+    for r in _find(rows, op="guard_share"):
+        p = r.get("paired") or {}
+        share = 100.0 * p["ratio_median"] if p.get("ratio_median") else None
+        add("stale-bound guard ≤ 1 % of certify (paired)", r["contender"], share, 1.0, "<=",
+            paired_detail(r, p), unit=" %", info=r["params"].get("B") != 256)
 
     # 6. per-call dispatch overhead (the op minus its kernel) ≤ 10 µs
     for case in sorted({r["case"] for r in rows if r["op"] == "dispatch"}):

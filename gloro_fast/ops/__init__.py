@@ -16,6 +16,7 @@ from .power_iteration_conv import (
     power_iteration_conv_reference,
 )
 from .power_iteration_linear import power_iteration_linear, power_iteration_linear_reference
+from .same_bits import same_bits, same_bits_reference
 
 __all__ = [
     "BACKENDS",
@@ -32,6 +33,8 @@ __all__ = [
     "power_iteration_linear",
     "power_iteration_linear_reference",
     "resolve_backend",
+    "same_bits",
+    "same_bits_reference",
     "set_backend",
     "use_backend",
 ]

@@ -50,8 +50,14 @@ def _define(name: str) -> None:
     _library["lib"].define(schema.split("::", 1)[1])
 
 
+def _names(op: str):
+    """``op`` and, where the op has one, its backward op."""
+    backward = f"{op}_backward"
+    return (op, backward) if hasattr(torch.ops.gloro_fast, backward) else (op,)
+
+
 def _unusable(op: str):
-    names = (f"{NAMESPACE}::{op}", f"{NAMESPACE}::{op}_backward")
+    names = tuple(f"{NAMESPACE}::{name}" for name in _names(op))
 
     def unusable(device_type: str) -> Optional[str]:
         key = _DISPATCH_KEY.get(device_type)
@@ -67,10 +73,12 @@ def register_cpp_kernels(op: str) -> Optional[str]:
     extension is missing) or None."""
     if not extension_loaded():
         return "gloro_fast._C is not built"
-    for name in (op, f"{op}_backward"):
+    names = _names(op)
+    for name in names:
         if not hasattr(getattr(torch.ops, NAMESPACE), name):
             _define(name)
     ops = getattr(torch.ops, NAMESPACE)
-    registry.register_kernels(op, "cpp", forward=getattr(ops, op).default,
-                              backward=getattr(ops, f"{op}_backward").default, unusable=_unusable(op))
+    backward = getattr(ops, names[1]).default if len(names) > 1 else registry.kernels(op, "reference").backward
+    registry.register_kernels(op, "cpp", forward=getattr(ops, op).default, backward=backward,
+                              unusable=_unusable(op))
     return None

@@ -21,7 +21,7 @@ import torch
 from . import registry
 from ._backend import kernels_for
 
-__all__ = ["define_op"]
+__all__ = ["define_op", "define_query_op"]
 
 _LIBRARY = torch.library.Library("gloro_fast", "FRAGMENT")
 
@@ -108,3 +108,22 @@ def define_op(op: str, schema: str, backward_schema: str, *, fake: Callable, fak
         _LIBRARY.impl(op, _autograd_kernel(op, op_overload, backward, setup_context), "Autograd", with_keyset=True)
     registry.register_kernels(op, "reference", forward=reference_forward, backward=reference_backward)
     return op_overload, getattr(ops, backward_op).default
+
+
+def _no_backward(op: str) -> Callable:
+    def backward(*args):
+        raise RuntimeError(f"gloro_fast::{op} has no backward: it answers a question about its inputs")
+
+    backward.__name__ = f"{op}_no_backward"
+    return backward
+
+
+def define_query_op(op: str, schema: str, *, reference: Callable):
+    """Define ``gloro_fast::<op>``, an op that answers a question about its tensors (its
+    output is no tensor: no autograd, no fake kernel, not traceable by torch.compile), and
+    register its reference kernel. Its kernels are chosen per backend like every op's (the
+    registry's backward entry raises). Returns the ``OpOverload``."""
+    _LIBRARY.define(op + schema)
+    _LIBRARY.impl(op, _forward_impl(op), "CompositeExplicitAutograd")
+    registry.register_kernels(op, "reference", forward=reference, backward=_no_backward(op))
+    return getattr(torch.ops.gloro_fast, op).default

@@ -1,0 +1,71 @@
+"""``same_bits(a, b)``: whether two lists of tensors hold the same bits.
+
+    same_bits(a, b) = len(a) = len(b) and, for every i, a[i] and b[i] have the same dtype,
+                      the same shape and bitwise identical elements
+
+Bit equality, not ``==``: a NaN equals the same NaN and −0.0 differs from +0.0 (two tensors
+with the same bits compute the same function; that is what a cache of bounds needs to
+know). It is the CPU stale-bound guard of certification (:class:`gloro_fast.bound_cache.BoundCache`
+compares every parameter with the copy its bounds came from on each ``certify`` call):
+``torch.equal`` compares floating-point elements one by one, the C++ kernel compares bytes
+(``memcmp``, the bytes split between threads, stopping at the first difference).
+
+The op ``torch.ops.gloro_fast.same_bits`` answers with a Python bool: no autograd, no fake
+kernel, not traceable by torch.compile (the guard's compiled form is ``torch.eq(...).all()``).
+Kernels: the reference below (any device) and the C++ CPU kernel (csrc/cpu/same_bits.cpp).
+"""
+from __future__ import annotations
+
+from typing import List, Sequence
+
+import torch
+
+from ._backend import kernels_for
+from ._library import define_query_op
+
+__all__ = ["same_bits", "same_bits_reference"]
+
+SCHEMA = "(Tensor[] a, Tensor[] b) -> bool"
+
+# an integer dtype of each element width: torch.equal on it compares bits
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _as_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(_BITS[t.element_size()]) if t.element_size() in _BITS else t
+
+
+def same_bits_reference(a: List[torch.Tensor], b: List[torch.Tensor]) -> bool:
+    """Reference in torch ops: ``torch.equal`` of integer views of the same width."""
+    if len(a) != len(b):
+        return False
+    return all(x.dtype == y.dtype and x.shape == y.shape and torch.equal(_as_bits(x), _as_bits(y))
+               for x, y in zip(a, b))
+
+
+def _check(a, b) -> str:
+    for name, seq in (("a", a), ("b", b)):
+        if not all(isinstance(t, torch.Tensor) for t in seq):
+            raise TypeError(f"{name} must be a sequence of tensors")
+    if len(a) != len(b):
+        raise ValueError(f"a and b must have the same length, got {len(a)} and {len(b)}")
+    devices = {t.device for t in a} | {t.device for t in b}
+    if len(devices) > 1:
+        raise ValueError(f"a and b must be on one device, got {sorted(map(str, devices))}")
+    return devices.pop().type if devices else "cpu"
+
+
+def same_bits(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
+    """True iff every ``a[i]`` and ``b[i]`` have the same dtype, shape and bits (see the
+    module docstring). ``a`` and ``b``: sequences of tensors of one length, on one device.
+    Runs the chosen kernel directly (the op has no autograd or fake kernel to go through)."""
+    a, b = list(a), list(b)
+    device_type = _check(a, b)
+    a = [t.detach() if t.requires_grad else t for t in a]
+    b = [t.detach() if t.requires_grad else t for t in b]
+    if not a:
+        return True
+    return bool(kernels_for("same_bits", device_type).forward(a, b))
+
+
+_OP = define_query_op("same_bits", SCHEMA, reference=same_bits_reference)

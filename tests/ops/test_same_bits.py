@@ -1,0 +1,130 @@
+"""same_bits: bit equality of lists of tensors — the reference against an independent byte
+comparison (numpy ``tobytes``), the compiled CPU kernel against the reference (dtypes,
+NaN and signed zeros, layouts, a difference at every position of a multi-thread split,
+mismatched dtypes and shapes), the argument checks, and the stale-bound guard built on it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gloro_fast.ops import same_bits, same_bits_reference, use_backend
+from tests.ops.cpp_helpers import has_cpu_kernels
+
+needs_cpp = pytest.mark.skipif(not has_cpu_kernels("same_bits"), reason="gloro_fast._C without same_bits")
+DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.uint8, torch.bool]
+BACKENDS = ["reference", pytest.param("cpp", marks=needs_cpp)]
+
+
+def as_bytes(t: torch.Tensor) -> bytes:
+    """The elements' bytes in row-major order (independent of the op: numpy's copy)."""
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def independent(a, b) -> bool:
+    return len(a) == len(b) and all(x.dtype == y.dtype and x.shape == y.shape and as_bytes(x) == as_bytes(y)
+                                    for x, y in zip(a, b))
+
+
+def sample(dtype, shape, seed):
+    g = torch.Generator().manual_seed(seed)
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=g).to(dtype)
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=g) > 0.5
+    return torch.randint(0, 100, shape, generator=g).to(dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_equal_and_edited_copies(backend, dtype):
+    a = [sample(dtype, s, i) for i, s in enumerate([(3, 4), (17,), (2, 3, 5, 5), (0, 4)])]
+    b = [t.clone() for t in a]
+    with use_backend(backend):
+        assert same_bits(a, b) and independent(a, b)
+        flat = b[2].view(-1)
+        flat[7] = flat[7] == 0 if dtype == torch.bool else flat[7] + 1
+        assert not same_bits(a, b) and not independent(a, b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bits_not_values(backend):
+    """NaN equals the same NaN; −0.0 differs from +0.0 (torch.equal says the opposite)."""
+    nan = torch.tensor([1.0, float("nan"), 2.0])
+    zeros = (torch.tensor([0.0, 1.0]), torch.tensor([-0.0, 1.0]))
+    with use_backend(backend):
+        assert same_bits([nan], [nan.clone()]) and not torch.equal(nan, nan.clone())
+        assert not same_bits([zeros[0]], [zeros[1]]) and torch.equal(*zeros)
+    assert independent([nan], [nan.clone()]) and not independent([zeros[0]], [zeros[1]])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_mismatched_dtypes_shapes_and_layouts(backend):
+    x = torch.randn(6, 4)
+    with use_backend(backend):
+        assert not same_bits([x], [x.double()])
+        assert not same_bits([x], [x.reshape(4, 6)])
+        assert not same_bits([x], [x.view(torch.int32)])  # same bits, another dtype
+        # the same values in another memory layout, and a strided view of the same storage
+        t = x.t().contiguous().t()
+        assert not t.is_contiguous() and same_bits([x], [t])
+        assert same_bits([x[:, ::2]], [x[:, ::2].clone()])
+        edited = t.clone()
+        edited[5, 3] += 1
+        assert not same_bits([x], [edited])
+        assert same_bits([], [])
+
+
+@needs_cpp
+@pytest.mark.parametrize("position", [0, 1, 65535, 65536, (1 << 18) - 1, 1 << 18, 700_001, 999_999])
+def test_cpp_finds_a_difference_anywhere_in_a_parallel_split(position):
+    """4 MB over three tensors: the kernel splits the bytes between threads in 256 KiB tasks
+    and 64 KiB pieces; a one-bit change at each boundary (and elsewhere) is found."""
+    a = [torch.randn(400_000), torch.randn(500, 1000), torch.randn(100_000)]
+    b = [t.clone() for t in a]
+    with use_backend("cpp"):
+        assert same_bits(a, b)
+        flat = torch.cat([t.view(-1) for t in b]).view(torch.int32)
+        flat[position] ^= 1
+        parts = flat.view(torch.float32).split([t.numel() for t in b])
+        edited = [p.view(t.shape) for p, t in zip(parts, b)]
+        assert not same_bits(a, edited)
+        assert same_bits_reference(a, edited) is False
+
+
+@needs_cpp
+def test_the_dispatched_op_matches():
+    a = [torch.randn(5, 5), torch.arange(7)]
+    b = [t.clone() for t in a]
+    with use_backend("cpp"):
+        assert torch.ops.gloro_fast.same_bits(a, b) is True
+        b[1][3] = -1
+        assert torch.ops.gloro_fast.same_bits(a, b) is False
+
+
+def test_argument_checks():
+    x = torch.randn(3)
+    with pytest.raises(ValueError, match="a and b must have the same length"):
+        same_bits([x], [])
+    with pytest.raises(TypeError, match="a must be a sequence of tensors"):
+        same_bits([1.0], [x])
+    with pytest.raises(ValueError, match="one device"):
+        same_bits([x], [x.to("meta")])
+
+
+def test_requires_grad_inputs_are_compared_without_a_graph():
+    w = torch.randn(4, 4, requires_grad=True)
+    assert same_bits([w], [w.detach().clone()])
+
+
+def test_guard_recomputes_after_a_data_edit():
+    """The CPU stale-bound guard uses same_bits: an edit through ``.data`` (invisible to the
+    version counter) empties the cached values."""
+    from gloro_fast.bound_cache import BoundCache
+
+    net = torch.nn.Linear(3, 2)
+    cache = BoundCache()
+    values, same = cache.current(net)
+    values["k"] = 1.0
+    assert cache.current(net)[0] == {"k": 1.0}
+    net.weight.data[0, 0] += 1.0
+    assert cache.current(net) == ({}, None)

@@ -130,4 +130,20 @@ inline void check_layer_scalars(at::TensorList grad_sigmas, at::TensorList sigma
   }
 }
 
+// The images y_l = W_l u_l a power_iteration_linear forward returned: (m_l,) in the
+// accumulation dtype (float64 for float64 weights, float32 otherwise), on `device`.
+inline void check_layer_images(const char* op, at::TensorList images, at::TensorList weights,
+                               const at::Device& device) {
+  TORCH_CHECK(images.size() == weights.size(), op, ": images and weights must have the same length, got ",
+              images.size(), " and ", weights.size());
+  for (size_t l = 0; l < weights.size(); ++l) {
+    const at::Tensor& y = images[l];
+    const auto want = weights[l].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    TORCH_CHECK(y.dim() == 1 && y.size(0) == weights[l].size(0) && y.scalar_type() == want, op, ": images[", l,
+                "] must be a ", want, " vector of ", weights[l].size(0), " values, got ", y.scalar_type(), " ",
+                y.sizes());
+    check_device(y, device, op, "every image");
+  }
+}
+
 }  // namespace gloro_fast

@@ -250,8 +250,9 @@ def _channel_stack(iterate: torch.Tensor) -> torch.Tensor:
 
 
 def _forward(weight: torch.Tensor, iterate: torch.Tensor, n_iter: int, stride: List[int], padding: List[int],
-             dilation: List[int], groups: int, residual: bool) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(u_new (N, C_in, H, W), sigma (N,)) for the N layers stacked on axis 0."""
+             dilation: List[int], groups: int, residual: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(u_new (N, C_in, H, W), sigma (N,), image (N, C_out, H', W')) for the N layers stacked on
+    axis 0 (image_l = A_l u_l, + u_l with residual)."""
     check_dtype("weight", weight)
     blocks = iterate.shape[0]
     weight = contiguous(weight)
@@ -265,18 +266,17 @@ def _forward(weight: torch.Tensor, iterate: torch.Tensor, n_iter: int, stride: L
         x = conv_operator_adjoint(v, weight, *args, hw, residual=residual, conv_transpose2d=_conv_transpose2d)
         u = normalize_segments(x, u, blocks)
     y = contiguous(conv_operator(u, weight, *args, residual=residual, conv2d=_conv2d))
-    return u.reshape(iterate.shape), segment_norms(y, blocks)
+    return u.reshape(iterate.shape), segment_norms(y, blocks), y.reshape(blocks, -1, y.shape[2], y.shape[3])
 
 
 def _backward(grad_sigma: torch.Tensor, weight: torch.Tensor, iterate: torch.Tensor, sigma: torch.Tensor,
-              stride: List[int], padding: List[int], dilation: List[int], groups: int,
+              image: torch.Tensor, stride: List[int], padding: List[int], dilation: List[int], groups: int,
               residual: bool) -> torch.Tensor:
-    """Gradient w.r.t. the stacked kernel (N·c_out, c_in/g, kh, kw) of Σ_l g_l σ_l."""
+    """Gradient w.r.t. the stacked kernel (N·c_out, c_in/g, kh, kw) of Σ_l g_l σ_l, from the
+    forward's image (not computed again)."""
     blocks = iterate.shape[0]
-    weight = contiguous(weight)
     u = _channel_stack(iterate)
-    args = (tuple(stride), tuple(padding), tuple(dilation), groups * blocks)
-    y = contiguous(conv_operator(u, weight, *args, residual=residual, conv2d=_conv2d))
+    y = contiguous(image).reshape(1, -1, image.shape[2], image.shape[3])
     gy = scale_segments(y, grad_sigma.reshape(blocks).to(y.dtype), sigma.reshape(blocks).to(y.dtype), blocks)
     return conv2d_weight_ieee(pad_input(u, tuple(padding)), gy, weight.shape, stride, dilation, groups * blocks)
 

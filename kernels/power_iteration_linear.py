@@ -242,25 +242,28 @@ def _by_dtype(weights: Sequence[torch.Tensor]) -> Dict[torch.dtype, List[int]]:
 
 
 def _forward(weights: List[torch.Tensor], iterates: List[torch.Tensor], n_iter: int):
-    """(new iterates, sigmas): every layer of a dtype in one launch."""
+    """(new iterates, sigmas, images W u): every layer of a dtype in one launch."""
     new_iterates: List[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
     sigmas: List[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
+    images: List[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
     for idx in _by_dtype(weights).values():
         group = [weights[k] for k in idx]
-        u_flat, sigma, _v = _launch_forward(group, [iterates[k] for k in idx], n_iter)
-        for k, u, s in zip(idx, u_flat.split([w.shape[1] for w in group]), sigma.unbind(0)):
-            new_iterates[k], sigmas[k] = u, s
-    return new_iterates, sigmas
+        u_flat, sigma, v = _launch_forward(group, [iterates[k] for k in idx], n_iter)
+        for k, u, s, y in zip(idx, u_flat.split([w.shape[1] for w in group]), sigma.unbind(0),
+                              v.split([w.shape[0] for w in group])):
+            new_iterates[k], sigmas[k], images[k] = u, s, y
+    return new_iterates, sigmas, images
 
 
 def _backward(grad_sigmas: List[torch.Tensor], weights: List[torch.Tensor], iterates: List[torch.Tensor],
-              sigmas: List[torch.Tensor]) -> List[torch.Tensor]:
-    """grad_W_l = (g_l / σ_l) (W_l u_l) u_lᵀ (0 where σ_l = 0), every layer of a dtype in two launches."""
+              sigmas: List[torch.Tensor], images: List[torch.Tensor]) -> List[torch.Tensor]:
+    """grad_W_l = (g_l / σ_l) y_l u_lᵀ (0 where σ_l = 0) from the forward's images y_l = W_l u_l,
+    every layer of a dtype in one launch (W is not read)."""
     grads: List[torch.Tensor] = [None] * len(weights)  # type: ignore[list-item]
     for idx in _by_dtype(weights).values():
         group = [weights[k] for k in idx]
         u = _flat([iterates[k] for k in idx])
-        _u, _sigma, v = _launch_forward(group, [iterates[k] for k in idx], 0)
+        v = _flat([images[k] for k in idx]).to(acc_dtype(group[0].dtype))
         grad_sigma = torch.stack([grad_sigmas[k].reshape(()) for k in idx]).to(group[0].dtype)
         sigma = torch.stack([sigmas[k].reshape(()) for k in idx]).to(group[0].dtype)
         pairs = [tuple(w.shape) for w in group]

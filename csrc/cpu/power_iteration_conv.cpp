@@ -6,10 +6,11 @@
 // explicit zero pad before the convolution, and in the adjoint a crop after the transposed one.
 // The convolutions are the library's (oneDNN / cuDNN, through convolution_ieee below); around them:
 //   forward:  n_iter times  v = A u (residual added in place), x = A^T v, then the fused epilogue
-//             u = (x [+ v]) / ||x [+ v]|| (keeping u where the norm is 0); then sigma = ||A u||
-//             by the fused norm epilogue (residual added on the fly).
-//   backward: grad_W = (g / sigma) * d||A u||/dW with gy = A u scaled per block by g/sigma (0 where
-//             sigma = 0): the weight gradient is itself ONE convolution (conv_weight_grad below).
+//             u = (x [+ v]) / ||x [+ v]|| (keeping u where the norm is 0); then the image
+//             y = A u (+ u) and sigma = ||y|| by the fused norm epilogue; y is returned.
+//   backward: grad_W = (g / sigma) * d||A u||/dW with gy = the forward's image y scaled per block
+//             by g/sigma (0 where sigma = 0): the weight gradient is itself ONE convolution
+//             (conv_weight_grad below); y is not computed again.
 // float32 on CUDA never uses TF32: cuDNN is called with allow_tf32 = false whatever
 // torch.backends.cudnn.allow_tf32 says (True by default), which would cost ~1e-4 relative on sigma.
 // Batching: the iterate may hold N layers of one configuration, (N, C_in, H, W), with the
@@ -150,7 +151,7 @@ Tensor conv_weight_grad(const Tensor& padded, const Tensor& gy, at::IntArrayRef 
   return out.narrow(2, 0, kh).narrow(3, 0, kw).transpose(0, 1).contiguous();
 }
 
-std::tuple<Tensor, Tensor> forward(const Tensor& weight_in, const Tensor& iterate, int64_t n_iter,
+std::tuple<Tensor, Tensor, Tensor> forward(const Tensor& weight_in, const Tensor& iterate, int64_t n_iter,
                                    at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation,
                                    int64_t groups, bool residual, NormalizeFn normalize, NormFn norm) {
   const Geometry g = check_and_geometry("power_iteration_conv", weight_in, iterate, stride, padding, dilation,
@@ -167,12 +168,13 @@ std::tuple<Tensor, Tensor> forward(const Tensor& weight_in, const Tensor& iterat
     u = normalize(x, residual ? v : Tensor(), u, N);
   }
   Tensor y = apply(u, weight, g).contiguous();
-  Tensor sigma = norm(y, residual ? u : Tensor(), N);
-  return {u.view({N, g.c_in, g.height, g.width}), sigma};
+  if (residual) y.add_(u);
+  Tensor sigma = norm(y, Tensor(), N);
+  return {u.view({N, g.c_in, g.height, g.width}), sigma, y.view({N, -1, y.size(2), y.size(3)})};
 }
 
 Tensor backward(const Tensor& grad_sigma, const Tensor& weight_in, const Tensor& iterate, const Tensor& sigma,
-                at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                const Tensor& image, at::IntArrayRef stride, at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
                 bool residual) {
   const Geometry g = check_and_geometry("power_iteration_conv_backward", weight_in, iterate, stride, padding,
                                         dilation, groups, residual);
@@ -182,8 +184,11 @@ Tensor backward(const Tensor& grad_sigma, const Tensor& weight_in, const Tensor&
   const Tensor weight = weight_in.contiguous();
   const Tensor u = iterate.reshape({1, N * g.c_in, g.height, g.width}).contiguous();
   const Tensor padded = at::constant_pad_nd(u, {g.left, g.right, g.top, g.bottom}, 0);
-  Tensor y = convolution_ieee(padded, weight, g.stride, {0, 0}, g.dilation, /*transposed=*/false, {0, 0}, g.groups);
-  if (residual) y.add_(u);
+  TORCH_CHECK(image.dim() == 4 && image.size(0) == N && image.size(1) * N == weight.size(0) &&
+                  image.scalar_type() == weight.scalar_type() && image.device() == weight.device(),
+              "power_iteration_conv_backward: image must be the forward's (N, C_out, H', W') image of the ",
+              "weight's dtype and device, got ", image.scalar_type(), " ", image.sizes(), " on ", image.device());
+  const Tensor y = image.reshape({1, N * image.size(1), image.size(2), image.size(3)});
   // per-layer g / sigma (0 where sigma = 0), on the tensors' device (no host sync)
   const Tensor s = sigma.reshape({N}).to(y.scalar_type());
   const Tensor gs = grad_sigma.reshape({N}).to(y.scalar_type());
@@ -283,7 +288,7 @@ Tensor norm_cpu(const Tensor& x, const Tensor& add, int64_t blocks) {
   return out;
 }
 
-std::tuple<Tensor, Tensor> power_iteration_conv_cpu(const Tensor& weight, const Tensor& iterate, int64_t n_iter,
+std::tuple<Tensor, Tensor, Tensor> power_iteration_conv_cpu(const Tensor& weight, const Tensor& iterate, int64_t n_iter,
                                                     at::IntArrayRef stride, at::IntArrayRef padding,
                                                     at::IntArrayRef dilation, int64_t groups, bool residual) {
   TORCH_CHECK(weight.device().is_cpu() && iterate.device().is_cpu(),
@@ -293,10 +298,11 @@ std::tuple<Tensor, Tensor> power_iteration_conv_cpu(const Tensor& weight, const 
 }
 
 Tensor power_iteration_conv_backward_cpu(const Tensor& grad_sigma, const Tensor& weight, const Tensor& iterate,
-                                         const Tensor& sigma, at::IntArrayRef stride, at::IntArrayRef padding,
-                                         at::IntArrayRef dilation, int64_t groups, bool residual) {
+                                         const Tensor& sigma, const Tensor& image, at::IntArrayRef stride,
+                                         at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                         bool residual) {
   TORCH_CHECK(weight.device().is_cpu(), "power_iteration_conv_backward (CPU kernel): weight must be on CPU");
-  return pi_conv::backward(grad_sigma, weight, iterate, sigma, stride, padding, dilation, groups, residual);
+  return pi_conv::backward(grad_sigma, weight, iterate, sigma, image, stride, padding, dilation, groups, residual);
 }
 
 }  // namespace

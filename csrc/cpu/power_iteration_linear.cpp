@@ -6,9 +6,10 @@
 //   1. v = W u      parallel over all rows of all layers (dot products, contiguous rows)
 //   2. x = W^T v    parallel over all columns of all layers (row-wise axpy on column blocks)
 //   3. u = x/||x||  per layer (norm in double), keeping the old u where ||x|| = 0
-// repeated n_iter times, then sigma_l = ||W_l u_l|| (one more step 1 + per-layer norms).
-// Backward: grad_W_l = g_l (W_l u_l) u_l^T / sigma_l (0 where sigma_l = 0), fused with the
-// recomputation of W_l u_l in one region over all rows.
+// repeated n_iter times, then y_l = W_l u_l and sigma_l = ||y_l|| (one more step 1 + per-layer
+// norms); y_l is returned too (the image, in the accumulation dtype).
+// Backward: grad_W_l = g_l y_l u_l^T / sigma_l (0 where sigma_l = 0) from the forward's image:
+// an outer product per layer writing the gradient, W is not read.
 // float32/float64 natively; bfloat16/float16 are read as such and accumulate in float32
 // (at::opmath_type). Layers of different dtypes in one call are processed per dtype.
 #include <ATen/ATen.h>
@@ -179,7 +180,8 @@ struct Stack {
 
 template <typename scalar_t>
 void forward_group(at::TensorList weights, at::TensorList iterates, const std::vector<size_t>& idx,
-                   int64_t n_iter, std::vector<Tensor>& u_out, std::vector<Tensor>& s_out) {
+                   int64_t n_iter, std::vector<Tensor>& u_out, std::vector<Tensor>& s_out,
+                   std::vector<Tensor>& y_out) {
   using acc_t = at::opmath_type<scalar_t>;
   std::vector<Tensor> ws;
   for (size_t l : idx) ws.push_back(weights[l]);
@@ -208,72 +210,44 @@ void forward_group(at::TensorList weights, at::TensorList iterates, const std::v
     s_out[idx[k]] = at::scalar_tensor(static_cast<acc_t>(std::sqrt(sq)), out_opts);
     u_out[idx[k]] = u_buf.narrow(0, st.col_off[k], st.n[k]).to(out_opts.dtype(), /*non_blocking=*/false,
                                                                  /*copy=*/true);
+    y_out[idx[k]] = v_buf.narrow(0, st.row_off[k], st.m[k]).clone();  // outputs never alias each other
   }
 }
 
-std::tuple<std::vector<Tensor>, std::vector<Tensor>> power_iteration_linear_cpu(
+std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>> power_iteration_linear_cpu(
     at::TensorList weights, at::TensorList iterates, int64_t n_iter) {
   check_layers("power_iteration_linear", weights, iterates, at::Device(at::kCPU));
   TORCH_CHECK(n_iter >= 0, "power_iteration_linear: n_iter must be >= 0, got ", n_iter);
-  std::vector<Tensor> u_out(weights.size()), s_out(weights.size());
+  std::vector<Tensor> u_out(weights.size()), s_out(weights.size()), y_out(weights.size());
   for (const auto& [dtype, idx] : by_dtype(weights)) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "power_iteration_linear", [&] {
-      forward_group<scalar_t>(weights, iterates, idx, n_iter, u_out, s_out);
+      forward_group<scalar_t>(weights, iterates, idx, n_iter, u_out, s_out, y_out);
     });
   }
-  return {u_out, s_out};
+  return {u_out, s_out, y_out};
 }
 
-template <typename scalar_t>
-void backward_group(at::TensorList grad_sigmas, at::TensorList weights, at::TensorList iterates,
-                    at::TensorList sigmas, const std::vector<size_t>& idx, std::vector<Tensor>& grads) {
-  using acc_t = at::opmath_type<scalar_t>;
-  std::vector<Tensor> ws;
-  for (size_t l : idx) ws.push_back(weights[l]);
-  const Stack<scalar_t> st(ws);
-  const int64_t L = st.size();
-  const auto acc_opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<acc_t>::value);
-  Tensor u_buf = at::empty({st.cols}, acc_opts);
-  std::vector<acc_t> coef(L);
-  std::vector<scalar_t*> gp(L);
-  for (int64_t k = 0; k < L; ++k) {
-    const size_t l = idx[k];
-    u_buf.narrow(0, st.col_off[k], st.n[k]).copy_(iterates[l]);
-    const double g = grad_sigmas[l].item<double>();
-    const double s = sigmas[l].item<double>();
-    coef[k] = s > 0 ? static_cast<acc_t>(g / s) : acc_t(0);
-    grads[l] = at::empty({st.m[k], st.n[k]}, weights[l].options().memory_format(at::MemoryFormat::Contiguous));
-    gp[k] = grads[l].data_ptr<scalar_t>();
-  }
-  const acc_t* u = u_buf.data_ptr<acc_t>();
-  if (st.rows == 0) return;
-  const int64_t avg_n = std::max<int64_t>(1, st.cols / std::max<int64_t>(L, 1));
-  const int64_t grain = std::max<int64_t>(1, kGrainWork / (2 * avg_n));
-  // row r of layer l: grad row = coef_l (W_l[i] . u_l) u_l, recomputing W u on the fly
-  at::parallel_for(0, st.rows, grain, [&](int64_t begin, int64_t end) {
-    int64_t l = Stack<scalar_t>::layer_of(st.row_off, begin);
-    for (int64_t r = begin; r < end; ++r) {
-      while (r >= st.row_off[l + 1]) ++l;
-      const int64_t nl = st.n[l];
-      const int64_t i = r - st.row_off[l];
-      const acc_t* ul = u + st.col_off[l];
-      const acc_t a = coef[l] * dot<acc_t>(st.wp[l] + i * nl, ul, nl);
-      scalar_t* out = gp[l] + i * nl;
-#pragma omp simd
-      for (int64_t j = 0; j < nl; ++j) out[j] = static_cast<scalar_t>(a * ul[j]);
-    }
-  });
+// One layer: grad = (g / sigma) y u^T (0 where sigma = 0) by ATen's outer product (vectorised for
+// the CPU it runs on: this extension is built for baseline x86-64, and the write of the gradient
+// is all the work), in the accumulation dtype, then cast to the weight's dtype where it differs.
+Tensor layer_grad(const Tensor& grad_sigma, const Tensor& weight, const Tensor& iterate, const Tensor& sigma,
+                  const Tensor& image) {
+  const double g = grad_sigma.item<double>();
+  const double s = sigma.item<double>();
+  const double coef = s > 0 ? g / s : 0.0;
+  Tensor grad = at::outer(image * coef, iterate.to(image.scalar_type()));
+  return grad.scalar_type() == weight.scalar_type() ? grad : grad.to(weight.scalar_type());
 }
 
 std::vector<Tensor> power_iteration_linear_backward_cpu(at::TensorList grad_sigmas, at::TensorList weights,
-                                                        at::TensorList iterates, at::TensorList sigmas) {
+                                                        at::TensorList iterates, at::TensorList sigmas,
+                                                        at::TensorList images) {
   check_layers("power_iteration_linear_backward", weights, iterates, at::Device(at::kCPU));
   check_layer_scalars(grad_sigmas, sigmas, weights.size());
+  check_layer_images("power_iteration_linear_backward", images, weights, at::Device(at::kCPU));
   std::vector<Tensor> grads(weights.size());
-  for (const auto& [dtype, idx] : by_dtype(weights)) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "power_iteration_linear_backward", [&] {
-      backward_group<scalar_t>(grad_sigmas, weights, iterates, sigmas, idx, grads);
-    });
+  for (size_t l = 0; l < weights.size(); ++l) {
+    grads[l] = layer_grad(grad_sigmas[l], weights[l], iterates[l], sigmas[l], images[l]);
   }
   return grads;
 }

@@ -82,7 +82,7 @@ Tensor norm_cuda(const Tensor& x_in, const Tensor& add_in, int64_t blocks) {
   return sigma.to(x_in.scalar_type());
 }
 
-std::tuple<Tensor, Tensor> power_iteration_conv_cuda(const Tensor& weight, const Tensor& iterate, int64_t n_iter,
+std::tuple<Tensor, Tensor, Tensor> power_iteration_conv_cuda(const Tensor& weight, const Tensor& iterate, int64_t n_iter,
                                                      at::IntArrayRef stride, at::IntArrayRef padding,
                                                      at::IntArrayRef dilation, int64_t groups, bool residual) {
   TORCH_CHECK(weight.is_cuda() && iterate.device() == weight.device(),
@@ -94,12 +94,13 @@ std::tuple<Tensor, Tensor> power_iteration_conv_cuda(const Tensor& weight, const
 }
 
 Tensor power_iteration_conv_backward_cuda(const Tensor& grad_sigma, const Tensor& weight, const Tensor& iterate,
-                                          const Tensor& sigma, at::IntArrayRef stride, at::IntArrayRef padding,
-                                          at::IntArrayRef dilation, int64_t groups, bool residual) {
+                                          const Tensor& sigma, const Tensor& image, at::IntArrayRef stride,
+                                          at::IntArrayRef padding, at::IntArrayRef dilation, int64_t groups,
+                                          bool residual) {
   TORCH_CHECK(weight.is_cuda(), "power_iteration_conv_backward (CUDA kernel): weight must be on CUDA");
   const c10::cuda::CUDAGuard guard(weight.device());
-  return pi_conv::backward(grad_sigma.to(weight.device()), weight, iterate, sigma, stride, padding, dilation, groups,
-                           residual);
+  return pi_conv::backward(grad_sigma.to(weight.device()), weight, iterate, sigma, image, stride, padding, dilation,
+                           groups, residual);
 }
 
 }  // namespace

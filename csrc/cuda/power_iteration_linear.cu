@@ -9,11 +9,13 @@
 //   matvec_t   x = W^T v: blocks of 32 columns x 8 row slices (coalesced rows), shared-memory
 //              reduction over the slices; per-layer ||x||^2 likewise
 //   normalize  u = x / ||x||, keeping u where ||x|| = 0
-// then sigma_l = ||W_l u_l|| (matvec + finalize). Both accumulators are zeroed by one memset
+// then the images y_l = W_l u_l (the last matvec writes them to the caller's buffer) and
+// sigma_l = ||y_l|| (finalize). Both accumulators are zeroed by one memset
 // before the loop, then each by the kernel that runs before its producer (stream order), so no
 // memsets inside the loop; where that kernel has no blocks (every layer m = 0, or n = 0) its
 // producer adds only zeros to the still-zero accumulator.
-// Backward: grad_W_l = (g_l / sigma_l) (W_l u_l) u_l^T (0 where sigma_l = 0): matvec + outer.
+// Backward: grad_W_l = (g_l / sigma_l) y_l u_l^T (0 where sigma_l = 0) from the forward's images:
+// one outer-product launch, W is not read.
 //
 // The layer table reaches the device through the parameters of fill_table_kernel (<= 3 KB a
 // launch), never a copy from host memory: a launch is captured by value in a CUDA graph, while a
@@ -220,8 +222,8 @@ unsigned flat_blocks(int64_t count) {
 }
 
 template <typename T>
-void forward_impl(const T* const* w, T* const* u, T* const* sigma, const int64_t* m, const int64_t* n, int64_t L,
-                  int64_t n_iter, void* workspace, cudaStream_t stream) {
+void forward_impl(const T* const* w, T* const* u, T* const* sigma, T* images, const int64_t* m, const int64_t* n,
+                  int64_t L, int64_t n_iter, void* workspace, cudaStream_t stream) {
   if (L == 0) return;
   std::vector<Layer<T>> host(L);
   const Plan p = make_plan<T>(m, n, L, &host);
@@ -251,19 +253,19 @@ void forward_impl(const T* const* w, T* const* u, T* const* sigma, const int64_t
     }
     normalize_kernel<T><<<flat_blocks(p.cols), kThreads, 0, stream>>>(table, iL, p.cols, x, xsq);
   }
-  if (p.row_blocks > 0) matvec_kernel<T><<<p.row_blocks, kThreads, 0, stream>>>(table, iL, v, vsq, nullptr);
+  if (p.row_blocks > 0) matvec_kernel<T><<<p.row_blocks, kThreads, 0, stream>>>(table, iL, images, vsq, nullptr);
   sigma_kernel<T><<<flat_blocks(L), kThreads, 0, stream>>>(table, iL, vsq);
 }
 
 template <typename T>
-void backward_impl(const T* const* grad_sigma, const T* const* w, const T* const* u, const T* const* sigma,
+void backward_impl(const T* const* grad_sigma, const T* images, const T* const* u, const T* const* sigma,
                    T* const* grad_w, const int64_t* m, const int64_t* n, int64_t L, void* workspace,
                    cudaStream_t stream) {
   if (L == 0) return;
   std::vector<Layer<T>> host(L);
   const Plan p = make_plan<T>(m, n, L, &host);
   for (int64_t l = 0; l < L; ++l) {
-    host[l].w = w[l];
+    host[l].w = nullptr;               // not read: the images replace W u
     host[l].u = const_cast<T*>(u[l]);  // read only here
     host[l].sigma = nullptr;
     host[l].grad_sigma = grad_sigma[l];
@@ -272,13 +274,11 @@ void backward_impl(const T* const* grad_sigma, const T* const* w, const T* const
   }
   char* base = static_cast<char*>(workspace);
   auto* table = reinterpret_cast<Layer<T>*>(base + p.table_off);
-  auto* vsq = reinterpret_cast<double*>(base + p.vsq_off);
-  T* v = reinterpret_cast<T*>(base + p.v_off);
   upload_table(host.data(), sizeof(Layer<T>) * L, table, stream);
-  cudaMemsetAsync(vsq, 0, sizeof(double) * L, stream);
   const int iL = static_cast<int>(L);
-  if (p.row_blocks > 0) matvec_kernel<T><<<p.row_blocks, kThreads, 0, stream>>>(table, iL, v, vsq, nullptr);
-  if (p.elements > 0) outer_kernel<T><<<flat_blocks(p.elements), kThreads, 0, stream>>>(table, iL, p.elements, v);
+  if (p.elements > 0) {
+    outer_kernel<T><<<flat_blocks(p.elements), kThreads, 0, stream>>>(table, iL, p.elements, images);
+  }
 }
 
 }  // namespace
@@ -291,30 +291,32 @@ size_t power_iteration_linear_workspace_bytes(const int64_t* m, const int64_t* n
   return make_plan<float>(m, n, L, nullptr).total;
 }
 
-// w[l]: (m[l], n[l]) contiguous; u[l]: (n[l],) iterate in, updated in place; sigma[l]: one scalar out.
-void power_iteration_linear_launch(const float* const* w, float* const* u, float* const* sigma, const int64_t* m,
-                                   const int64_t* n, int64_t L, int64_t n_iter, void* workspace,
-                                   cudaStream_t stream) {
-  forward_impl<float>(w, u, sigma, m, n, L, n_iter, workspace, stream);
-}
-void power_iteration_linear_launch(const double* const* w, double* const* u, double* const* sigma,
+// w[l]: (m[l], n[l]) contiguous; u[l]: (n[l],) iterate in, updated in place; sigma[l]: one scalar out;
+// images: (sum m) out, the layers' W u end to end.
+void power_iteration_linear_launch(const float* const* w, float* const* u, float* const* sigma, float* images,
                                    const int64_t* m, const int64_t* n, int64_t L, int64_t n_iter, void* workspace,
                                    cudaStream_t stream) {
-  forward_impl<double>(w, u, sigma, m, n, L, n_iter, workspace, stream);
+  forward_impl<float>(w, u, sigma, images, m, n, L, n_iter, workspace, stream);
+}
+void power_iteration_linear_launch(const double* const* w, double* const* u, double* const* sigma, double* images,
+                                   const int64_t* m, const int64_t* n, int64_t L, int64_t n_iter, void* workspace,
+                                   cudaStream_t stream) {
+  forward_impl<double>(w, u, sigma, images, m, n, L, n_iter, workspace, stream);
 }
 
-// grad_w[l] (m[l], n[l]) contiguous out; grad_sigma[l], sigma[l]: device scalars.
-void power_iteration_linear_backward_launch(const float* const* grad_sigma, const float* const* w,
+// grad_w[l] (m[l], n[l]) contiguous out; images: (sum m) the forward's W u end to end;
+// grad_sigma[l], sigma[l]: device scalars.
+void power_iteration_linear_backward_launch(const float* const* grad_sigma, const float* images,
                                             const float* const* u, const float* const* sigma, float* const* grad_w,
                                             const int64_t* m, const int64_t* n, int64_t L, void* workspace,
                                             cudaStream_t stream) {
-  backward_impl<float>(grad_sigma, w, u, sigma, grad_w, m, n, L, workspace, stream);
+  backward_impl<float>(grad_sigma, images, u, sigma, grad_w, m, n, L, workspace, stream);
 }
-void power_iteration_linear_backward_launch(const double* const* grad_sigma, const double* const* w,
+void power_iteration_linear_backward_launch(const double* const* grad_sigma, const double* images,
                                             const double* const* u, const double* const* sigma,
                                             double* const* grad_w, const int64_t* m, const int64_t* n, int64_t L,
                                             void* workspace, cudaStream_t stream) {
-  backward_impl<double>(grad_sigma, w, u, sigma, grad_w, m, n, L, workspace, stream);
+  backward_impl<double>(grad_sigma, images, u, sigma, grad_w, m, n, L, workspace, stream);
 }
 
 }  // namespace cuda

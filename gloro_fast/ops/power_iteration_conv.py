@@ -14,11 +14,13 @@ layer.
 
 The op ``torch.ops.gloro_fast.power_iteration_conv`` takes N layers at once: the iterates
 (N, C_in, H, W) stacked on axis 0, their kernels stacked in the weight (N·C_out, C_in/groups,
-kh, kw), padding as (top, bottom, left, right); it returns (u (N, C_in, H, W), σ̂ (N,)). Its
-backward op ``power_iteration_conv_backward`` gives the gradient of Σ g_l σ̂_l w.r.t. the
-stacked weight. Kernels: the reference below, the C++ kernels (csrc/: library convolutions
-with fused epilogues) and the Triton epilogues (kernels/), chosen by the backend table
-(gloro_fast/ops/registry.py).
+kh, kw), padding as (top, bottom, left, right); it returns (u (N, C_in, H, W), σ̂ (N,),
+y (N, C_out, H', W')), y_l = A_l u_l (+ u_l for a residual block) being the image whose norm
+is σ̂_l. Its backward op ``power_iteration_conv_backward`` gives the gradient of Σ g_l σ̂_l
+w.r.t. the stacked weight from that image (one weight-gradient convolution of the padded u
+against y·g/σ̂; the image is not computed again). Kernels: the reference below, the C++
+kernels (csrc/: library convolutions with fused epilogues) and the Triton epilogues
+(kernels/), chosen by the backend table (gloro_fast/ops/registry.py).
 """
 from __future__ import annotations
 
@@ -27,9 +29,8 @@ from typing import List, Sequence, Tuple, Union
 import torch
 
 from .._validation import check_positive_int, check_tensor
-from ._backend import backend_for
 from ._library import define_op
-from ._power_iteration_common import normalize_iterate
+from ._power_iteration_common import normalize_iterate, runs_reference
 from .convolution import conv_operator, conv_operator_adjoint, normalize_padding, pad_input, pair
 
 __all__ = [
@@ -42,9 +43,9 @@ __all__ = [
 ]
 
 SCHEMA = ("(Tensor weight, Tensor iterate, int n_iter, int[] stride, int[] padding, int[] dilation, int groups, "
-          "bool residual) -> (Tensor, Tensor)")
-BACKWARD_SCHEMA = ("(Tensor grad_sigma, Tensor weight, Tensor iterate, Tensor sigma, int[] stride, int[] padding, "
-                   "int[] dilation, int groups, bool residual) -> Tensor")
+          "bool residual) -> (Tensor, Tensor, Tensor)")
+BACKWARD_SCHEMA = ("(Tensor grad_sigma, Tensor weight, Tensor iterate, Tensor sigma, Tensor image, int[] stride, "
+                   "int[] padding, int[] dilation, int groups, bool residual) -> Tensor")
 
 
 def power_iteration_conv_reference(
@@ -162,11 +163,12 @@ def _run(weights, iterates, n_iter, stride, padding, dilation, groups, residual)
     """(u (N, C_in, H, W), sigma (N,)) for N checked layers of one configuration."""
     weight = weights[0] if len(weights) == 1 else torch.cat(weights, dim=0)
     iterate = iterates[0] if len(iterates) == 1 else torch.cat(iterates, dim=0)
-    if backend_for("power_iteration_conv", weight.device.type) == "reference":
+    if runs_reference("power_iteration_conv", weights, weight.device.type):
         return power_iteration_conv_batched_reference(
             weight, iterate, n_iter, stride, padding, dilation, groups, residual
         )
-    return _OP(weight, iterate, n_iter, list(stride), list(padding), list(dilation), groups, residual)
+    u, sigma, _image = _OP(weight, iterate, n_iter, list(stride), list(padding), list(dilation), groups, residual)
+    return u, sigma
 
 
 def power_iteration_conv(
@@ -197,7 +199,7 @@ def power_iteration_conv(
     """
     _, _, checked = _check([weight], [iterate], n_iter, stride, padding, dilation, groups, residual, batched=False)
     n_iter, stride, padding, dilation, groups = checked
-    if backend_for("power_iteration_conv", weight.device.type) == "reference":
+    if runs_reference("power_iteration_conv", [weight], weight.device.type):
         return power_iteration_conv_reference(
             weight, iterate, n_iter, stride, padding, dilation, groups, bool(residual)
         )
@@ -236,52 +238,69 @@ def power_iteration_conv_batched(
 # ---- the op: reference kernels, fake kernels, autograd ----
 
 
+def _stacked_image(weight, u, stride, padding, dilation, groups, residual):
+    """y (N, C_out, H', W'): A_l u_l (+ u_l) of the N stacked layers (u (N, C_in, H, W))."""
+    blocks, c_in, height, width = u.shape
+    out = conv_operator(u.reshape(1, blocks * c_in, height, width), weight, tuple(stride), tuple(padding),
+                        tuple(dilation), groups * blocks, residual=residual)
+    return out.reshape(blocks, -1, out.shape[2], out.shape[3])
+
+
 def _reference_forward(weight, iterate, n_iter, stride, padding, dilation, groups, residual):
     with torch.no_grad():
         u, sigma = power_iteration_conv_batched_reference(
             weight, iterate, n_iter, tuple(stride), tuple(padding), tuple(dilation), groups, residual
         )
+        image = _stacked_image(weight, u, stride, padding, dilation, groups, residual)
     # outputs are fresh tensors: with n_iter = 0 the reference hands a view of the iterate back
-    return (u.clone() if n_iter == 0 else u), sigma
+    return (u.clone() if n_iter == 0 else u), sigma, image
 
 
 def _stacked_sigmas(weight, iterate, stride, padding, dilation, groups, residual):
     """σ̂ (N,) of the N stacked layers as a function of the stacked weight (differentiable)."""
-    blocks, c_in, height, width = iterate.shape
-    out = conv_operator(iterate.reshape(1, blocks * c_in, height, width), weight, tuple(stride), tuple(padding),
-                        tuple(dilation), groups * blocks, residual=residual)
-    return torch.linalg.vector_norm(out.reshape(blocks, -1), dim=1)
+    image = _stacked_image(weight, iterate, stride, padding, dilation, groups, residual)
+    return torch.linalg.vector_norm(image.reshape(image.shape[0], -1), dim=1)
 
 
-def _reference_backward(grad_sigma, weight, iterate, sigma, stride, padding, dilation, groups, residual):
-    # ∂σ_l/∂K_l = the weight gradient of the convolution of the padded u_l against (g_l/σ_l) A_l u_l
+def _reference_backward(grad_sigma, weight, iterate, sigma, image, stride, padding, dilation, groups, residual):
+    # ∂σ_l/∂K_l = the weight gradient of the convolution of the padded u_l against (g_l/σ_l) y_l,
+    # y_l = A_l u_l (+ u_l) the image the forward returned
     blocks, c_in, height, width = iterate.shape
     u = iterate.reshape(1, blocks * c_in, height, width)
-    y = conv_operator(u, weight, tuple(stride), tuple(padding), tuple(dilation), groups * blocks, residual=residual)
     scale = torch.where(sigma > 0, grad_sigma / torch.where(sigma > 0, sigma, 1.0), 0.0)
-    gy = (y.reshape(blocks, -1) * scale[:, None]).reshape(y.shape)
+    gy = (image.reshape(blocks, -1) * scale[:, None]).reshape(1, -1, image.shape[2], image.shape[3])
     return torch.nn.grad.conv2d_weight(pad_input(u, tuple(padding)), weight.shape, gy, stride=tuple(stride),
                                        padding=0, dilation=tuple(dilation), groups=groups * blocks)
 
 
+def image_shape(weight_shape, iterate_shape, stride, padding, dilation) -> Tuple[int, int, int, int]:
+    """(N, C_out, H', W') of the op's image for the stacked weight and iterate shapes."""
+    blocks, _, height, width = iterate_shape
+    top, bottom, left, right = padding
+    out_h = (height + top + bottom - dilation[0] * (weight_shape[2] - 1) - 1) // stride[0] + 1
+    out_w = (width + left + right - dilation[1] * (weight_shape[3] - 1) - 1) // stride[1] + 1
+    return blocks, weight_shape[0] // blocks, out_h, out_w
+
+
 def _fake(weight, iterate, n_iter, stride, padding, dilation, groups, residual):
-    return iterate.new_empty(iterate.shape), iterate.new_empty((iterate.shape[0],))
+    return (iterate.new_empty(iterate.shape), iterate.new_empty((iterate.shape[0],)),
+            iterate.new_empty(image_shape(weight.shape, iterate.shape, stride, padding, dilation)))
 
 
-def _fake_backward(grad_sigma, weight, iterate, sigma, stride, padding, dilation, groups, residual):
+def _fake_backward(grad_sigma, weight, iterate, sigma, image, stride, padding, dilation, groups, residual):
     return weight.new_empty(weight.shape)
 
 
 def _setup_context(ctx, inputs, output):
     weight, _iterate, _n_iter, stride, padding, dilation, groups, residual = inputs
-    u, sigma = output
-    ctx.mark_non_differentiable(u)
+    u, sigma, image = output
+    ctx.mark_non_differentiable(u, image)
     ctx.conv_args = (stride, padding, dilation, groups, residual)
-    ctx.save_for_backward(weight, u, sigma)
+    ctx.save_for_backward(weight, u, sigma, image)
 
 
-def _backward(ctx, grad_u, grad_sigma):
-    weight, u, sigma = ctx.saved_tensors
+def _backward(ctx, grad_u, grad_sigma, grad_image):
+    weight, u, sigma, image = ctx.saved_tensors
     grad_weight = None
     if ctx.needs_input_grad[0]:
         if grad_sigma is None:
@@ -292,7 +311,7 @@ def _backward(ctx, grad_u, grad_sigma):
                 sigmas = _stacked_sigmas(w, u, *ctx.conv_args)
                 (grad_weight,) = torch.autograd.grad(sigmas, w, grad_sigma, create_graph=True)
         else:
-            grad_weight = _BACKWARD_OP(grad_sigma, weight, u, sigma, *ctx.conv_args)
+            grad_weight = _BACKWARD_OP(grad_sigma, weight, u, sigma, image, *ctx.conv_args)
     return grad_weight, None, None, None, None, None, None, None
 
 

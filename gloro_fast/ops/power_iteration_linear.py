@@ -9,7 +9,10 @@ For each layer, with W ∈ R^{m×n} and a unit iterate u ∈ R^n:
 
 The op ``torch.ops.gloro_fast.power_iteration_linear`` treats all layers of a call together
 (the compiled kernels run one parallel region or launch per elementary step for all of
-them); its backward op ``power_iteration_linear_backward`` gives every layer's gradient.
+them). Besides the new iterates and σ̂ it returns each layer's image y = W u (m,), in the
+accumulation dtype (float64 for float64 weights, float32 otherwise): the vector whose norm
+is σ̂, which its backward op ``power_iteration_linear_backward`` takes instead of reading
+W again (∂σ̂/∂W = y uᵀ / σ̂: one write of the gradient, no second pass over W).
 Kernels: the reference below (one layer at a time), the C++ kernels (csrc/) and the Triton
 kernels (kernels/), chosen by the backend table (gloro_fast/ops/registry.py).
 """
@@ -20,14 +23,20 @@ from typing import List, Sequence, Tuple, Union
 import torch
 
 from .._validation import check_positive_int, check_tensor
-from ._backend import backend_for
 from ._library import define_op
-from ._power_iteration_common import normalize_iterate
+from ._power_iteration_common import normalize_iterate, runs_reference
 
 __all__ = ["power_iteration_linear", "power_iteration_linear_reference"]
 
-SCHEMA = "(Tensor[] weights, Tensor[] iterates, int n_iter) -> (Tensor[], Tensor[])"
-BACKWARD_SCHEMA = "(Tensor[] grad_sigmas, Tensor[] weights, Tensor[] iterates, Tensor[] sigmas) -> Tensor[]"
+SCHEMA = "(Tensor[] weights, Tensor[] iterates, int n_iter) -> (Tensor[], Tensor[], Tensor[])"
+BACKWARD_SCHEMA = ("(Tensor[] grad_sigmas, Tensor[] weights, Tensor[] iterates, Tensor[] sigmas, Tensor[] images) "
+                   "-> Tensor[]")
+
+
+def image_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the op's images W u for weights of ``dtype`` (the kernels' accumulation
+    dtype)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def power_iteration_linear_reference(
@@ -86,10 +95,10 @@ def power_iteration_linear(
     single, weights, iterates, n_iter = _check(weights, iterates, n_iter)
     # one call of a compiled kernel runs on one device: layers spread over several take the reference
     one_device = bool(weights) and all(w.device == weights[0].device for w in weights)
-    if not one_device or backend_for("power_iteration_linear", weights[0].device.type) == "reference":
+    if not one_device or runs_reference("power_iteration_linear", weights, weights[0].device.type):
         new_iterates, sigmas = power_iteration_linear_reference(weights, iterates, n_iter)
     else:
-        new_iterates, sigmas = _OP(weights, iterates, n_iter)
+        new_iterates, sigmas, _images = _OP(weights, iterates, n_iter)
     if single:
         return new_iterates[0], sigmas[0]
     return new_iterates, sigmas
@@ -101,8 +110,9 @@ def power_iteration_linear(
 def _reference_forward(weights, iterates, n_iter):
     with torch.no_grad():
         new_iterates, sigmas = power_iteration_linear_reference(weights, iterates, n_iter)
+        images = [(w @ u).to(image_dtype(w.dtype)) for w, u in zip(weights, new_iterates)]
     # outputs are fresh tensors: with n_iter = 0 the reference hands the iterates back
-    return [u.clone() if n_iter == 0 else u for u in new_iterates], sigmas
+    return [u.clone() if n_iter == 0 else u for u in new_iterates], sigmas, images
 
 
 def _differentiable_grads(grad_sigmas, weights, iterates):
@@ -113,41 +123,44 @@ def _differentiable_grads(grad_sigmas, weights, iterates):
         return torch.autograd.grad(sigmas, ws, grad_sigmas, create_graph=True, allow_unused=True)
 
 
-def _reference_backward(grad_sigmas, weights, iterates, sigmas):
+def _reference_backward(grad_sigmas, weights, iterates, sigmas, images):
     grads = []
-    for g, w, u, s in zip(grad_sigmas, weights, iterates, sigmas):
+    for g, w, u, s, y in zip(grad_sigmas, weights, iterates, sigmas, images):
         scale = torch.where(s > 0, g / torch.where(s > 0, s, 1.0), 0.0)
-        grads.append(scale * torch.outer(w @ u, u))
+        grads.append((scale * torch.outer(y, u.to(y.dtype))).to(w.dtype))
     return grads
 
 
 def _fake(weights, iterates, n_iter):
-    return [u.new_empty(u.shape) for u in iterates], [w.new_empty(()) for w in weights]
+    return ([u.new_empty(u.shape) for u in iterates], [w.new_empty(()) for w in weights],
+            [w.new_empty((w.shape[0],), dtype=image_dtype(w.dtype)) for w in weights])
 
 
-def _fake_backward(grad_sigmas, weights, iterates, sigmas):
+def _fake_backward(grad_sigmas, weights, iterates, sigmas, images):
     return [w.new_empty(w.shape) for w in weights]
 
 
 def _setup_context(ctx, inputs, output):
     weights, _iterates, _n_iter = inputs
-    new_iterates, sigmas = output
-    ctx.mark_non_differentiable(*new_iterates)
+    new_iterates, sigmas, images = output
+    ctx.mark_non_differentiable(*new_iterates, *images)
     ctx.num_layers = len(weights)
-    ctx.save_for_backward(*weights, *new_iterates, *sigmas)
+    ctx.save_for_backward(*weights, *new_iterates, *sigmas, *images)
 
 
-def _backward(ctx, grad_iterates, grad_sigmas):
+def _backward(ctx, grad_iterates, grad_sigmas, grad_images):
     count = ctx.num_layers
     saved = ctx.saved_tensors
-    weights, iterates, sigmas = saved[:count], saved[count : 2 * count], saved[2 * count :]
+    weights, iterates = saved[:count], saved[count : 2 * count]
+    sigmas, images = saved[2 * count : 3 * count], saved[3 * count :]
     grad_weights = [None] * count
     if any(ctx.needs_input_grad[0]):
         grads = [torch.zeros_like(s) if g is None else g for g, s in zip(grad_sigmas, sigmas)]
         if torch.is_grad_enabled():  # create_graph: a gradient that is itself differentiable
             grad_weights = list(_differentiable_grads(grads, weights, iterates))
         else:
-            grad_weights = list(_BACKWARD_OP(grads, list(weights), list(iterates), list(sigmas)))
+            grad_weights = list(_BACKWARD_OP(grads, [w.detach() for w in weights], list(iterates), list(sigmas),
+                                             list(images)))
         grad_weights = [g if need else None for g, need in zip(grad_weights, ctx.needs_input_grad[0])]
     return grad_weights, [None] * count, None
 

@@ -191,14 +191,14 @@ def test_power_iteration_linear_cuda_graph_capture(gen):
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):
-            out_us, out_ss = torch.ops.gloro_fast.power_iteration_linear(ws, us, 2)
+            out_us, out_ss, out_ys = torch.ops.gloro_fast.power_iteration_linear(ws, us, 2)
         for w in ws:
             w.mul_(1.5)
         graph.replay()
         torch.cuda.synchronize()
-        eager_us, eager_ss = torch.ops.gloro_fast.power_iteration_linear(ws, us, 2)
+        eager_us, eager_ss, eager_ys = torch.ops.gloro_fast.power_iteration_linear(ws, us, 2)
     # same kernels; the per-layer sums of squares are float atomics (order varies)
-    for a, b in zip(out_us + out_ss, eager_us + eager_ss):
+    for a, b in zip(out_us + out_ss + out_ys, eager_us + eager_ss + eager_ys):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 

@@ -127,10 +127,11 @@ def test_kernels_stack_layers_on_axis_0(device, gen):
     us0 = [_unit(ushape, F64, device, gen) for _ in range(2)]
     geometry = (list(stride), list(pads), list(dilation), groups, residual)
     weight, iterate = torch.cat(ws), torch.cat(us0)
-    u, sigma = TRITON.forward(weight, iterate, 1, *geometry)
+    u, sigma, image = TRITON.forward(weight, iterate, 1, *geometry)
     assert u.shape == iterate.shape and sigma.shape == (2,)
+    torch.testing.assert_close(torch.linalg.vector_norm(image.flatten(1), dim=1), sigma, rtol=1e-12, atol=1e-12)
     grad = torch.ones((), dtype=F64, device=device).expand(2)  # stride 0
-    gw = TRITON.backward(grad, weight, u, sigma, *geometry)
+    gw = TRITON.backward(grad, weight, u, sigma, image, *geometry)
     for k in range(2):
         w_ref = ws[k].cpu().requires_grad_()
         ru, rs = power_iteration_conv_reference(w_ref, us0[k].cpu(), 1, stride, pads, dilation, groups, residual)

@@ -95,9 +95,11 @@ def test_mixed_dtypes_are_grouped(device, gen):
 def test_kernels_alone_with_an_expanded_gradient(device, gen):
     """The kernels with the op's signatures; the gradients are views of one stride-0 tensor."""
     weights, iterates = _layers([(5, 4), (2, 7)], F64, device, gen)
-    us, sigmas = TRITON.forward(weights, iterates, 1)
+    us, sigmas, images = TRITON.forward(weights, iterates, 1)
+    for w, u, y in zip(weights, us, images):  # the image W u, in the accumulation dtype
+        torch.testing.assert_close(y.cpu(), (w @ u).cpu(), rtol=1e-12, atol=1e-12)
     grads = torch.ones((), dtype=F64, device=device).expand(2).unbind(0)
-    got = TRITON.backward(list(grads), weights, us, sigmas)
+    got = TRITON.backward(list(grads), weights, us, sigmas, images)
     refs = [w.detach().cpu().requires_grad_() for w in weights]
     rus, rs = power_iteration_linear_reference(refs, [t.cpu() for t in iterates], 1)
     sum(rs).backward()

@@ -129,8 +129,8 @@ def test_power_iteration_ops_equal_autograd_of_the_reference(name, gen):
     iterates = iterates.reshape(2, 2, 5, 6)
     geometry = ([2, 1], [1, 0, 0, 1], [1, 1], 1, False)
     with ops.use_backend(name):
-        nus, nss = torch.ops.gloro_fast.power_iteration_linear(ws, us, 2)
-        cu, cs = torch.ops.gloro_fast.power_iteration_conv(kernels, iterates, 2, *geometry)
+        nus, nss, _ = torch.ops.gloro_fast.power_iteration_linear(ws, us, 2)
+        cu, cs, _ = torch.ops.gloro_fast.power_iteration_conv(kernels, iterates, 2, *geometry)
         (nss[0] + 3 * nss[1] + cs[0] - 2 * cs[1]).backward()
     got = [t.grad.clone() for t in (*ws, kernels)]
     for t in (*ws, kernels):
@@ -285,17 +285,17 @@ def test_a_call_without_graph_skips_the_redispatch_and_nothing_else(name, gen, m
     ws, us, n_iter = _linear_args(gen)
     want_u, want_s = ops.power_iteration_linear_reference(ws, us, n_iter)
     with ops.use_backend(name):
-        (u,), (s,) = op(ws, us, n_iter)  # no input requires grad
+        (u,), (s,), _ = op(ws, us, n_iter)  # no input requires grad
         assert redispatched == [] and not s.requires_grad
         ws_grad = [w.detach().requires_grad_() for w in ws]
         with torch.no_grad():
-            (u_ng,), (s_ng,) = op(ws_grad, us, n_iter)  # grad mode off
+            (u_ng,), (s_ng,), _ = op(ws_grad, us, n_iter)  # grad mode off
         assert redispatched == [] and not s_ng.requires_grad
-        (u_g,), (s_g,) = op(ws_grad, us, n_iter)  # a graph: torch's autograd kernel, redispatch
+        (u_g,), (s_g,), _ = op(ws_grad, us, n_iter)  # a graph: torch's autograd kernel, redispatch
         assert redispatched == [op] and s_g.requires_grad
         redispatched.clear()
         with Seen() as mode:
-            (u_m,), (s_m,) = op(ws, us, n_iter)
+            (u_m,), (s_m,), _ = op(ws, us, n_iter)
         assert redispatched == [op] and op in mode.ops
     for got_u, got_s in ((u, s), (u_ng, s_ng), (u_g, s_g), (u_m, s_m)):
         torch.testing.assert_close(got_u, want_u[0], rtol=1e-12, atol=1e-12)

@@ -235,9 +235,9 @@ def test_opcheck(cfg, count, gen):
             kwargs["groups"], kwargs["residual"])
     for n_iter in (0, 2):
         torch.library.opcheck(OP, (w, u, n_iter, *args))
-    new_u, sigma = OP(w.detach(), u, 1, *args)
+    new_u, sigma, image = OP(w.detach(), u, 1, *args)
     grad = torch.randn(count, generator=gen, dtype=torch.float64)
-    torch.library.opcheck(OP_BACKWARD, (grad, w.detach(), new_u, sigma, *args))
+    torch.library.opcheck(OP_BACKWARD, (grad, w.detach(), new_u, sigma, image, *args))
 
 
 def test_compiled_op_is_dispatched(gen, backend):
@@ -253,7 +253,15 @@ def test_compiled_op_is_dispatched(gen, backend):
     assert "gloro_fast.power_iteration_conv.default" in names
     assert "gloro_fast.power_iteration_conv_backward.default" in names
     assert not any(n.startswith("gloro_fast.") for n in logged("reference", run_one, w, u, 2, grad, kwargs))
-    assert "gloro_fast.power_iteration_conv.default" in logged("auto", run_one, w, u, 2, grad, kwargs)
+    # auto on CPU: the compiled op without a graph; a graph-building call runs the reference
+    # (torch's autograd of it is faster there: gloro_fast.ops._power_iteration_common.runs_reference)
+    assert not any(n.startswith("gloro_fast.") for n in logged("auto", run_one, w, u, 2, grad, kwargs))
+
+    def no_graph(weight, iterate):
+        with torch.no_grad():
+            return power_iteration_conv(weight, iterate, 2, **kwargs)
+
+    assert "gloro_fast.power_iteration_conv.default" in logged("auto", no_graph, w, u)
     batched = logged("cpp", run_batched, [w, w], [u, u], 2, None, kwargs)
     assert batched.count("gloro_fast.power_iteration_conv.default") == 1  # one call for both layers
 
@@ -294,3 +302,21 @@ def test_gradcheck_and_double_backward(cfg, gen, backend):
 
     assert backend("cpp", torch.autograd.gradcheck, fn, (w,), eps=1e-6, atol=1e-8)
     assert backend("cpp", torch.autograd.gradgradcheck, fn, (w,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("cfg", [CONFIGS[2], CONFIGS[4], CONFIGS[5]], ids=config_id)
+def test_image_is_the_operator_applied_to_u(cfg, gen, backend):
+    """The op's third output, y_l = A_l u_l (+ u_l for a residual block), against the
+    reference operator in float64; its norm is σ̂_l."""
+    from gloro_fast.ops.convolution import conv_operator
+
+    weights, iterates, kwargs = make(cfg, gen, torch.float64, 2)
+    w, u = torch.cat(weights), torch.cat(iterates)
+    pads = normalize_padding(kwargs["padding"])
+    args = (list(kwargs["stride"]), list(pads), list(kwargs["dilation"]), kwargs["groups"], kwargs["residual"])
+    new_u, sigma, image = backend("cpp", OP, w, u, 1, *args)
+    for k in range(2):
+        want = conv_operator(new_u[k : k + 1], weights[k], tuple(kwargs["stride"]), pads, tuple(kwargs["dilation"]),
+                             kwargs["groups"], residual=kwargs["residual"])
+        torch.testing.assert_close(image[k : k + 1], want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(torch.linalg.vector_norm(image[k]), sigma[k], rtol=1e-12, atol=1e-12)

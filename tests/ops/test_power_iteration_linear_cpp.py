@@ -153,24 +153,31 @@ def test_opcheck(gen):
             weights, iterates = layers(shapes, gen, dtype)
             for n_iter in (0, 2):
                 torch.library.opcheck(OP, ([w.requires_grad_(True) for w in weights], iterates, n_iter))
-            sigmas = [s.detach() for s in OP([w.detach() for w in weights], iterates, 1)[1]]
+            _, sigmas, images = OP([w.detach() for w in weights], iterates, 1)
             grads = [torch.randn((), generator=gen, dtype=torch.float64).to(dtype) for _ in shapes]
-            torch.library.opcheck(OP_BACKWARD, (grads, [w.detach() for w in weights], iterates, sigmas))
+            torch.library.opcheck(OP_BACKWARD, (grads, [w.detach() for w in weights], iterates, sigmas, images))
 
 
 def test_compiled_op_is_dispatched(gen, backend):
     weights, iterates = layers([(6, 4), (3, 5)], gen, torch.float64)
 
-    def logged(name):
+    def logged(name, fn=run_layers):
         with OpLog() as log:
-            backend(name, run_layers, weights, iterates, 2)
+            backend(name, fn, weights, iterates, 2)
         return log.names
+
+    def no_graph(ws, us, n_iter):
+        with torch.no_grad():
+            return power_iteration_linear(ws, us, n_iter)
 
     names = logged("cpp")
     assert "gloro_fast.power_iteration_linear.default" in names
     assert "gloro_fast.power_iteration_linear_backward.default" in names
     assert not any(n.startswith("gloro_fast.") for n in logged("reference"))
-    assert "gloro_fast.power_iteration_linear.default" in logged("auto")  # auto picks the compiled op
+    # auto on CPU: the compiled op without a graph; a graph-building call runs the reference
+    # (torch's autograd of it is faster there: gloro_fast.ops._power_iteration_common.runs_reference)
+    assert "gloro_fast.power_iteration_linear.default" in logged("auto", no_graph)
+    assert not any(n.startswith("gloro_fast.") for n in logged("auto"))
 
 
 def test_layers_and_model_use_compiled_op(gen, backend):
@@ -208,3 +215,17 @@ def test_gradcheck_and_double_backward(shape, gen, backend):
 
     assert backend("cpp", torch.autograd.gradcheck, fn, (w,), eps=1e-6, atol=1e-8)
     assert backend("cpp", torch.autograd.gradgradcheck, fn, (w,), eps=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_images_are_w_u_in_the_accumulation_dtype(gen, dtype, backend):
+    """The op's third output, y_l = W_l u_l (what its backward uses instead of reading W),
+    against a float64 product; float64 for float64 weights, float32 otherwise."""
+    weights, iterates = layers([(6, 4), (3, 5), (1, 9)], gen, dtype)
+    us, sigmas, images = backend("cpp", OP, weights, iterates, 2)
+    for w, u, s, y in zip(weights, us, sigmas, images):
+        assert y.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) and y.shape == (w.shape[0],)
+        want = w.double() @ u.double()
+        tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-2, atol=1e-2)
+        torch.testing.assert_close(y.double(), want, **tol)
+        torch.testing.assert_close(torch.linalg.vector_norm(y).to(s.dtype), s, **tol)

@@ -21,15 +21,28 @@ def runs_reference(op: str, weights, device_type: str) -> bool:
             and any(w.requires_grad for w in weights))
 
 
-def normalize_iterate(new: torch.Tensor, old: torch.Tensor, blocks: int = 1) -> torch.Tensor:
-    """new / ‖new‖ for each of ``blocks`` equal leading blocks of ``new`` (the layers of a
-    batched call, stacked on axis 0 or 1), keeping ``old``'s block where ‖new‖ = 0: a zero
-    operator must not zero the iterate for good, the weights may move away from 0 on the next
-    step. No host sync."""
-    tiny = torch.finfo(new.dtype).tiny
-    if blocks == 1:  # one norm of the whole tensor (no reshape: its own, cheaper reduction)
-        norm = torch.linalg.vector_norm(new)
-        return torch.where(norm > 0, new / norm.clamp_min(tiny), old)
-    flat_new, flat_old = new.reshape(blocks, -1), old.reshape(blocks, -1)
-    norm = torch.linalg.vector_norm(flat_new, dim=1, keepdim=True)
-    return torch.where(norm > 0, flat_new / norm.clamp_min(tiny), flat_old).reshape(new.shape)
+def power_iterate(step, u: torch.Tensor, n_iter: int, blocks: int = 1) -> torch.Tensor:
+    """``n_iter`` power iterations u ← step(u) / ‖step(u)‖ from ``u`` (each of ``blocks`` equal
+    leading blocks — the layers of a batched call, stacked on axis 0 or 1 — normalised on its
+    own), keeping the starting block where the result's norm is 0 or not finite: a zero
+    operator must not zero the iterate for good (the weights may move away from 0 on the next
+    step). The check runs once, after the loop: a block that reaches 0 stays 0 (0/0 is NaN,
+    and NaN stays NaN), so the loop itself is the two operations a user writes, no host
+    sync. (An exact 0 can only come from the first step: every later iterate lies in the
+    range of AᵀA.)"""
+    if n_iter == 0:
+        return u
+    start = u
+    for _ in range(n_iter):
+        new = step(u)
+        if blocks == 1:  # one norm of the whole tensor (no reshape: its own, cheaper reduction)
+            u = new / torch.linalg.vector_norm(new)
+        else:
+            flat = new.reshape(blocks, -1)
+            u = (flat / torch.linalg.vector_norm(flat, dim=1, keepdim=True)).reshape(new.shape)
+    if blocks == 1:
+        norm = torch.linalg.vector_norm(u)
+        return torch.where(torch.isfinite(norm) & (norm > 0), u, start)
+    flat, flat_start = u.reshape(blocks, -1), start.reshape(blocks, -1)
+    norm = torch.linalg.vector_norm(flat, dim=1, keepdim=True)
+    return torch.where(torch.isfinite(norm) & (norm > 0), flat, flat_start).reshape(u.shape)

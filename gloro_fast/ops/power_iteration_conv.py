@@ -30,7 +30,7 @@ import torch
 
 from .._validation import check_positive_int, check_tensor
 from ._library import define_op
-from ._power_iteration_common import normalize_iterate, runs_reference
+from ._power_iteration_common import power_iterate, runs_reference
 from .convolution import conv_operator, conv_operator_adjoint, normalize_padding, pad_input, pair
 
 __all__ = [
@@ -58,9 +58,8 @@ def power_iteration_conv_reference(
     u = iterate
     with torch.no_grad():
         w = weight.detach()
-        for _ in range(n_iter):
-            v = conv_operator(u, w, *args, residual=residual)
-            u = normalize_iterate(conv_operator_adjoint(v, w, *args, hw, residual=residual), u)
+        u = power_iterate(lambda x: conv_operator_adjoint(conv_operator(x, w, *args, residual=residual), w, *args,
+                                                          hw, residual=residual), u, n_iter)
     sigma = torch.linalg.vector_norm(conv_operator(u, weight, *args, residual=residual))
     return u, sigma
 
@@ -77,10 +76,8 @@ def power_iteration_conv_batched_reference(
     u = iterate.reshape(1, blocks * c_in, height, width)
     with torch.no_grad():
         w = weight.detach()
-        for _ in range(n_iter):
-            v = conv_operator(u, w, *args, residual=residual)
-            x = conv_operator_adjoint(v, w, *args, (height, width), residual=residual)
-            u = normalize_iterate(x, u, blocks)
+        u = power_iterate(lambda x: conv_operator_adjoint(conv_operator(x, w, *args, residual=residual), w, *args,
+                                                          (height, width), residual=residual), u, n_iter, blocks)
     out = conv_operator(u, weight, *args, residual=residual)
     sigma = torch.linalg.vector_norm(out.reshape(blocks, -1), dim=1)
     return u.reshape(blocks, c_in, height, width), sigma

@@ -24,7 +24,7 @@ import torch
 
 from .._validation import check_positive_int, check_tensor
 from ._library import define_op
-from ._power_iteration_common import normalize_iterate, runs_reference
+from ._power_iteration_common import power_iterate, runs_reference
 
 __all__ = ["power_iteration_linear", "power_iteration_linear_reference"]
 
@@ -46,8 +46,7 @@ def power_iteration_linear_reference(
     for weight, u in zip(weights, iterates):
         with torch.no_grad():
             w = weight.detach()
-            for _ in range(n_iter):
-                u = normalize_iterate(w.t() @ (w @ u), u)
+            u = power_iterate(lambda x, w=w: w.t() @ (w @ x), u, n_iter)
         sigmas.append(torch.linalg.vector_norm(weight @ u))
         new_iterates.append(u)
     return new_iterates, sigmas

@@ -247,6 +247,36 @@ def test_zero_kernel_keeps_iterate(gen):
     assert float(sigma) == 0.0
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+def test_a_zero_layer_in_a_batch_keeps_its_iterate_alone(gen, backend):
+    """Batched layers: a zero kernel keeps its own iterate; the other layer iterates as it
+    would alone (the keep-old check is per layer, after the loop)."""
+    from gloro_fast.ops import power_iteration_conv_batched, use_backend
+
+    ws = [torch.zeros(2, 2, 3, 3, dtype=F64), torch.randn(2, 2, 3, 3, generator=gen, dtype=F64)]
+    us = [unit_iterate(2, (4, 4), gen), unit_iterate(2, (4, 4), gen)]
+    with use_backend(backend):
+        new_us, sigmas = power_iteration_conv_batched(ws, us, 5, padding=1)
+        alone_u, alone_s = power_iteration_conv(ws[1], us[1], 5, padding=1)
+    torch.testing.assert_close(new_us[0], us[0], rtol=0, atol=0)
+    assert float(sigmas[0]) == 0.0
+    torch.testing.assert_close(new_us[1], alone_u, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(sigmas[1], alone_s, rtol=1e-12, atol=1e-12)
+
+
+def test_a_non_finite_iterate_is_not_kept(gen):
+    """power_iterate: a result that is not finite (a NaN kernel) returns the starting iterate."""
+    from gloro_fast.ops._power_iteration_common import power_iterate
+
+    u0 = unit_iterate(2, (4, 4), gen)
+    out = power_iterate(lambda x: x * float("nan"), u0, 3)
+    torch.testing.assert_close(out, u0, rtol=0, atol=0)
+    batched = power_iterate(lambda x: x * torch.tensor([float("nan"), 2.0], dtype=F64).reshape(1, 2, 1, 1),
+                            torch.cat([u0[:, :1], u0[:, 1:]], dim=1), 2, blocks=2)
+    torch.testing.assert_close(batched[:, :1], u0[:, :1], rtol=0, atol=0)
+    torch.testing.assert_close(batched[:, 1:], u0[:, 1:] / u0[:, 1:].norm(), rtol=1e-12, atol=1e-12)
+
+
 def test_reference_matches_entry(gen):
     w = torch.randn(2, 1, 3, 3, generator=gen, dtype=F64)
     u0 = unit_iterate(2, (5, 5), gen)

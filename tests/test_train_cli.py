@@ -499,3 +499,28 @@ def test_certify_rejects_a_bad_epsilon_before_work(mnist_run, capsys):
     assert "VRA" not in captured.out  # refused before certifying at 0.1
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("gloro-fast: error: ") and "epsilon" in lines[0]
+
+
+@pytest.mark.parametrize("name", ["adam", "adamw", "sgd", "nadam"])
+def test_optimizers_take_the_fused_kernels_where_torch_has_them(name):
+    """Adam, AdamW and SGD run fused on CPU float parameters and take the same step as the
+    per-tensor implementation (to rounding); NAdam has no fused kernel."""
+    from gloro_fast.train import TrainConfig, make_optimizer
+
+    config = TrainConfig(optimizer=name, lr=1e-2, weight_decay=0.1, momentum=0.9)
+    torch.manual_seed(0)
+    params = [torch.randn(5, 3, requires_grad=True), torch.randn(3, requires_grad=True)]
+    twins = [p.detach().clone().requires_grad_(True) for p in params]
+    opt = make_optimizer(config, params)
+    assert opt.defaults.get("fused") is (None if name == "nadam" else True)
+    plain = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD,
+             "nadam": torch.optim.NAdam}[name]
+    kwargs = {"momentum": 0.9} if name == "sgd" else {}
+    ref = plain(twins, lr=1e-2, weight_decay=0.1, foreach=False, **kwargs)
+    for _ in range(3):
+        for group, o in ((params, opt), (twins, ref)):
+            o.zero_grad()
+            sum((p * p).sum() for p in group).backward()
+            o.step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)

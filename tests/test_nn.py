@@ -556,3 +556,30 @@ def test_from_torch_rejects_unknown_layers(layer, name):
         gnn.from_torch(layer)
     with pytest.raises(TypeError, match=name):
         gnn.from_torch(nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), layer))
+
+
+def test_iterate_check_is_skipped_only_for_the_layers_own_write(monkeypatch):
+    """The stored iterate's validity check runs unless the iterate is the one the layer
+    wrote itself; an in-place edit (version counter) or a replaced buffer runs it again, and
+    a zero iterate is then replaced by the fixed unit vector."""
+    layer = gnn.Linear(6, 4)
+    checks = []
+    original = torch.linalg.vector_norm
+
+    def counting(*args, **kwargs):
+        checks.append(1)
+        return original(*args, **kwargs)
+
+    layer.lipschitz_bound(1)
+    monkeypatch.setattr(torch.linalg, "vector_norm", counting)
+    u = layer._checked_iterate()
+    assert checks == [] and u.data_ptr() == layer.power_iterate.data_ptr()
+    with torch.no_grad():
+        layer.power_iterate.zero_()
+    u = layer._checked_iterate()
+    assert checks and torch.equal(u, layer._iterate_fallback)
+    monkeypatch.undo()
+    sigma = layer.lipschitz_bound(1)
+    assert float(sigma) > 0 and float(torch.linalg.vector_norm(layer.power_iterate)) > 0
+    layer.power_iterate = torch.zeros(6)  # a new buffer: a new storage
+    assert torch.equal(layer._checked_iterate(), layer._iterate_fallback)

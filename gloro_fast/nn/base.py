@@ -208,10 +208,20 @@ class PowerIterationModule(LipschitzModule):
             self._set_fallback()
         return self._iterate_fallback
 
+    def _own_write(self):
+        """(storage pointer, version counter) of the stored iterate: what it was when this
+        layer last wrote it."""
+        return self.power_iterate.data_ptr(), self.power_iterate._version
+
     def _checked_iterate(self) -> torch.Tensor:
         """The stored iterate, or a fixed unit vector where it is zero or not finite (e.g.
-        from a forged checkpoint): a where() on a 0-dim condition, no host synchronisation."""
+        from a forged checkpoint): a where() on a 0-dim condition, no host synchronisation.
+        Skipped, eagerly, while the iterate is the one this layer wrote itself (same storage
+        and version counter: finite and non-zero by construction; loading a state dict, a
+        DDP broadcast, ``.to()`` or any in-place edit changes one of them)."""
         u = self.power_iterate.detach()
+        if not torch.compiler.is_compiling() and self.__dict__.get("_written") == self._own_write():
+            return u
         norm = torch.linalg.vector_norm(u)
         bad = ~(torch.isfinite(norm) & (norm > 0))
         return torch.where(bad, self._fallback_iterate(), u)
@@ -236,6 +246,8 @@ class PowerIterationModule(LipschitzModule):
         if n_iter > 0:
             with torch.no_grad():
                 self.power_iterate.copy_(u)
+            if not torch.compiler.is_compiling():
+                self.__dict__["_written"] = self._own_write()
         return sigma
 
     @torch.no_grad()

@@ -75,11 +75,12 @@ def test_mismatched_dtypes_shapes_and_layouts(backend):
 
 
 @needs_cpp
-@pytest.mark.parametrize("position", [0, 1, 65535, 65536, (1 << 18) - 1, 1 << 18, 700_001, 999_999])
+@pytest.mark.parametrize("position", [0, 1, 16383, 16384, (1 << 20) - 1, 1 << 20, 1_500_000, 2_999_999])
 def test_cpp_finds_a_difference_anywhere_in_a_parallel_split(position):
-    """4 MB over three tensors: the kernel splits the bytes between threads in 256 KiB tasks
-    and 64 KiB pieces; a one-bit change at each boundary (and elsewhere) is found."""
-    a = [torch.randn(400_000), torch.randn(500, 1000), torch.randn(100_000)]
+    """12 MB over three tensors: the kernel splits the bytes between threads in 4 MiB tasks
+    and 64 KiB pieces; a one-bit change at each boundary (int32 positions 16384 and 2²⁰), at
+    a tensor boundary and at the ends is found."""
+    a = [torch.randn(1_500_000), torch.randn(1000, 1000), torch.randn(500_000)]
     b = [t.clone() for t in a]
     with use_backend("cpp"):
         assert same_bits(a, b)

@@ -138,7 +138,7 @@ inline void check_layer_images(const char* op, at::TensorList images, at::Tensor
               images.size(), " and ", weights.size());
   for (size_t l = 0; l < weights.size(); ++l) {
     const at::Tensor& y = images[l];
-    const auto want = weights[l].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+    const auto want = compute_type(weights[l].scalar_type());
     TORCH_CHECK(y.dim() == 1 && y.size(0) == weights[l].size(0) && y.scalar_type() == want, op, ": images[", l,
                 "] must be a ", want, " vector of ", weights[l].size(0), " values, got ", y.scalar_type(), " ",
                 y.sizes());

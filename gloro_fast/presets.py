@@ -72,9 +72,9 @@ PRESETS: Dict[str, Dict[str, Any]] = {
     # do not converge in time (4C3F: 300 epochs of TRADES-CE λ = 3 collapsed to a constant
     # prediction); what helped: the GloRo cross-entropy, decoupled weight decay and a learning
     # rate of 2e-3 (2C2F), a smaller batch (4C3F: more steps per epoch), ε ramped up over the
-    # first 20 % of epochs and, for 4C3F, a half-cosine learning rate from the first epoch (with the rate held at
-    # 1e-3 for the first half, the test VRA was 0.4 % at epoch 100 of 250: the network only
-    # became robust once the rate decayed).
+    # first 20 % of epochs and, for 4C3F, a half-cosine learning rate from the first epoch
+    # (with the rate held at 1e-3 for the first half, the test VRA was 0.4 % at epoch 100 of
+    # 250: the network only became robust once the rate decayed).
     "mnist-0.3-sample": {
         "config": dict(dataset="mnist-sample", arch="2C2F", epsilon=0.3, train_epsilon=0.6,
                        epsilon_schedule="[0.]-[20%:1.]-[1.]", epochs=200, batch_size=256,

@@ -71,6 +71,13 @@ def power_iteration_conv_batched_reference(
     ``weight`` (N·C_out, C_in/groups, kh, kw) their kernels stacked on the output axis.
     One grouped convolution (groups·N) on the channel-stacked iterate, normalised per
     layer. Returns (u_new (N, C_in, H, W), sigma (N,))."""
+    u, sigma, _image = _batched_reference(weight, iterate, n_iter, stride, padding, dilation, groups, residual)
+    return u, sigma
+
+
+def _batched_reference(weight, iterate, n_iter, stride, padding, dilation, groups, residual):
+    """:func:`power_iteration_conv_batched_reference` and the image y (N, C_out, H', W') whose
+    per-layer norms are σ̂ (y_l = A_l u_l, + u_l with residual)."""
     blocks, c_in, height, width = iterate.shape
     args = (stride, padding, dilation, groups * blocks)
     u = iterate.reshape(1, blocks * c_in, height, width)
@@ -78,9 +85,16 @@ def power_iteration_conv_batched_reference(
         w = weight.detach()
         u = power_iterate(lambda x: conv_operator_adjoint(conv_operator(x, w, *args, residual=residual), w, *args,
                                                           (height, width), residual=residual), u, n_iter, blocks)
-    out = conv_operator(u, weight, *args, residual=residual)
-    sigma = torch.linalg.vector_norm(out.reshape(blocks, -1), dim=1)
-    return u.reshape(blocks, c_in, height, width), sigma
+    u = u.reshape(blocks, c_in, height, width)
+    image = _stacked_image(weight, u, stride, padding, dilation, groups, residual)
+    return u, torch.linalg.vector_norm(image.reshape(blocks, -1), dim=1), image
+
+
+def _output_hw(input_hw, kernel_hw, stride, padding, dilation) -> Tuple[int, int]:
+    """(H', W') of the convolution on an input of ``input_hw`` zero-padded by ``padding``
+    (top, bottom, left, right)."""
+    return tuple((input_hw[a] + padding[2 * a] + padding[2 * a + 1] - dilation[a] * (kernel_hw[a] - 1) - 1)
+                 // stride[a] + 1 for a in range(2))
 
 
 def _check_layer(weight, iterate, n_iter, stride, padding, dilation, groups, residual,
@@ -113,12 +127,8 @@ def _check_layer(weight, iterate, n_iter, stride, padding, dilation, groups, res
                 f"{tuple(weight.shape)}"
             )
     if residual:
-        out = [
-            (iterate.shape[2 + a] + padding[2 * a] + padding[2 * a + 1] - dilation[a] * (weight.shape[2 + a] - 1) - 1)
-            // stride[a] + 1
-            for a in range(2)
-        ]
-        if c_out != iterate.shape[1] or tuple(out) != tuple(iterate.shape[2:]):
+        out = _output_hw(iterate.shape[2:], weight.shape[2:], stride, padding, dilation)
+        if c_out != iterate.shape[1] or out != tuple(iterate.shape[2:]):
             raise ValueError(
                 "residual=True needs a convolution whose output shape equals its input shape "
                 f"{tuple(iterate.shape[1:])}, got ({c_out}, {out[0]}, {out[1]})"
@@ -245,10 +255,9 @@ def _stacked_image(weight, u, stride, padding, dilation, groups, residual):
 
 def _reference_forward(weight, iterate, n_iter, stride, padding, dilation, groups, residual):
     with torch.no_grad():
-        u, sigma = power_iteration_conv_batched_reference(
+        u, sigma, image = _batched_reference(
             weight, iterate, n_iter, tuple(stride), tuple(padding), tuple(dilation), groups, residual
         )
-        image = _stacked_image(weight, u, stride, padding, dilation, groups, residual)
     # outputs are fresh tensors: with n_iter = 0 the reference hands a view of the iterate back
     return (u.clone() if n_iter == 0 else u), sigma, image
 
@@ -272,11 +281,9 @@ def _reference_backward(grad_sigma, weight, iterate, sigma, image, stride, paddi
 
 def image_shape(weight_shape, iterate_shape, stride, padding, dilation) -> Tuple[int, int, int, int]:
     """(N, C_out, H', W') of the op's image for the stacked weight and iterate shapes."""
-    blocks, _, height, width = iterate_shape
-    top, bottom, left, right = padding
-    out_h = (height + top + bottom - dilation[0] * (weight_shape[2] - 1) - 1) // stride[0] + 1
-    out_w = (width + left + right - dilation[1] * (weight_shape[3] - 1) - 1) // stride[1] + 1
-    return blocks, weight_shape[0] // blocks, out_h, out_w
+    blocks = iterate_shape[0]
+    return (blocks, weight_shape[0] // blocks) + _output_hw(iterate_shape[2:], weight_shape[2:], stride, padding,
+                                                             dilation)
 
 
 def _fake(weight, iterate, n_iter, stride, padding, dilation, groups, residual):

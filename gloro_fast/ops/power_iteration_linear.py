@@ -42,14 +42,22 @@ def image_dtype(dtype: torch.dtype) -> torch.dtype:
 def power_iteration_linear_reference(
     weights: Sequence[torch.Tensor], iterates: Sequence[torch.Tensor], n_iter: int
 ) -> Tuple[List[torch.Tensor], List[torch.Tensor]]:
-    new_iterates, sigmas = [], []
+    new_iterates, sigmas, _images = _reference(weights, iterates, n_iter)
+    return new_iterates, sigmas
+
+
+def _reference(weights, iterates, n_iter):
+    """:func:`power_iteration_linear_reference` and each layer's image y = W u, whose norm is σ̂."""
+    new_iterates, sigmas, images = [], [], []
     for weight, u in zip(weights, iterates):
         with torch.no_grad():
             w = weight.detach()
             u = power_iterate(lambda x, w=w: w.t() @ (w @ x), u, n_iter)
-        sigmas.append(torch.linalg.vector_norm(weight @ u))
+        y = weight @ u
+        sigmas.append(torch.linalg.vector_norm(y))
         new_iterates.append(u)
-    return new_iterates, sigmas
+        images.append(y)
+    return new_iterates, sigmas, images
 
 
 def _check(weights, iterates, n_iter):
@@ -108,8 +116,8 @@ def power_iteration_linear(
 
 def _reference_forward(weights, iterates, n_iter):
     with torch.no_grad():
-        new_iterates, sigmas = power_iteration_linear_reference(weights, iterates, n_iter)
-        images = [(w @ u).to(image_dtype(w.dtype)) for w, u in zip(weights, new_iterates)]
+        new_iterates, sigmas, images = _reference(weights, iterates, n_iter)
+        images = [y.to(image_dtype(y.dtype)) for y in images]
     # outputs are fresh tensors: with n_iter = 0 the reference hands the iterates back
     return [u.clone() if n_iter == 0 else u for u in new_iterates], sigmas, images
 

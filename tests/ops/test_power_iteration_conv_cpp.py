@@ -320,3 +320,16 @@ def test_image_is_the_operator_applied_to_u(cfg, gen, backend):
                              kwargs["groups"], residual=kwargs["residual"])
         torch.testing.assert_close(image[k : k + 1], want, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(torch.linalg.vector_norm(image[k]), sigma[k], rtol=1e-12, atol=1e-12)
+
+
+def test_backward_rejects_an_image_that_is_not_the_forwards(gen, backend):
+    """The backward kernel uses the image instead of recomputing it: a wrong shape or dtype
+    is refused with a message naming it."""
+    (w,), (u,), kwargs = make(CONFIGS[1], gen, torch.float32)
+    args = (list(kwargs["stride"]), list(normalize_padding(kwargs["padding"])), list(kwargs["dilation"]),
+            kwargs["groups"], kwargs["residual"])
+    new_u, sigma, image = backend("cpp", OP, w, u, 1, *args)
+    kernel = torch.ops._gloro_fast_cpp.power_iteration_conv_backward
+    for bad in (image[:, :3], image.double(), image.flatten(1)):
+        with pytest.raises(RuntimeError, match="image"):
+            kernel(torch.ones(1), w, new_u, sigma, bad, *args)

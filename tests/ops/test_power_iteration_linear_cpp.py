@@ -229,3 +229,15 @@ def test_images_are_w_u_in_the_accumulation_dtype(gen, dtype, backend):
         tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-2, atol=1e-2)
         torch.testing.assert_close(y.double(), want, **tol)
         torch.testing.assert_close(torch.linalg.vector_norm(y).to(s.dtype), s, **tol)
+
+
+def test_backward_rejects_an_image_that_is_not_the_forwards(gen, backend):
+    """The backward kernel reads the image instead of W: a wrong length or dtype is refused
+    with a message naming it, before any memory is read."""
+    weights, iterates = layers([(6, 4)], gen, torch.float32)
+    us, sigmas, images = backend("cpp", OP, weights, iterates, 1)
+    grads = [torch.ones(())]
+    kernel = torch.ops._gloro_fast_cpp.power_iteration_linear_backward
+    for bad in ([images[0][:5]], [images[0].double()], []):
+        with pytest.raises(RuntimeError, match="images"):
+            kernel(grads, weights, us, sigmas, bad)

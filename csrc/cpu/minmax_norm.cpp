@@ -1,14 +1,19 @@
 // CPU kernels of gloro_fast::minmax_norm and gloro_fast::minmax_norm_backward.
 //
-// x (N, C, S) contiguous (S: the product of the spatial sizes, 1 for vectors), a = channels
-// [0, C/2), b = channels [C/2, C):
+// x (N, C, ...) with channel halves a = channels [0, C/2), b = channels [C/2, C):
 //   out = [min(a, b), max(a, b)] (NaN propagates, as torch.minimum/maximum), and
 //   sumsq[n] = sum of x[n]^2 in float64 (squares of float32/16 values are exact in float64;
 //   the order of the sum is any: the caller's norm bound holds for every order).
+// Two layouts, without a copy: contiguous (N, C, S), one row of C*S elements per sample whose
+// first half is a; and channels_last (N, H, W, C) in memory (4-D x), H*W rows of C elements
+// per sample, each with a in its first half (torch.compile's Inductor hands convolution
+// outputs over in this layout). out has x's layout (the op's layout rule, ops/minmax_norm.py:
+// channels_last when x is channels_last-contiguous and not contiguous, else contiguous).
+// Other strides are copied to contiguous first.
 // One pass: each pair is read once for min, max and both squares (torch.minimum and
 // torch.maximum read it twice, and a norm reads the output once more). Parallel over samples.
 // Backward: grad_x routes grad_out through the same permutation (on a tie, a <= b: a gets
-// the min's gradient) and adds 2 x grad_sumsq[n].
+// the min's gradient) and adds 2 x grad_sumsq[n]; grad_x has x's layout.
 // float32/float64 natively; bfloat16/float16 are read as such, compared in float32.
 #include <ATen/ATen.h>
 #include <ATen/OpMathType.h>
@@ -16,6 +21,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <utility>
 
 #include "../utils.h"
 
@@ -55,77 +61,111 @@ inline __attribute__((always_inline)) double squares_block(const scalar_t* a, in
   return s;
 }
 
-// One block: MinMax of len pairs and the squares of both halves. The extension is built for
-// the baseline x86-64 ISA (SSE2); on a CPU with AVX2 and FMA the same code compiled for them
-// runs instead (twice the vector width; 1.2-2.3x the unfused pair instead of 1.1-1.9x on a
-// 2-core Xeon, benchmarks/bench_minmax_norm.py), chosen once at load time.
+// One sample: `rows` rows of 2*half elements, a the first half of each row, b the second.
+// One long row (contiguous layout) goes in blocks of kBlock pairs; short rows (channels_last)
+// in groups of about 2*kBlock elements, MinMax row by row, then the squares of the group's
+// contiguous range. The extension is built for the baseline x86-64 ISA (SSE2); on a CPU with
+// AVX2 and FMA the same code compiled for them runs instead (twice the vector width; 1.2-2.3x
+// the unfused pair instead of 1.1-1.9x on a 2-core Xeon, benchmarks/bench_minmax_norm.py),
+// chosen once at load time.
 template <typename scalar_t>
-double block_pass(const scalar_t* a, const scalar_t* b, scalar_t* lo, scalar_t* hi, int64_t len) {
-  minmax_block(a, b, lo, hi, len);
-  return squares_block(a, len) + squares_block(b, len);
+inline __attribute__((always_inline)) double sample_body(const scalar_t* x, scalar_t* out, int64_t rows, int64_t half) {
+  const int64_t row_len = 2 * half;
+  double s = 0.0;
+  if (rows == 1) {
+    for (int64_t i = 0; i < half; i += kBlock) {
+      const int64_t len = std::min(kBlock, half - i);
+      minmax_block(x + i, x + half + i, out + i, out + half + i, len);
+      s += squares_block(x + i, len) + squares_block(x + half + i, len);
+    }
+    return s;
+  }
+  const int64_t group = std::max<int64_t>(1, 2 * kBlock / std::max<int64_t>(1, row_len));
+  for (int64_t r = 0; r < rows; r += group) {
+    const int64_t g = std::min(group, rows - r);
+    for (int64_t k = r; k < r + g; ++k) {
+      const scalar_t* a = x + k * row_len;
+      scalar_t* lo = out + k * row_len;
+      minmax_block(a, a + half, lo, lo + half, half);
+    }
+    s += squares_block(x + r * row_len, g * row_len);
+  }
+  return s;
+}
+
+template <typename scalar_t>
+double sample_pass(const scalar_t* x, scalar_t* out, int64_t rows, int64_t half) {
+  return sample_body(x, out, rows, half);
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
 template <typename scalar_t>
-__attribute__((target("avx2,fma"))) double block_pass_avx2(const scalar_t* a, const scalar_t* b, scalar_t* lo,
-                                                           scalar_t* hi, int64_t len) {
-  minmax_block(a, b, lo, hi, len);
-  return squares_block(a, len) + squares_block(b, len);
+__attribute__((target("avx2,fma"))) double sample_pass_avx2(const scalar_t* x, scalar_t* out, int64_t rows,
+                                                            int64_t half) {
+  return sample_body(x, out, rows, half);
 }
 const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
 
 template <typename scalar_t>
-inline double block(const scalar_t* a, const scalar_t* b, scalar_t* lo, scalar_t* hi, int64_t len) {
+inline double sample(const scalar_t* x, scalar_t* out, int64_t rows, int64_t half) {
 #if defined(__GNUC__) && defined(__x86_64__)
-  if (kHasAvx2) return block_pass_avx2(a, b, lo, hi, len);
+  if (kHasAvx2) return sample_pass_avx2(x, out, rows, half);
 #endif
-  return block_pass(a, b, lo, hi, len);
+  return sample_pass(x, out, rows, half);
 }
 
+// x and out: N samples of rows * 2 * half elements each (see sample_body)
 template <typename scalar_t>
-void minmax_norm_kernel(const scalar_t* x, scalar_t* out, double* sumsq, int64_t N, int64_t half) {
-  at::parallel_for(0, N, sample_grain(2 * half), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) {
-      const scalar_t* a = x + n * 2 * half;
-      const scalar_t* b = a + half;
-      scalar_t* lo = out + n * 2 * half;
-      scalar_t* hi = lo + half;
-      double s = 0.0;
-      for (int64_t i = 0; i < half; i += kBlock) {
-        const int64_t len = std::min(kBlock, half - i);
-        s += block(a + i, b + i, lo + i, hi + i, len);
-      }
-      sumsq[n] = s;
-    }
+void minmax_norm_kernel(const scalar_t* x, scalar_t* out, double* sumsq, int64_t N, int64_t rows, int64_t half) {
+  const int64_t per_sample = rows * 2 * half;
+  at::parallel_for(0, N, sample_grain(per_sample), [&](int64_t begin, int64_t end) {
+    for (int64_t n = begin; n < end; ++n) sumsq[n] = sample(x + n * per_sample, out + n * per_sample, rows, half);
   });
 }
 
 template <typename scalar_t>
 void minmax_norm_backward_kernel(const scalar_t* grad_out, const double* grad_sumsq, const scalar_t* x,
-                                 scalar_t* grad_x, int64_t N, int64_t half) {
+                                 scalar_t* grad_x, int64_t N, int64_t rows, int64_t half) {
   using acc_t = at::opmath_type<scalar_t>;
-  at::parallel_for(0, N, sample_grain(2 * half), [&](int64_t begin, int64_t end) {
+  const int64_t per_sample = rows * 2 * half;
+  at::parallel_for(0, N, sample_grain(per_sample), [&](int64_t begin, int64_t end) {
     for (int64_t n = begin; n < end; ++n) {
-      const scalar_t* a = x + n * 2 * half;
-      const scalar_t* b = a + half;
-      const scalar_t* g_lo = grad_out + n * 2 * half;
-      const scalar_t* g_hi = g_lo + half;
-      scalar_t* ga = grad_x + n * 2 * half;
-      scalar_t* gb = ga + half;
       const acc_t scale = static_cast<acc_t>(2.0 * grad_sumsq[n]);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t row = n * per_sample + r * 2 * half;
+        const scalar_t* a = x + row;
+        const scalar_t* b = a + half;
+        const scalar_t* g_lo = grad_out + row;
+        const scalar_t* g_hi = g_lo + half;
+        scalar_t* ga = grad_x + row;
+        scalar_t* gb = ga + half;
 #pragma omp simd
-      for (int64_t i = 0; i < half; ++i) {
-        const acc_t av = static_cast<acc_t>(a[i]);
-        const acc_t bv = static_cast<acc_t>(b[i]);
-        const bool a_low = av <= bv;
-        const acc_t gl = static_cast<acc_t>(g_lo[i]);
-        const acc_t gh = static_cast<acc_t>(g_hi[i]);
-        ga[i] = static_cast<scalar_t>((a_low ? gl : gh) + scale * av);
-        gb[i] = static_cast<scalar_t>((a_low ? gh : gl) + scale * bv);
+        for (int64_t i = 0; i < half; ++i) {
+          const acc_t av = static_cast<acc_t>(a[i]);
+          const acc_t bv = static_cast<acc_t>(b[i]);
+          const bool a_low = av <= bv;
+          const acc_t gl = static_cast<acc_t>(g_lo[i]);
+          const acc_t gh = static_cast<acc_t>(g_hi[i]);
+          ga[i] = static_cast<scalar_t>((a_low ? gl : gh) + scale * av);
+          gb[i] = static_cast<scalar_t>((a_low ? gh : gl) + scale * bv);
+        }
       }
     }
   });
+}
+
+// The op's layout rule: channels_last when x is 4-D, channels_last-contiguous and not contiguous.
+inline at::MemoryFormat layout_of(const at::Tensor& x) {
+  return x.dim() == 4 && !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast)
+             ? at::MemoryFormat::ChannelsLast
+             : at::MemoryFormat::Contiguous;
+}
+
+// (rows, half) of one sample of x in `format` (N > 0)
+inline std::pair<int64_t, int64_t> row_shape(const at::Tensor& x, at::MemoryFormat format) {
+  if (format == at::MemoryFormat::ChannelsLast) return {x.size(2) * x.size(3), x.size(1) / 2};
+  return {1, x.numel() / x.size(0) / 2};
 }
 
 void check_minmax_input(const at::Tensor& x, const char* op) {
@@ -137,14 +177,16 @@ void check_minmax_input(const at::Tensor& x, const char* op) {
 std::tuple<at::Tensor, at::Tensor> minmax_norm_cpu(const at::Tensor& x_in) {
   check_minmax_input(x_in, "minmax_norm");
   kernel_device(x_in, at::kCPU, "minmax_norm", "x");
-  const at::Tensor x = x_in.contiguous();
+  const at::MemoryFormat format = layout_of(x_in);
+  const at::Tensor x = x_in.contiguous(format);
   const int64_t N = x.size(0);
-  const int64_t half = N == 0 ? 0 : x.numel() / N / 2;
-  at::Tensor out = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor out = at::empty_like(x, format);
   at::Tensor sumsq = at::empty({N}, x.options().dtype(at::kDouble));
+  if (N == 0 || x.numel() == 0) return {out, sumsq.zero_()};
+  const auto [rows, half] = row_shape(x, format);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "minmax_norm", [&] {
     minmax_norm_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                                 sumsq.mutable_data_ptr<double>(), N, half);
+                                 sumsq.mutable_data_ptr<double>(), N, rows, half);
   });
   return {out, sumsq};
 }
@@ -162,16 +204,19 @@ at::Tensor minmax_norm_backward_cpu(const at::Tensor& grad_out_in, const at::Ten
               grad_sumsq_in.scalar_type());
   check_device(grad_out_in, cpu, op, "grad_out");
   check_device(grad_sumsq_in, cpu, op, "grad_sumsq");
-  // contiguous(): incoming gradients are often expanded, stride-0 tensors
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor grad_out = grad_out_in.contiguous();
+  // grad_out in x's layout: incoming gradients are often expanded, stride-0 tensors
+  const at::MemoryFormat format = layout_of(x_in);
+  const at::Tensor x = x_in.contiguous(format);
+  const at::Tensor grad_out = grad_out_in.contiguous(format);
   const at::Tensor grad_sumsq = grad_sumsq_in.contiguous();
   const int64_t N = x.size(0);
-  const int64_t half = N == 0 ? 0 : x.numel() / N / 2;
-  at::Tensor grad_x = at::empty_like(x, at::MemoryFormat::Contiguous);
+  at::Tensor grad_x = at::empty_like(x, format);
+  if (N == 0 || x.numel() == 0) return grad_x;
+  const auto [rows, half] = row_shape(x, format);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "minmax_norm_backward", [&] {
     minmax_norm_backward_kernel<scalar_t>(grad_out.const_data_ptr<scalar_t>(), grad_sumsq.const_data_ptr<double>(),
-                                          x.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(), N, half);
+                                          x.const_data_ptr<scalar_t>(), grad_x.mutable_data_ptr<scalar_t>(), N, rows,
+                                          half);
   });
   return grad_x;
 }

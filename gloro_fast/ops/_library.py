@@ -88,13 +88,15 @@ def _autograd_kernel(op: str, op_overload, backward: Callable, setup_context: Ca
 
 def define_op(op: str, schema: str, backward_schema: str, *, fake: Callable, fake_backward: Callable,
               setup_context: Callable, backward: Callable, reference_forward: Callable,
-              reference_backward: Callable):
+              reference_backward: Callable, tags: tuple = ()):
     """Define ``gloro_fast::<op>`` and ``gloro_fast::<op>_backward`` (``schema`` and
-    ``backward_schema`` are their signatures, from the parenthesis on) and register the
-    reference kernels. Returns the two ``OpOverload``s."""
+    ``backward_schema`` are their signatures, from the parenthesis on; ``tags``: torch tags
+    of both, e.g. ``torch.Tag.flexible_layout`` for an op whose kernels take the layouts
+    torch.compile chooses) and register the reference kernels. Returns the two
+    ``OpOverload``s."""
     backward_op = f"{op}_backward"
-    _LIBRARY.define(op + schema)
-    _LIBRARY.define(backward_op + backward_schema)
+    _LIBRARY.define(op + schema, tags=tags)
+    _LIBRARY.define(backward_op + backward_schema, tags=tags)
     # CompositeExplicitAutograd: one implementation for every device, below autograd
     _LIBRARY.impl(op, _forward_impl(op), "CompositeExplicitAutograd")
     _LIBRARY.impl(backward_op, _backward_impl(op), "CompositeExplicitAutograd")

@@ -14,6 +14,12 @@ min and max, where ``torch.minimum`` and ``torch.maximum`` read it twice.
 Backward: out's gradient is routed back through the permutation (on a tie a gets the
 min's gradient, as :class:`gloro_fast.nn.MinMax`), plus 2·x·grad_sumsq_n.
 
+Layout: out (and the backward's grad_x) is channels_last when x is a 4-D channels_last
+tensor (channels_last-contiguous and not contiguous), contiguous otherwise
+(:func:`output_format`). The op carries torch's ``flexible_layout`` tag, so torch.compile's
+Inductor, which lays convolution outputs out channels_last, hands them over as they are
+instead of copying them to contiguous and back around every MinMax.
+
 The op ``torch.ops.gloro_fast.minmax_norm`` and its backward op ``minmax_norm_backward``;
 kernels: the reference below and the C++ CPU kernel (csrc/cpu/minmax_norm.cpp). Other
 devices run the reference.
@@ -28,7 +34,7 @@ from .._validation import check_tensor
 from ._backend import backend_for, get_backend
 from ._library import define_op
 
-__all__ = ["fused_minmax_norm", "minmax_norm", "minmax_norm_reference"]
+__all__ = ["fused_minmax_norm", "minmax_norm", "minmax_norm_reference", "output_format"]
 
 SCHEMA = "(Tensor x) -> (Tensor, Tensor)"
 BACKWARD_SCHEMA = "(Tensor grad_out, Tensor grad_sumsq, Tensor x) -> Tensor"
@@ -43,6 +49,15 @@ def minmax_norm_reference(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return out, sumsq
 
 
+def output_format(x: torch.Tensor) -> torch.memory_format:
+    """The memory format of the op's outputs for input ``x`` (the C++ kernels' rule):
+    channels_last for a 4-D channels_last-contiguous x that is not contiguous, else
+    contiguous."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 def _check(x) -> None:
     check_tensor("x", x, min_ndim=2, floating=True)
     if x.shape[1] % 2:
@@ -55,7 +70,7 @@ def minmax_norm(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     _check(x)
     if backend_for("minmax_norm", x.device.type) == "reference":
         return minmax_norm_reference(x)
-    return _OP(x.contiguous())
+    return _OP(x.contiguous(memory_format=output_format(x)))
 
 
 def fused_minmax_norm(device_type: str) -> bool:
@@ -68,21 +83,26 @@ def fused_minmax_norm(device_type: str) -> bool:
 # ---- the op: reference kernels, fake kernels, autograd ----
 
 
+def _reference_kernel(x):
+    out, sumsq = minmax_norm_reference(x)
+    return out.contiguous(memory_format=output_format(x)), sumsq
+
+
 def _reference_backward(grad_out, grad_sumsq, x):
     a, b = x.chunk(2, dim=1)
     g_low, g_high = grad_out.chunk(2, dim=1)
     a_low = a <= b
     grad = torch.cat([torch.where(a_low, g_low, g_high), torch.where(a_low, g_high, g_low)], dim=1)
     scale = (2.0 * grad_sumsq).to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
-    return grad + scale * x
+    return (grad + scale * x).contiguous(memory_format=output_format(x))
 
 
 def _fake(x):
-    return torch.empty_like(x, memory_format=torch.contiguous_format), x.new_empty((x.shape[0],), dtype=torch.float64)
+    return torch.empty_like(x, memory_format=output_format(x)), x.new_empty((x.shape[0],), dtype=torch.float64)
 
 
 def _fake_backward(grad_out, grad_sumsq, x):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return torch.empty_like(x, memory_format=output_format(x))
 
 
 def _setup_context(ctx, inputs, output):
@@ -98,11 +118,12 @@ def _backward(ctx, grad_out, grad_sumsq):
         grad_out = torch.zeros_like(x)
     if grad_sumsq is None:
         grad_sumsq = x.new_zeros((x.shape[0],), dtype=torch.float64)
-    return _BACKWARD_OP(grad_out.contiguous(), grad_sumsq.contiguous(), x)
+    return _BACKWARD_OP(grad_out.contiguous(memory_format=output_format(x)), grad_sumsq.contiguous(), x)
 
 
 _OP, _BACKWARD_OP = define_op(
     "minmax_norm", SCHEMA, BACKWARD_SCHEMA,
     fake=_fake, fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward,
-    reference_forward=minmax_norm_reference, reference_backward=_reference_backward,
+    reference_forward=_reference_kernel, reference_backward=_reference_backward,
+    tags=(torch.Tag.flexible_layout,),
 )

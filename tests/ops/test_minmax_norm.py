@@ -79,6 +79,86 @@ def test_kernel_takes_non_contiguous_input():
     torch.testing.assert_close(sumsq, ref_sumsq, rtol=1e-13, atol=0)
 
 
+CHANNELS_LAST_SHAPES = [(5, 4, 3, 7), (3, 64, 2, 2), (2, 2, 5, 1), (2, 1030, 1, 3)]
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", CHANNELS_LAST_SHAPES, ids=str)
+def test_channels_last_input_is_read_in_place_and_gives_channels_last_output(backend, dtype, shape):
+    """torch.compile hands convolution outputs over channels_last: the op reads them as they
+    are and answers in the same layout (the fake kernel's strides: opcheck below), with the
+    values of the per-sample loop; the backward's grad_x has x's layout too."""
+    g = torch.Generator().manual_seed(7)
+    x = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    assert not x.is_contiguous()
+    with use_backend(backend):
+        out, sumsq = torch.ops.gloro_fast.minmax_norm.default(x)
+    ref_out, ref_sumsq = per_sample_loop(x.float().contiguous())
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert torch.equal(out.float(), ref_out)
+    torch.testing.assert_close(sumsq, ref_sumsq, rtol=1e-13, atol=0)
+    grad_out = torch.randn(shape, generator=g).to(dtype)  # contiguous: the kernel takes it in x's layout
+    grad_sumsq = torch.randn(shape[0], dtype=torch.float64, generator=g)
+    with use_backend(backend):
+        grad_x = torch.ops.gloro_fast.minmax_norm_backward.default(grad_out, grad_sumsq, x)
+        same_grad = torch.ops.gloro_fast.minmax_norm_backward.default(grad_out, grad_sumsq, x.contiguous())
+    work = torch.float64 if dtype == torch.float64 else torch.float32  # bfloat16: computed in float32
+    with use_backend("reference"):
+        ref_grad = torch.ops.gloro_fast.minmax_norm_backward.default(
+            grad_out.to(work), grad_sumsq, x.to(work).contiguous()).to(dtype)
+    assert grad_x.is_contiguous(memory_format=torch.channels_last) and not grad_x.is_contiguous()
+    assert torch.equal(grad_x, same_grad)  # per element the same arithmetic in either layout
+    if backend == "cpp":  # one rounding to bfloat16 (the reference rounds each operation)
+        assert torch.equal(grad_x, ref_grad)
+
+
+@needs_cpp
+def test_opcheck_channels_last():
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(3, 6, 4, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.gloro_fast.minmax_norm.default, (x,))
+    grad_out = torch.randn(3, 6, 4, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    grad_sumsq = torch.randn(3, dtype=torch.float64, generator=g)
+    torch.library.opcheck(torch.ops.gloro_fast.minmax_norm_backward.default, (grad_out, grad_sumsq, x))
+
+
+@needs_cpp
+def test_compiled_certify_hands_the_kernel_channels_last_activations(monkeypatch):
+    """With the op's flexible_layout tag, Inductor passes its channels_last convolution
+    outputs straight to the kernel (no copy to contiguous and back around each MinMax), and
+    the compiled certificate is the eager one."""
+    from gloro_fast import GloroNet
+    from gloro_fast.ops import registry
+
+    layouts = []
+    kernels = registry.kernels("minmax_norm", "cpp")
+    real = kernels.forward
+
+    def recording(x):
+        layouts.append(x.is_contiguous())
+        return real(x)
+
+    monkeypatch.setitem(registry._KERNELS, ("minmax_norm", "cpp"),
+                        kernels._replace(forward=recording))
+    torch.manual_seed(0)
+    model = GloroNet(torch.nn.Sequential(
+        gnn.Conv2d(3, 8, 3, padding=1), gnn.MinMax(), gnn.Conv2d(8, 8, 3, padding=1), gnn.MinMax(),
+        gnn.Flatten()), gnn.Linear(8 * 6 * 6, 4), epsilon=0.01, input_shape=(3, 6, 6)).eval()
+    x = torch.rand(16, 3, 6, 6, generator=torch.Generator().manual_seed(9))
+    eager = model.certify(x)
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    # no cache: a graph compiled before the tag existed would be reused as it was
+    with use_backend("cpp"), inductor_config.patch(force_disable_caches=True):
+        compiled = torch.compile(model.certify, fullgraph=True)(x)
+    torch._dynamo.reset()
+    assert torch.equal(compiled, eager)
+    if inductor_config.layout_optimization:
+        assert False in layouts  # at least one activation arrived channels_last, uncopied
+
+
 @pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp)])
 def test_gradient_against_float64_gradcheck(backend):
     x = torch.randn(3, 4, 2, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))

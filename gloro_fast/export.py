@@ -52,7 +52,8 @@ from ._validation import check_batch_shape, check_epsilon
 from .bounds import check_certificate, inferred_input_shape, is_chain, named_layers
 from .files import atomic_write, atomic_write_bytes
 from .gloro_net import GloroNet
-from .nn.linear import blocked_linear, certifying_blocks
+from .nn.linear import certifying_blocks
+from .ops.blocked_linear import blocked_linear_reference
 from .sound.decision import ROUNDING, Allowance, LinearForms, decide, up_with
 from .sound.decision import radius as sound_radius
 from .sound.forward_error import activation_norm_constants, ieee_arithmetic, norm_dtype
@@ -96,9 +97,9 @@ class Residual(nn.Module):
 
 class BlockedLinear(nn.Linear):
     """``nn.Linear`` evaluated as the live model's certifying pass evaluates it: each dot
-    product summed in ``blocks`` blocks (``gloro_fast.nn.linear.blocked_linear``: one
-    batched matrix product and a sum, plain torch operations), the evaluation the sound
-    certificate's rounding allowance describes."""
+    product summed in ``blocks`` blocks (``gloro_fast.ops.blocked_linear_reference``: one
+    batched matrix product and a sum, plain torch operations, no custom op), the evaluation
+    the sound certificate's rounding allowance describes."""
 
     def __init__(self, in_features: int, out_features: int, blocks: int, bias: bool = True,
                  device=None, dtype=None) -> None:
@@ -109,7 +110,7 @@ class BlockedLinear(nn.Linear):
         return f"{super().extra_repr()}, blocks={self.blocks}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return blocked_linear(x, self.weight, self.bias, self.blocks)
+        return blocked_linear_reference(x, self.weight, self.bias, self.blocks)
 
 
 class FrozenOutput(NamedTuple):

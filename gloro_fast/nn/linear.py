@@ -6,13 +6,13 @@ import math
 import torch
 from torch import nn
 
-from ..ops import power_iteration_linear
+from ..ops import blocked_linear, power_iteration_linear
 from ..sound.dense import abs_norm_upper, spectral_norm_upper
 from ..sound.forward_error import affine_layer
 from ..sound.rounding import U64, gamma, up
 from .base import PowerIterationModule, WeightInit, float64_scalar
 
-__all__ = ["CERTIFYING_BLOCKS", "Linear", "blocked_linear", "certifying_blocks"]
+__all__ = ["CERTIFYING_BLOCKS", "Linear", "certifying_blocks"]
 
 # The certifying pass sums each dot product in this many blocks (one batched product, then
 # a sum over the blocks): its worst-case rounding chain is b + k − 1 instead of n
@@ -27,27 +27,6 @@ def certifying_blocks(in_features: int):
     if b + k - 1 >= in_features:
         return 1, in_features
     return k, b
-
-
-def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias, blocks: int) -> torch.Tensor:
-    """x Wᵀ + b with each dot product summed in ``blocks`` blocks: the k partial products
-    (k, N, out) by one batched matrix product, then their sum and the bias. Every product
-    goes through at most b − 1 additions in its block, k − 1 between blocks and one for
-    the bias, in any order the libraries choose (the bound of ``Linear.forward_bound``).
-    x: (*, n), weight: (out, n) → (*, out)."""
-    n = weight.shape[1]
-    b = -(-n // blocks)
-    lead = x.shape[:-1]
-    h = x.reshape(-1, n)
-    w = weight
-    if blocks * b != n:  # zero padding: exact zero products
-        h = torch.nn.functional.pad(h, (0, blocks * b - n))
-        w = torch.nn.functional.pad(w, (0, blocks * b - n))
-    parts = torch.bmm(h.view(-1, blocks, b).transpose(0, 1), w.view(w.shape[0], blocks, b).permute(1, 2, 0))
-    y = parts.sum(dim=0)
-    if bias is not None:
-        y = y + bias
-    return y.reshape(lead + (weight.shape[0],))
 
 
 class Linear(WeightInit, nn.Linear, PowerIterationModule):

@@ -7,6 +7,7 @@ table (:mod:`gloro_fast.ops.registry`); :func:`use_backend` / :func:`set_backend
 backend.
 """
 from ._backend import BACKENDS, get_backend, resolve_backend, set_backend, use_backend
+from .blocked_linear import blocked_linear, blocked_linear_reference
 from .bottom_logit import bottom_logit, bottom_logit_reference
 from .class_distances import class_distances, class_distances_reference
 from .minmax_norm import minmax_norm, minmax_norm_reference
@@ -20,6 +21,8 @@ from .same_bits import same_bits, same_bits_reference
 
 __all__ = [
     "BACKENDS",
+    "blocked_linear",
+    "blocked_linear_reference",
     "bottom_logit",
     "bottom_logit_reference",
     "class_distances",

@@ -1,7 +1,10 @@
 """Shared pieces of the tests of the compiled (C++ CPU) ops: the skip when the extension
-lacks an op's kernels, and a dispatch log to see which ops a call reached. The ``backend``
+lacks an op's kernels, a dispatch log to see which ops a call reached, and a recording
+forward kernel. The ``backend``
 fixture lives in tests/conftest.py."""
 from __future__ import annotations
+
+import contextlib
 
 import pytest
 import torch
@@ -44,3 +47,23 @@ def value_iterates_grads(fn, weights, iterates):
     return value.detach(), new_us, [w.grad for w in ws]
 
 
+
+
+@contextlib.contextmanager
+def recording_forward(op: str, backend: str, record):
+    """Within the block, ``op``'s ``backend`` forward kernel calls ``record(*args)`` first
+    (registered through the registry, so that choices already cached are made again); the
+    original kernels are registered back on exit."""
+    from gloro_fast.ops import registry
+
+    original = registry.kernels(op, backend)
+
+    def forward(*args):
+        record(*args)
+        return original.forward(*args)
+
+    registry.register_kernels(op, backend, forward, original.backward, original.unusable)
+    try:
+        yield
+    finally:
+        registry.register_kernels(op, backend, original.forward, original.backward, original.unusable)

@@ -13,7 +13,7 @@ from gloro_fast import nn as gnn
 from gloro_fast.ops import minmax_norm, minmax_norm_reference, use_backend
 from gloro_fast.ops.minmax_norm import fused_minmax_norm
 from gloro_fast.sound.forward_error import activation_norm_upper, norm_upper_from_sumsq
-from tests.ops.cpp_helpers import has_cpu_kernels
+from tests.ops.cpp_helpers import has_cpu_kernels, recording_forward
 
 SHAPES = [(3, 2), (5, 6), (4, 8, 5, 7), (1, 2, 1, 1), (7, 64, 3, 3)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -124,37 +124,28 @@ def test_opcheck_channels_last():
 
 
 @needs_cpp
-def test_compiled_certify_hands_the_kernel_channels_last_activations(monkeypatch):
+def test_compiled_certify_hands_the_kernel_channels_last_activations():
     """With the op's flexible_layout tag, Inductor passes its channels_last convolution
     outputs straight to the kernel (no copy to contiguous and back around each MinMax), and
     the compiled certificate is the eager one."""
+    import torch._inductor.config as inductor_config
     from gloro_fast import GloroNet
-    from gloro_fast.ops import registry
 
     layouts = []
-    kernels = registry.kernels("minmax_norm", "cpp")
-    real = kernels.forward
-
-    def recording(x):
-        layouts.append(x.is_contiguous())
-        return real(x)
-
-    monkeypatch.setitem(registry._KERNELS, ("minmax_norm", "cpp"),
-                        kernels._replace(forward=recording))
     torch.manual_seed(0)
     model = GloroNet(torch.nn.Sequential(
         gnn.Conv2d(3, 8, 3, padding=1), gnn.MinMax(), gnn.Conv2d(8, 8, 3, padding=1), gnn.MinMax(),
         gnn.Flatten()), gnn.Linear(8 * 6 * 6, 4), epsilon=0.01, input_shape=(3, 6, 6)).eval()
     x = torch.rand(16, 3, 6, 6, generator=torch.Generator().manual_seed(9))
     eager = model.certify(x)
-    import torch._inductor.config as inductor_config
-
     torch._dynamo.reset()
     # no cache: a graph compiled before the tag existed would be reused as it was
-    with use_backend("cpp"), inductor_config.patch(force_disable_caches=True):
+    with use_backend("cpp"), recording_forward("minmax_norm", "cpp", lambda t: layouts.append(t.is_contiguous())), \
+            inductor_config.patch(force_disable_caches=True):
         compiled = torch.compile(model.certify, fullgraph=True)(x)
     torch._dynamo.reset()
     assert torch.equal(compiled, eager)
+    assert layouts
     if inductor_config.layout_optimization:
         assert False in layouts  # at least one activation arrived channels_last, uncopied
 

@@ -1,5 +1,5 @@
 """The certifying pass's dense layers: each dot product summed in k blocks of b
-(gloro_fast.nn.linear.blocked_linear), whose rounding error is bounded by a chain of
+(gloro_fast.ops.blocked_linear), whose rounding error is bounded by a chain of
 b + k − 1 roundings instead of in_features — what Linear.forward_bound's per-sample step
 assumes. Checked entrywise against float64 on inputs built for cancellation."""
 from __future__ import annotations
@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from gloro_fast import nn as gnn
-from gloro_fast.nn.linear import CERTIFYING_BLOCKS, blocked_linear, certifying_blocks
+from gloro_fast.nn.linear import CERTIFYING_BLOCKS, certifying_blocks
+from gloro_fast.ops import blocked_linear
 from gloro_fast.sound.forward_error import Arithmetic, ForwardBound
 from gloro_fast.sound.rounding import gamma
 

@@ -73,8 +73,9 @@ def _check(x, weight, bias, blocks) -> None:
         if bias.shape[0] != weight.shape[0] or bias.dtype != x.dtype or bias.device != x.device:
             raise ValueError(f"bias must have shape ({weight.shape[0]},) and x's dtype and device, got "
                              f"{tuple(bias.shape)} {bias.dtype} {bias.device}")
-    if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= max(1, weight.shape[1]):
-        raise ValueError(f"blocks must be an int in [1, {max(1, weight.shape[1])}] (the input features), got {blocks!r}")
+    most = max(1, weight.shape[1])
+    if isinstance(blocks, bool) or not isinstance(blocks, int) or not 1 <= blocks <= most:
+        raise ValueError(f"blocks must be an int in [1, {most}] (the input features), got {blocks!r}")
 
 
 def blocked_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],

@@ -129,6 +129,7 @@ def test_compiled_certify_hands_the_kernel_channels_last_activations():
     outputs straight to the kernel (no copy to contiguous and back around each MinMax), and
     the compiled certificate is the eager one."""
     import torch._inductor.config as inductor_config
+
     from gloro_fast import GloroNet
 
     layouts = []

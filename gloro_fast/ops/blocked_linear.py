@@ -126,5 +126,6 @@ _OP, _BACKWARD_OP = define_op(
     "blocked_linear", SCHEMA, BACKWARD_SCHEMA,
     fake=_fake, fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward,
     reference_forward=blocked_linear_reference, reference_backward=_reference_backward,
-    tags=(torch.Tag.needs_exact_strides,),
+    # torch < 2.7 has no needs_exact_strides; the fixed stride order keeps x contiguous too
+    tags=(getattr(torch.Tag, "needs_exact_strides", torch.Tag.needs_fixed_stride_order),),
 )

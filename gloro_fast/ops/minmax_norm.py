@@ -125,5 +125,5 @@ _OP, _BACKWARD_OP = define_op(
     "minmax_norm", SCHEMA, BACKWARD_SCHEMA,
     fake=_fake, fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward,
     reference_forward=_reference_kernel, reference_backward=_reference_backward,
-    tags=(torch.Tag.flexible_layout,),
+    tags=tuple(t for t in (getattr(torch.Tag, "flexible_layout", None),) if t is not None),
 )

@@ -67,3 +67,16 @@ def recording_forward(op: str, backend: str, record):
         yield
     finally:
         registry.register_kernels(op, backend, original.forward, original.backward, original.unusable)
+
+
+def compiled_certify(model, x) -> torch.Tensor:
+    """``model.certify(x)`` through a fresh ``torch.compile(fullgraph=True)`` with Inductor's
+    caches off (a graph compiled before an op's tags changed would be reused as it was)."""
+    import torch._inductor.config as inductor_config
+
+    torch._dynamo.reset()
+    try:
+        with inductor_config.patch(force_disable_caches=True):
+            return torch.compile(model.certify, fullgraph=True)(x)
+    finally:
+        torch._dynamo.reset()

@@ -10,7 +10,7 @@ import torch
 from gloro_fast import GloroNet
 from gloro_fast import nn as gnn
 from gloro_fast.ops import blocked_linear, blocked_linear_reference
-from tests.ops.cpp_helpers import recording_forward
+from tests.ops.cpp_helpers import compiled_certify, recording_forward
 
 
 def per_block_loop(x, w, bias, blocks):
@@ -73,8 +73,6 @@ def test_compiled_certify_gives_the_op_contiguous_input():
     likes; the op's needs_exact_strides tag makes it arrive contiguous (the batched product
     then runs on views of it, without copying each block), and the compiled certificate is
     the eager one."""
-    import torch._inductor.config as inductor_config
-
     seen = []
     torch.manual_seed(0)
     model = GloroNet(torch.nn.Sequential(
@@ -83,10 +81,7 @@ def test_compiled_certify_gives_the_op_contiguous_input():
         epsilon=0.01, input_shape=(1, 7, 7)).eval()
     x = torch.rand(16, 1, 7, 7, generator=torch.Generator().manual_seed(3))
     eager = model.certify(x)
-    torch._dynamo.reset()
-    with recording_forward("blocked_linear", "reference", lambda h, *rest: seen.append(h.is_contiguous())), \
-            inductor_config.patch(force_disable_caches=True):
-        compiled = torch.compile(model.certify, fullgraph=True)(x)
-    torch._dynamo.reset()
+    with recording_forward("blocked_linear", "reference", lambda h, *rest: seen.append(h.is_contiguous())):
+        compiled = compiled_certify(model, x)
     assert torch.equal(compiled, eager)
     assert seen and all(seen)

@@ -13,7 +13,7 @@ from gloro_fast import nn as gnn
 from gloro_fast.ops import minmax_norm, minmax_norm_reference, use_backend
 from gloro_fast.ops.minmax_norm import fused_minmax_norm
 from gloro_fast.sound.forward_error import activation_norm_upper, norm_upper_from_sumsq
-from tests.ops.cpp_helpers import has_cpu_kernels, recording_forward
+from tests.ops.cpp_helpers import compiled_certify, has_cpu_kernels, recording_forward
 
 SHAPES = [(3, 2), (5, 6), (4, 8, 5, 7), (1, 2, 1, 1), (7, 64, 3, 3)]
 DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
@@ -139,12 +139,8 @@ def test_compiled_certify_hands_the_kernel_channels_last_activations():
         gnn.Flatten()), gnn.Linear(8 * 6 * 6, 4), epsilon=0.01, input_shape=(3, 6, 6)).eval()
     x = torch.rand(16, 3, 6, 6, generator=torch.Generator().manual_seed(9))
     eager = model.certify(x)
-    torch._dynamo.reset()
-    # no cache: a graph compiled before the tag existed would be reused as it was
-    with use_backend("cpp"), recording_forward("minmax_norm", "cpp", lambda t: layouts.append(t.is_contiguous())), \
-            inductor_config.patch(force_disable_caches=True):
-        compiled = torch.compile(model.certify, fullgraph=True)(x)
-    torch._dynamo.reset()
+    with use_backend("cpp"), recording_forward("minmax_norm", "cpp", lambda t: layouts.append(t.is_contiguous())):
+        compiled = compiled_certify(model, x)
     assert torch.equal(compiled, eager)
     assert layouts
     if inductor_config.layout_optimization:

@@ -14,7 +14,8 @@ float64 buffers expanded to ``like``'s shape, because torch's ONNX exporter woul
 Python numbers as float32 and ONNX Runtime's optimiser removes multiplications by
 one-element constants that look like 1 in float32 (see gloro_fast/export.py). Both give
 the same IEEE results, so the frozen decisions are the live ones bit for bit. Names:
-``up`` (1 + 2⁻⁵⁰), ``eta`` (2⁻¹⁰⁷⁴), ``down`` (1 − 2⁻⁵⁰), ``ulp`` (2⁻⁵⁰), ``factor`` (the
+``up`` (1 + 2⁻⁵⁰), ``eta`` (the absolute term of a rounding up: 2⁻¹⁰²², the smallest
+normal float64, ≥ the underflow unit 2⁻¹⁰⁷⁴ and not a slow subnormal operand), ``down`` (1 − 2⁻⁵⁰), ``ulp`` (2⁻⁵⁰), ``factor`` (the
 forms' product bound up(1 + γ_m)) and ``cap`` (the overflow limit of partial sums).
 """
 from __future__ import annotations
@@ -25,13 +26,13 @@ from typing import Callable, Dict, Optional, Union
 
 import torch
 
-from .rounding import ETA64, U64, gamma, up
+from .rounding import FLOOR64, U64, gamma, up
 
 __all__ = ["Allowance", "AllowanceForms", "Constants", "LinearForms", "ROUNDING", "decide", "python_constants",
            "radius", "up_signed_with", "up_with"]
 
 Constants = Callable[[str, torch.Tensor], Union[float, torch.Tensor]]
-ROUNDING: Dict[str, float] = {"up": 1.0 + 2.0 ** -50, "eta": ETA64, "down": 1.0 - 2.0 ** -50, "ulp": 2.0 ** -50}
+ROUNDING: Dict[str, float] = {"up": 1.0 + 2.0 ** -50, "eta": FLOOR64, "down": 1.0 - 2.0 ** -50, "ulp": 2.0 ** -50}
 
 
 def python_constants(**extra: float) -> Constants:
@@ -42,7 +43,7 @@ def python_constants(**extra: float) -> Constants:
 
 def up_with(x: torch.Tensor, c: Constants) -> torch.Tensor:
     """≥ the exact value of the last operation producing the float64 ``x`` ≥ 0:
-    x·(1 + 2⁻⁵⁰) + 2⁻¹⁰⁷⁴ (NaN → +inf, failing closed)."""
+    x·(1 + 2⁻⁵⁰) + 2⁻¹⁰²² (NaN → +inf, failing closed)."""
     x = x * c("up", x) + c("eta", x)
     return torch.where(torch.isnan(x), torch.full_like(x, math.inf), x)
 

@@ -18,11 +18,16 @@ from typing import Union
 
 import torch
 
-__all__ = ["U64", "ETA64", "unit_roundoff", "underflow_unit", "gamma", "up", "up_tensor",
+__all__ = ["U64", "ETA64", "FLOOR64", "unit_roundoff", "underflow_unit", "gamma", "up", "up_tensor",
            "down", "largest_finite"]
 
 U64 = 2.0 ** -53
 ETA64 = 2.0 ** -1074  # smallest positive subnormal float64
+# The absolute term of the tensor roundings up: the smallest normal float64. It covers
+# ETA64 (rounding is monotone, so adding more only raises the result) and, unlike ETA64,
+# is not a subnormal operand: every operation with one takes the CPU's slow path (microcode
+# assists on x86: measured 104 µs instead of 3.8 µs to add it to a (1024, 10) tensor).
+FLOOR64 = 2.0 ** -1022
 _UP = 1.0 + 2.0 ** -50
 _DOWN = 1.0 - 2.0 ** -50
 
@@ -77,6 +82,7 @@ def down(x: float) -> float:
 
 
 def up_tensor(x: torch.Tensor) -> torch.Tensor:
-    """:func:`up` elementwise for a non-negative float64 tensor (NaN → +inf)."""
-    x = x * _UP + ETA64
+    """:func:`up` elementwise for a non-negative float64 tensor (NaN → +inf), with the
+    absolute term raised to ``FLOOR64``."""
+    x = x * _UP + FLOOR64
     return torch.where(torch.isnan(x), torch.full_like(x, math.inf), x)

@@ -23,7 +23,7 @@ import torch
 from ._backend import kernels_for
 from ._library import define_query_op
 
-__all__ = ["same_bits", "same_bits_reference"]
+__all__ = ["same_bits", "same_bits_reference", "same_bits_unchecked"]
 
 SCHEMA = "(Tensor[] a, Tensor[] b) -> bool"
 
@@ -63,6 +63,16 @@ def same_bits(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
     device_type = _check(a, b)
     a = [t.detach() if t.requires_grad else t for t in a]
     b = [t.detach() if t.requires_grad else t for t in b]
+    if not a:
+        return True
+    return bool(kernels_for("same_bits", device_type).forward(a, b))
+
+
+def same_bits_unchecked(a: List[torch.Tensor], b: List[torch.Tensor], device_type: str) -> bool:
+    """:func:`same_bits` for a caller that already holds its contract: lists of one length,
+    every tensor on ``device_type`` (the stale-bound guard, whose cache key pins each
+    parameter's device and shape). No argument checks and no detaching: the kernel reads
+    bits, and a tensor that requires grad is read like any other."""
     if not a:
         return True
     return bool(kernels_for("same_bits", device_type).forward(a, b))

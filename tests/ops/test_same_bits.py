@@ -117,6 +117,22 @@ def test_requires_grad_inputs_are_compared_without_a_graph():
     assert same_bits([w], [w.detach().clone()])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_unchecked_form_agrees_on_parameters_that_require_grad(backend):
+    """The guard's entry point (no argument checks, no detaching) answers as the checked
+    one, and records nothing for autograd."""
+    from gloro_fast.ops.same_bits import same_bits_unchecked
+
+    params = [torch.nn.Parameter(torch.randn(6, 5)), torch.nn.Parameter(torch.randn(5))]
+    snapshot = [p.detach().clone() for p in params]
+    with use_backend(backend):
+        assert same_bits_unchecked(snapshot, params, "cpu") is True
+        params[1].data[4] = -params[1].data[4]
+        assert same_bits_unchecked(snapshot, params, "cpu") is False
+        assert same_bits_unchecked([], [], "cpu") is True
+    assert all(p.grad is None and p.grad_fn is None for p in params)
+
+
 def test_guard_recomputes_after_a_data_edit():
     """The CPU stale-bound guard uses same_bits: an edit through ``.data`` (invisible to the
     version counter) empties the cached values."""

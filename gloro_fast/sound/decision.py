@@ -15,8 +15,9 @@ Python numbers as float32 and ONNX Runtime's optimiser removes multiplications b
 one-element constants that look like 1 in float32 (see gloro_fast/export.py). Both give
 the same IEEE results, so the frozen decisions are the live ones bit for bit. Names:
 ``up`` (1 + 2⁻⁵⁰), ``eta`` (the absolute term of a rounding up: 2⁻¹⁰²², the smallest
-normal float64, ≥ the underflow unit 2⁻¹⁰⁷⁴ and not a slow subnormal operand), ``down`` (1 − 2⁻⁵⁰), ``ulp`` (2⁻⁵⁰), ``factor`` (the
-forms' product bound up(1 + γ_m)) and ``cap`` (the overflow limit of partial sums).
+normal float64, ≥ the underflow unit 2⁻¹⁰⁷⁴ and not a slow subnormal operand), ``down``
+(1 − 2⁻⁵⁰), ``ulp`` (2⁻⁵⁰), ``factor`` (the forms' product bound up(1 + γ_m)) and ``cap``
+(the overflow limit of partial sums).
 """
 from __future__ import annotations
 

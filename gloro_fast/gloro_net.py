@@ -36,7 +36,7 @@ from .bound_cache import cached_bounds, clear_cached_bounds, training_bounds
 from .bounds import EstimateBounds, LayerBracket, SoundBounds, chain_layers, check_certificate
 from .nn import Linear, from_torch
 from .ops import bottom_logit
-from .sound.forward_error import activation_norm_upper, ieee_arithmetic
+from .sound.forward_error import activation_norm_upper, ieee_arithmetic, norm_uppers
 from .sound.rounding import up_tensor
 
 __all__ = ["GloroNet", "GloroOutput"]
@@ -215,6 +215,7 @@ class GloroNet(nn.Module):
                     h, known = layer.certifying_forward_norm(h, known)
                 features = activation_norm_upper(h) if known is None else known
                 logits = self.head(h)
+            *norms, features = norm_uppers(norms + [features])
             allowance = sb.allowance(x, (norms, features))
         if same is not None:  # a weight edited behind the version counters: certify nothing
             allowance = allowance.refuse_unless(same)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from ..ops.minmax_norm import fused_minmax_norm, minmax_norm
-from ..sound.forward_error import norm_upper_from_sumsq
+from ..sound.forward_error import NormBound, SumOfSquares
 from .base import ConstantLipschitzModule
 
 __all__ = ["MinMax", "ReLU", "minmax"]
@@ -76,20 +76,21 @@ class MinMax(ConstantLipschitzModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return minmax(x)
 
-    def certifying_forward_norm(self, x: torch.Tensor, norm: Optional[torch.Tensor]):
+    def certifying_forward_norm(self, x: torch.Tensor, norm: Optional[NormBound]):
         """MinMax permutes each sample's entries: its output norm is x's, so a known bound
         passes through; otherwise the fused kernel (where the backend has one) sums the
         squares while it writes, and the bound comes from that sum."""
         if norm is None and x.dim() >= 2 and x.shape[0] > 0 and fused_minmax_norm(x.device.type):
             out, sumsq = minmax_norm(x)
-            # a bound, never differentiated: detached like activation_norm_upper's norms
-            return out, norm_upper_from_sumsq(sumsq.detach(), x[0].numel())
+            # a bound, never differentiated: detached like activation_norm_upper's norms;
+            # taken with the pass's other sums at its end (norm_uppers)
+            return out, SumOfSquares(sumsq.detach(), x[0].numel())
         return self.certifying_forward(x), norm
 
 
 class ReLU(nn.ReLU, ConstantLipschitzModule):
     """``torch.nn.ReLU``, 1-Lipschitz (and exact in floating point)."""
 
-    def certifying_forward_norm(self, x: torch.Tensor, norm: Optional[torch.Tensor]):
+    def certifying_forward_norm(self, x: torch.Tensor, norm: Optional[NormBound]):
         """‖ReLU(x)‖ ≤ ‖x‖: a bound of x's norm bounds the output's."""
         return self.certifying_forward(x), norm

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from .._validation import check_choice
-from ..sound.forward_error import Arithmetic, ForwardBound
+from ..sound.forward_error import Arithmetic, ForwardBound, NormBound
 from ..sound.rounding import U64, down, gamma, up
 
 __all__ = ["LipschitzModule", "PowerIterationModule", "ConstantLipschitzModule", "Convergence", "WeightInit"]
@@ -97,12 +97,14 @@ class LipschitzModule(nn.Module):
         step describes (by default ``forward`` itself)."""
         return self(x)
 
-    def certifying_forward_norm(self, x: torch.Tensor, norm: Optional[torch.Tensor]):
-        """``(certifying_forward(x), bound)``: ``bound`` (B,) float64 ≥ each output sample's
-        l2 norm when this layer knows one without reading its output again, else None.
+    def certifying_forward_norm(self, x: torch.Tensor, norm: Optional[NormBound]):
+        """``(certifying_forward(x), bound)``: ``bound`` ≥ each output sample's l2 norm when
+        this layer knows one without reading its output again, else None. A bound is a (B,)
+        float64 tensor or a :class:`~gloro_fast.sound.forward_error.SumOfSquares` (taken
+        with the others at the end of the pass, :func:`~gloro_fast.sound.forward_error.norm_uppers`).
         ``norm`` is such a bound for x, or None. By default None (the certifying pass then
         measures the norm where it needs it); norm-preserving or norm-reducing layers pass
-        ``norm`` on, and MinMax computes it while it writes (:func:`gloro_fast.ops.minmax_norm`)."""
+        ``norm`` on as it is, and MinMax computes it while it writes (:func:`gloro_fast.ops.minmax_norm`)."""
         return self.certifying_forward(x), None
 
     def forward_bound(self, bound: ForwardBound, arith: Arithmetic, upper_of: UpperOf) -> ForwardBound:

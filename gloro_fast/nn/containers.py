@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
+from ..sound.forward_error import NormBound
 from ..sound.rounding import up
 from .base import ConstantLipschitzModule, LipschitzModule, float64_scalar
 
@@ -20,7 +21,7 @@ class Flatten(nn.Flatten, ConstantLipschitzModule):
             raise ValueError("Flatten must keep the batch axis: start_dim must not be 0")
         super().__init__(start_dim, end_dim)
 
-    def certifying_forward_norm(self, x: torch.Tensor, norm: Optional[torch.Tensor]):
+    def certifying_forward_norm(self, x: torch.Tensor, norm: Optional[NormBound]):
         """A reshape keeps each sample's norm."""
         return self.certifying_forward(x), norm
 

@@ -35,15 +35,15 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass, field, replace
-from typing import Optional, Tuple
+from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
 from .rounding import U64, gamma, largest_finite, underflow_unit, unit_roundoff, up, up_tensor
 
-__all__ = ["Affine", "AffineStep", "Arithmetic", "ForwardBound", "activation_norm_constants",
+__all__ = ["Affine", "AffineStep", "Arithmetic", "ForwardBound", "NormBound", "SumOfSquares", "activation_norm_constants",
            "activation_norm_upper", "affine_layer", "exact_layer", "ieee_arithmetic", "norm_dtype",
-           "norm_upper_from_sumsq"]
+           "norm_upper_from_sumsq", "norm_uppers"]
 
 
 @dataclass(frozen=True)
@@ -254,8 +254,40 @@ def norm_upper_from_sumsq(sumsq: torch.Tensor, terms: int) -> torch.Tensor:
     addition of non-negative terms one more factor, the square root one more: the bound of
     :func:`activation_norm_upper` with one row of ``terms`` entries in float64 holds,
     ‖h_b‖ ≤ (1 + γ_{m+2}(u₆₄))(1 + γ₃(u₆₄))·fl(√S̃_b) + √(2mη₆₄) + 2√(2η₆₄)."""
-    factor, offset = activation_norm_constants((1, int(terms)), torch.float64)
-    return up_tensor(up_tensor(torch.sqrt(sumsq) * factor) + offset)
+    return norm_uppers([SumOfSquares(sumsq, int(terms))])[0]
+
+
+class SumOfSquares(NamedTuple):
+    """A per-sample norm bound not taken yet: S̃ (B,) float64, the sum of the squares of
+    each sample's ``terms`` entries as :func:`norm_upper_from_sumsq` takes it. The fused
+    MinMax hands this on, and the certifying pass takes all of them at once
+    (:func:`norm_uppers`): one square root and one chain of roundings up for the whole
+    pass instead of one per layer (each small float64 op costs a dispatch, and a square
+    root on a thread pool whose threads sleep costs ~70 µs on 2 cores)."""
+
+    sumsq: torch.Tensor
+    terms: int
+
+
+NormBound = Union[torch.Tensor, SumOfSquares]
+
+
+def norm_uppers(bounds: Sequence[NormBound]) -> List[torch.Tensor]:
+    """Each bound as a (B,) float64 tensor ≥ the samples' l2 norms: tensors as they are,
+    every :class:`SumOfSquares` through :func:`norm_upper_from_sumsq`'s arithmetic, all in
+    one batch (elementwise, so each value is bit for bit the one-at-a-time result)."""
+    pending = [i for i, b in enumerate(bounds) if isinstance(b, SumOfSquares)]
+    out = list(bounds)
+    if not pending:
+        return out
+    sums = torch.stack([bounds[i].sumsq for i in pending])
+    constants = [activation_norm_constants((1, int(bounds[i].terms)), torch.float64) for i in pending]
+    factor = torch.tensor([c[0] for c in constants], dtype=torch.float64, device=sums.device).unsqueeze(1)
+    offset = torch.tensor([c[1] for c in constants], dtype=torch.float64, device=sums.device).unsqueeze(1)
+    taken = up_tensor(up_tensor(torch.sqrt(sums) * factor) + offset)
+    for row, i in enumerate(pending):
+        out[i] = taken[row]
+    return out
 
 
 def norm_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -12,7 +12,7 @@ import torch
 from gloro_fast import nn as gnn
 from gloro_fast.ops import minmax_norm, minmax_norm_reference, use_backend
 from gloro_fast.ops.minmax_norm import fused_minmax_norm
-from gloro_fast.sound.forward_error import activation_norm_upper, norm_upper_from_sumsq
+from gloro_fast.sound.forward_error import SumOfSquares, activation_norm_upper, norm_upper_from_sumsq, norm_uppers
 from tests.ops.cpp_helpers import compiled_certify, has_cpu_kernels, recording_forward
 
 SHAPES = [(3, 2), (5, 6), (4, 8, 5, 7), (1, 2, 1, 1), (7, 64, 3, 3)]
@@ -67,6 +67,29 @@ def test_kernel_propagates_nan_and_inf_like_torch():
     assert math.isnan(sumsq[0]) and sumsq[1] == math.inf
     bound = norm_upper_from_sumsq(sumsq, 4)
     assert not torch.isfinite(bound).any()  # fails closed: such a sample is never certified
+
+
+def test_norm_uppers_takes_every_sum_at_once_bit_for_bit():
+    """The batched bounds equal the formula applied to each sum alone (float64, any sizes,
+    NaN and +inf failing closed); tensors already bounds pass through untouched."""
+    from gloro_fast.sound.forward_error import activation_norm_constants
+    from gloro_fast.sound.rounding import up_tensor
+
+    g = torch.Generator().manual_seed(4)
+    sums = [torch.rand(5, generator=g, dtype=torch.float64) * 10.0 ** k for k in (-30, 0, 30)]
+    sums[1][2], sums[2][0] = math.nan, math.inf
+    known = torch.full((5,), 3.0, dtype=torch.float64)
+    terms = [7, 1568, 3136]
+    bounds = [SumOfSquares(sums[0], terms[0]), known, SumOfSquares(sums[1], terms[1]), SumOfSquares(sums[2], terms[2])]
+    taken = norm_uppers(bounds)
+    assert taken[1] is known and len(taken) == 4
+    for got, s, m in zip(taken[:1] + taken[2:], sums, terms):
+        factor, offset = activation_norm_constants((1, m), torch.float64)
+        alone = up_tensor(up_tensor(torch.sqrt(s) * factor) + offset)
+        assert torch.equal(got, alone)
+        finite = torch.isfinite(s)
+        assert (got[finite] >= torch.sqrt(s[finite])).all() and torch.isposinf(got[~finite]).all()
+    assert norm_uppers([known]) == [known]
 
 
 @needs_cpp
@@ -228,6 +251,8 @@ def test_minmax_layer_passes_a_known_norm_on_and_measures_one_otherwise():
     out, norm = layer.certifying_forward_norm(x, None)
     assert torch.equal(out, layer(x))
     if fused_minmax_norm("cpu"):
+        assert isinstance(norm, SumOfSquares) and norm.terms == 20
+        norm = norm_uppers([norm])[0]
         assert (norm >= activation_norm_upper(x) * (1 - 1e-6)).all()
         assert (norm >= torch.linalg.vector_norm(x.double().flatten(1), dim=1)).all()
     else:

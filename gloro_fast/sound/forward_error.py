@@ -41,9 +41,9 @@ import torch
 
 from .rounding import U64, gamma, largest_finite, underflow_unit, unit_roundoff, up, up_tensor
 
-__all__ = ["Affine", "AffineStep", "Arithmetic", "ForwardBound", "NormBound", "SumOfSquares", "activation_norm_constants",
-           "activation_norm_upper", "affine_layer", "exact_layer", "ieee_arithmetic", "norm_dtype",
-           "norm_upper_from_sumsq", "norm_uppers"]
+__all__ = ["Affine", "AffineStep", "Arithmetic", "ForwardBound", "NormBound", "SumOfSquares",
+           "activation_norm_constants", "activation_norm_upper", "affine_layer", "exact_layer", "ieee_arithmetic",
+           "norm_dtype", "norm_upper_from_sumsq", "norm_uppers"]
 
 
 @dataclass(frozen=True)

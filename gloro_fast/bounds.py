@@ -179,6 +179,12 @@ class SoundBounds:
         certifying forward pass, each (B,) float64 rounded up), or None for the a-priori
         bound from ‖x‖. Every term is a precomputed linear form of these norms
         (:class:`AllowanceForms`): one small matrix product per batch."""
+        forms, basis = self.basis(x, activation_norms)
+        return forms.evaluate(basis)
+
+    def basis(self, x: torch.Tensor, activation_norms=None) -> Tuple[LinearForms, torch.Tensor]:
+        """The forms :meth:`allowance` evaluates and their per-sample basis (B, m) float64
+        (the norms, last column 1)."""
         if activation_norms is None or self.forms.per_sample is None:
             forms = self.forms.a_priori
             basis = torch.stack([self.input_norms(x), torch.ones(x.shape[0], dtype=torch.float64,
@@ -190,7 +196,7 @@ class SoundBounds:
                 raise RuntimeError("activation norms do not match the layers' steps")
             ones = torch.ones_like(feat)
             basis = torch.stack(list(step_norms) + [feat, ones], dim=1)
-        return forms.evaluate(basis)
+        return forms, basis
 
     # -- decisions ------------------------------------------------------------------
     def bottom(self, logits: torch.Tensor, allowance: Allowance, epsilon: float):

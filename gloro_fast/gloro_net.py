@@ -35,7 +35,7 @@ from ._validation import (
 from .bound_cache import cached_bounds, clear_cached_bounds, training_bounds
 from .bounds import EstimateBounds, LayerBracket, SoundBounds, chain_layers, check_certificate
 from .nn import Linear, from_torch
-from .ops import bottom_logit
+from .ops import bottom_logit, sound_decision
 from .sound.forward_error import activation_norm_upper, ieee_arithmetic, norm_uppers
 from .sound.rounding import up_tensor
 
@@ -198,13 +198,23 @@ class GloroNet(nn.Module):
         and the per-sample :class:`~gloro_fast.bounds.Allowance` (from the activation norms
         recorded on the way when the body is a chain of layers). ``bounds.bottom(logits,
         allowance, ε)`` and ``bounds.radius(logits, allowance)`` decide."""
+        logits, sb, forms, basis, same = self._sound_basis(x)
+        allowance = forms.evaluate(basis)
+        if same is not None:  # a weight edited behind the version counters: certify nothing
+            allowance = allowance.refuse_unless(same)
+        return logits, sb, allowance
+
+    def _sound_basis(self, x: torch.Tensor):
+        """The certifying pass up to the allowance: ``(logits, bounds, forms, basis, same)``,
+        the allowance being ``forms.evaluate(basis)`` and ``same`` the stale-bound flag of
+        :func:`~gloro_fast.bound_cache.cached_bounds` (None, or False: certify nothing)."""
         if self.input_shape is None:
             self._logits(x, certifying=True)  # learn the input size first
         self._check_input(x)
         sb, same = cached_bounds(self, "sound", hot=True)
         if sb.steps is None:
             logits = self._logits(x, certifying=True)
-            allowance = sb.allowance(x)
+            forms, basis = sb.basis(x)
         else:
             norms = []
             with ieee_arithmetic(x.device.type):
@@ -216,10 +226,8 @@ class GloroNet(nn.Module):
                 features = activation_norm_upper(h) if known is None else known
                 logits = self.head(h)
             *norms, features = norm_uppers(norms + [features])
-            allowance = sb.allowance(x, (norms, features))
-        if same is not None:  # a weight edited behind the version counters: certify nothing
-            allowance = allowance.refuse_unless(same)
-        return logits, sb, allowance
+            forms, basis = sb.basis(x, (norms, features))
+        return logits, sb, forms, basis, same
 
     def _estimate_forward(self, x: torch.Tensor):
         """(logits, estimate bounds, same): the certifying forward of the estimate, with the
@@ -275,15 +283,17 @@ class GloroNet(nn.Module):
         else C (⊥). ``epsilon`` defaults to the model's."""
         eps = self._epsilon(epsilon)
         if check_certificate(certificate) == "sound":
-            logits, sb, allowance = self.sound_forward(x)
-            _, certified = sb.bottom(logits, allowance, eps)
+            # the allowance and the test in one op (gloro_fast.ops.sound_decision): the same
+            # bits as sb.bottom(logits, forms.evaluate(basis), eps)
+            logits, sb, forms, basis, same = self._sound_basis(x)
+            _, certified, top = sound_decision(logits, sb.distances, basis, forms, eps)
         else:
             logits, est, same = self._estimate_forward(x)
             bottom, _ = bottom_logit(logits, est.distances, est.lipschitz, eps)
             certified = logits.amax(dim=1) > bottom
-            if same is not None:
-                certified = certified & same
-        top = logits.argmax(dim=1)
+            top = logits.argmax(dim=1)
+        if same is not None:
+            certified = certified & same
         return torch.where(certified, top, torch.full_like(top, self.num_classes))
 
     @torch.no_grad()

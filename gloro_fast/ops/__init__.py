@@ -18,6 +18,7 @@ from .power_iteration_conv import (
 )
 from .power_iteration_linear import power_iteration_linear, power_iteration_linear_reference
 from .same_bits import same_bits, same_bits_reference
+from .sound_decision import sound_decision, sound_decision_reference
 
 __all__ = [
     "BACKENDS",
@@ -38,6 +39,8 @@ __all__ = [
     "resolve_backend",
     "same_bits",
     "same_bits_reference",
+    "sound_decision",
+    "sound_decision_reference",
     "set_backend",
     "use_backend",
 ]

@@ -21,7 +21,7 @@ import torch
 from . import registry
 from ._backend import kernels_for
 
-__all__ = ["define_op", "define_query_op"]
+__all__ = ["define_inference_op", "define_op", "define_query_op"]
 
 _LIBRARY = torch.library.Library("gloro_fast", "FRAGMENT")
 
@@ -127,5 +127,16 @@ def define_query_op(op: str, schema: str, *, reference: Callable):
     registry's backward entry raises). Returns the ``OpOverload``."""
     _LIBRARY.define(op + schema)
     _LIBRARY.impl(op, _forward_impl(op), "CompositeExplicitAutograd")
+    registry.register_kernels(op, "reference", forward=reference, backward=_no_backward(op))
+    return getattr(torch.ops.gloro_fast, op).default
+
+
+def define_inference_op(op: str, schema: str, *, fake: Callable, reference: Callable):
+    """Define ``gloro_fast::<op>``, an op whose outputs are decisions, never differentiated
+    (its callers pass detached tensors): no autograd formula, no backward op, a fake
+    kernel for torch.compile; register its reference kernel. Returns the ``OpOverload``."""
+    _LIBRARY.define(op + schema)
+    _LIBRARY.impl(op, _forward_impl(op), "CompositeExplicitAutograd")
+    torch.library.register_fake(f"gloro_fast::{op}", fake, lib=_LIBRARY)
     registry.register_kernels(op, "reference", forward=reference, backward=_no_backward(op))
     return getattr(torch.ops.gloro_fast, op).default

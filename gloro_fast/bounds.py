@@ -204,10 +204,14 @@ class SoundBounds:
         (:func:`gloro_fast.sound.decision.decide`: f̃_j > f_⊥ is the sound test; the upward
         rounding of f_⊥ only rejects more)."""
         bottom64, certified, _ = decide(logits, self.distances, allowance, float(epsilon))
-        bottom = bottom64.to(logits.dtype)
-        bottom = torch.where(bottom.to(torch.float64) < bottom64,
-                             torch.nextafter(bottom, torch.full_like(bottom, math.inf)), bottom)
-        return bottom, certified
+        return self.round_bottom(bottom64, logits.dtype), certified
+
+    @staticmethod
+    def round_bottom(bottom64: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """f_⊥ (float64) in ``dtype``, rounded up."""
+        bottom = bottom64.to(dtype)
+        return torch.where(bottom.to(torch.float64) < bottom64,
+                           torch.nextafter(bottom, torch.full_like(bottom, math.inf)), bottom)
 
     def radius(self, logits: torch.Tensor, allowance: Allowance) -> torch.Tensor:
         """The largest ε at which the sound test passes, rounded down, per sample

@@ -262,8 +262,11 @@ class GloroNet(nn.Module):
             if same is not None:
                 bottom = torch.where(same, bottom, torch.full_like(bottom, math.inf))
             return GloroOutput(logits, bottom, est.lipschitz, est.distances)
-        logits, sb, allowance = self.sound_forward(x)
-        bottom, _ = sb.bottom(logits, allowance, eps)
+        logits, sb, forms, basis, same = self._sound_basis(x)
+        bottom64, _, _ = sound_decision(logits, sb.distances, basis, forms, eps)
+        if same is not None:
+            bottom64 = torch.where(same, bottom64, torch.full_like(bottom64, math.inf))
+        bottom = sb.round_bottom(bottom64, logits.dtype)
         lipschitz = torch.tensor(sb.lipschitz, dtype=torch.float64, device=logits.device)
         return GloroOutput(logits, bottom, lipschitz, sb.distances)
 

@@ -86,13 +86,13 @@ def _segment_norm(x_ptr, base, seg_len, FP64: tl.constexpr, BLOCK: tl.constexpr)
 def normalize_segments_kernel(
     x_ptr, old_ptr, out_ptr, seg_len, FP64: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """out_l = x_l / ‖x_l‖ (out_l = old_l where ‖x_l‖ = 0) for the l-th segment of seg_len."""
+    """out_l = x_l / ‖x_l‖ (out_l = old_l where ‖x_l‖ is 0 or not finite) for the l-th segment of seg_len."""
     seg = tl.program_id(0)
     acc_t = tl.float64 if FP64 else tl.float32
     base = seg.to(tl.int64) * seg_len
     offs = tl.arange(0, BLOCK)
     norm = _segment_norm(x_ptr, base, seg_len, FP64, BLOCK)
-    keep_old = norm <= 0
+    keep_old = ((norm > 0) & (norm - norm == 0)) == 0  # 0 or not finite (norm - norm: 0 iff finite)
     denom = tl.where(keep_old, 1.0, norm)
     for k0 in range(0, seg_len, BLOCK):
         kk = k0 + offs

@@ -119,9 +119,10 @@ def forward_kernel(
             tl.store(t_ptr + u_off + kk, acc, mask=mk)
             sq += acc * acc
         tl.debug_barrier()
-        # phase 3: cur = t / ‖t‖, or keep cur where ‖t‖ = 0
+        # phase 3: cur = t / ‖t‖, or keep cur where ‖t‖ is 0 or not finite (norm - norm is 0
+        # exactly when norm is finite)
         norm = tl.sqrt(tl.sum(sq, axis=0))
-        keep_old = norm <= 0
+        keep_old = ((norm > 0) & (norm - norm == 0)) == 0
         denom = tl.where(keep_old, 1.0, norm)
         for k0 in range(0, n, BLOCK_N):
             kk = k0 + rn0

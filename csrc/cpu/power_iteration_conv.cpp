@@ -233,7 +233,7 @@ Tensor normalize_cpu_impl(const Tensor& x, const Tensor& add, const Tensor& old,
         },
         std::plus<double>());
     const acc_t norm = static_cast<acc_t>(std::sqrt(sq));
-    if (norm > acc_t(0)) {
+    if (norm > acc_t(0) && std::isfinite(norm)) {  // else keep the iterate (zero, overflow, NaN)
       const acc_t denom = std::max(norm, std::numeric_limits<acc_t>::min());
       at::parallel_for(off, off + per, grain, [&](int64_t begin, int64_t end) {
 #pragma omp simd

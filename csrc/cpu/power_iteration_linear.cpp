@@ -5,7 +5,7 @@
 // each elementary step is ONE at::parallel_for region over all layers together:
 //   1. v = W u      parallel over all rows of all layers (dot products, contiguous rows)
 //   2. x = W^T v    parallel over all columns of all layers (row-wise axpy on column blocks)
-//   3. u = x/||x||  per layer (norm in double), keeping the old u where ||x|| = 0
+//   3. u = x/||x||  per layer (norm in double), keeping the old u where ||x|| is 0 or not finite
 // repeated n_iter times, then y_l = W_l u_l and sigma_l = ||y_l|| (one more step 1 + per-layer
 // norms); y_l is returned too (the image, in the accumulation dtype).
 // Backward: grad_W_l = g_l y_l u_l^T / sigma_l (0 where sigma_l = 0) from the forward's image:
@@ -160,7 +160,8 @@ struct Stack {
     });
   }
 
-  // u_l = x_l / ||x_l|| (keeping u_l where ||x_l|| = 0), all layers.
+  // u_l = x_l / ||x_l|| (keeping u_l where ||x_l|| is 0 or not finite: an overflow or a NaN
+  // must not turn the iterate into zeros or NaN for good), all layers.
   void normalize(const acc_t* x, acc_t* u) const {
     const int64_t L = size();
     at::parallel_for(0, L, 1, [&](int64_t begin, int64_t end) {
@@ -169,7 +170,7 @@ struct Stack {
         const acc_t* xl = x + col_off[l];
         acc_t* ul = u + col_off[l];
         const acc_t norm = static_cast<acc_t>(std::sqrt(sum_squares(xl, nl)));
-        if (!(norm > acc_t(0))) continue;
+        if (!(norm > acc_t(0) && std::isfinite(norm))) continue;
         const acc_t denom = std::max(norm, std::numeric_limits<acc_t>::min());
 #pragma omp simd
         for (int64_t j = 0; j < nl; ++j) ul[j] = xl[j] / denom;

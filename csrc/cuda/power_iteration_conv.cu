@@ -63,7 +63,8 @@ __global__ void scale_kernel(T* __restrict__ out, const T* __restrict__ old, con
   const int64_t end = begin + kChunk < per ? begin + kChunk : per;
   const int64_t base = layer * per;
   const T norm = static_cast<T>(sqrt(acc[layer]));
-  if (norm > T(0)) {
+  // norm - norm == 0: finite (inf - inf and NaN - NaN are NaN); else keep the iterate
+  if (norm > T(0) && norm - norm == T(0)) {
     const T denom = norm > tiny<T>() ? norm : tiny<T>();
     for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) out[base + i] = out[base + i] / denom;
   } else {

@@ -150,7 +150,8 @@ __global__ void normalize_kernel(const Layer<T>* table, int L, int64_t cols, con
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int l = find_layer<T, &Layer<T>::x_off>(table, L, c);
     const T norm = static_cast<T>(sqrt(xsq[l]));
-    if (norm > T(0)) {
+    // norm - norm == 0: finite (inf - inf and NaN - NaN are NaN); else keep the iterate
+    if (norm > T(0) && norm - norm == T(0)) {
       const T denom = norm > tiny<T>() ? norm : tiny<T>();
       table[l].u[c - table[l].x_off] = x[c] / denom;
     }

@@ -50,7 +50,11 @@ class Sequential(nn.Sequential, LipschitzModule):
     def lipschitz_bound(self, n_iter: int = 0):
         bound = 1.0
         for module in self:
-            bound = bound * module.lipschitz_bound(n_iter)
+            factor = module.lipschitz_bound(n_iter)
+            # a layer whose bound is the number 1 (MinMax, Flatten, ...) adds no product,
+            # hence no autograd node: the product's value and gradient are the same
+            if not (isinstance(factor, (int, float)) and factor == 1):
+                bound = bound * factor
         return bound
 
     def lipschitz_upper_bound(self) -> torch.Tensor:

@@ -1,6 +1,8 @@
 """Pieces shared by the power-iteration ops."""
 from __future__ import annotations
 
+import math
+
 import torch
 
 from ._backend import backend_for, get_backend
@@ -29,20 +31,23 @@ def power_iterate(step, u: torch.Tensor, n_iter: int, blocks: int = 1) -> torch.
     step). The check runs once, after the loop: a block that reaches 0 stays 0 (0/0 is NaN,
     and NaN stays NaN), so the loop itself is the two operations a user writes, no host
     sync. (An exact 0 can only come from the first step: every later iterate lies in the
-    range of AᵀA.)"""
+    range of AᵀA.) It reads the last step's norm r: the result is finite and non-zero iff
+    0 < r < inf (r = 0: a zero or underflowing image; r = inf: an infinite entry or
+    overflowing squares, and the result is then 0 or NaN; NaN fails both comparisons), so
+    no second reduction over the iterate is needed."""
     if n_iter == 0:
         return u
     start = u
     for _ in range(n_iter):
         new = step(u)
         if blocks == 1:  # one norm of the whole tensor (no reshape: its own, cheaper reduction)
-            u = new / torch.linalg.vector_norm(new)
+            norm = torch.linalg.vector_norm(new)
+            u = new / norm
         else:
             flat = new.reshape(blocks, -1)
-            u = (flat / torch.linalg.vector_norm(flat, dim=1, keepdim=True)).reshape(new.shape)
+            norm = torch.linalg.vector_norm(flat, dim=1, keepdim=True)
+            u = (flat / norm).reshape(new.shape)
+    ok = (norm > 0) & (norm < math.inf)
     if blocks == 1:
-        norm = torch.linalg.vector_norm(u)
-        return torch.where(torch.isfinite(norm) & (norm > 0), u, start)
-    flat, flat_start = u.reshape(blocks, -1), start.reshape(blocks, -1)
-    norm = torch.linalg.vector_norm(flat, dim=1, keepdim=True)
-    return torch.where(torch.isfinite(norm) & (norm > 0), flat, flat_start).reshape(u.shape)
+        return torch.where(ok, u, start)
+    return torch.where(ok, u.reshape(blocks, -1), start.reshape(blocks, -1)).reshape(u.shape)

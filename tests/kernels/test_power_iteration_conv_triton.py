@@ -109,6 +109,15 @@ def test_zero_kernel_keeps_iterate(device, gen):
     assert torch.equal(w.grad, torch.zeros_like(w))
 
 
+@pytest.mark.parametrize("value", [3e30, float("inf"), float("nan")])
+def test_overflowing_or_non_finite_kernel_keeps_iterate(device, gen, value):
+    w = torch.ones(2, 2, 3, 3, device=device)
+    w[1, 0, 1, 1] = value
+    u0 = _unit((2, 4, 4), torch.float32, device, gen)
+    u, _ = power_iteration_conv(w, u0, 2, 1, 1, 1, 1, False)
+    assert torch.equal(u, u0)
+
+
 def test_segment_kernels(device, gen):
     x = torch.randn(3, 50, generator=gen, dtype=F64).to(device)
     x[1] = 0.0

@@ -83,6 +83,15 @@ def test_zero_operator_keeps_iterate_and_zero_gradient(device):
     assert torch.equal(w.grad, torch.zeros_like(w))
 
 
+@pytest.mark.parametrize("value", [3e30, float("inf"), float("nan")])
+def test_overflowing_or_non_finite_operator_keeps_iterate(device, value):
+    w = torch.ones(4, 3, device=device)
+    w[1, 2] = value
+    u0 = torch.tensor([0.6, 0.8, 0.0], device=device)
+    u, _ = power_iteration_linear(w, u0, 3)
+    assert torch.equal(u, u0)
+
+
 def test_mixed_dtypes_are_grouped(device, gen):
     (w1, w2), (u1, u2) = _layers([(5, 4), (3, 6)], F64, device, gen)
     us, sigmas = power_iteration_linear([w1, w2.float()], [u1, u2.float()], 2)

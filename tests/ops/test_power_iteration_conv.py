@@ -248,6 +248,21 @@ def test_zero_kernel_keeps_iterate(gen):
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("value", [3e30, float("inf"), float("nan")])
+def test_overflowing_or_non_finite_kernel_keeps_iterate(gen, value, backend):
+    """A kernel whose images overflow float32 squares (norm +inf), or with an infinite or
+    NaN entry: the iterate is kept, as for a zero kernel (never zeros or NaN for good)."""
+    from gloro_fast.ops import use_backend
+
+    w = torch.ones(2, 2, 3, 3)
+    w[1, 0, 1, 1] = value
+    u0 = unit_iterate(2, (4, 4), gen).float()
+    with use_backend(backend):
+        u, _ = power_iteration_conv(w, u0, 3, padding=1)
+    torch.testing.assert_close(u, u0, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
 def test_a_zero_layer_in_a_batch_keeps_its_iterate_alone(gen, backend):
     """Batched layers: a zero kernel keeps its own iterate; the other layer iterates as it
     would alone (the keep-old check is per layer, after the loop)."""

@@ -126,6 +126,21 @@ def test_zero_iterations_returns_norm_of_wu(gen):
     assert abs(float(s2) - 2 * float(sigma)) < 1e-13
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpp"])
+@pytest.mark.parametrize("value", [3e30, float("inf"), float("nan")])
+def test_overflowing_or_non_finite_matrix_keeps_iterate(gen, value, backend):
+    """Squares that overflow float32 (the norm is +inf, the quotient 0), an infinite or a
+    NaN entry: the iterate is kept, as for a zero operator (never zeros or NaN for good)."""
+    from gloro_fast.ops import use_backend
+
+    w = torch.full((4, 6), 1.0)
+    w[1, 2] = value
+    u = unit(6, gen).float()
+    with use_backend(backend):
+        new_u, _ = power_iteration_linear(w, u, 3)
+    torch.testing.assert_close(new_u, u, rtol=0, atol=0)
+
+
 def test_zero_matrix_keeps_iterate(gen):
     w = torch.zeros(4, 6, dtype=F64)
     u = unit(6, gen)

@@ -34,7 +34,7 @@ from ._validation import (
 )
 from .bound_cache import cached_bounds, clear_cached_bounds, training_bounds
 from .bounds import EstimateBounds, LayerBracket, SoundBounds, chain_layers, check_certificate
-from .nn import Linear, from_torch
+from .nn import Flatten, Linear, MinMax, from_torch
 from .ops import bottom_logit, sound_decision
 from .sound.forward_error import activation_norm_upper, ieee_arithmetic, norm_uppers
 from .sound.rounding import up_tensor
@@ -64,6 +64,11 @@ class GloroOutput(NamedTuple):
         """K_ji (C, C)."""
         return self.lipschitz * self.distances
 
+
+def _ends_a_layout(layers, i: int) -> bool:
+    """Whether layer i is a MinMax whose output is flattened or leaves the body next: there
+    torch.compile changes the activation's layout (channels_last to the flattened order)."""
+    return isinstance(layers[i], MinMax) and (i + 1 == len(layers) or isinstance(layers[i + 1], Flatten))
 
 class GloroNet(nn.Module):
     """A globally-robust network (Leino et al. 2021).
@@ -219,10 +224,19 @@ class GloroNet(nn.Module):
             norms = []
             with ieee_arithmetic(x.device.type):
                 h, known = x, None  # known: a bound of ‖h‖ a layer gave on the way (MinMax)
-                for layer, step in zip(chain_layers(self), sb.steps):
+                layers = chain_layers(self)
+                compiling = torch.compiler.is_compiling()
+                for i, (layer, step) in enumerate(zip(layers, sb.steps)):
                     if step is not None:
                         norms.append(activation_norm_upper(h) if known is None else known)
-                    h, known = layer.certifying_forward_norm(h, known)
+                    if compiling and known is None and _ends_a_layout(layers, i):
+                        # Inductor fuses MinMax with the layout its consumer needs, which the
+                        # fused op (writing its input's layout) would leave to a copy; the norm
+                        # is then measured where it is needed (2C2F B=1024 compiled: certify /
+                        # plain forward 0.78 -> 0.85)
+                        h, known = layer.certifying_forward(h), None
+                    else:
+                        h, known = layer.certifying_forward_norm(h, known)
                 features = activation_norm_upper(h) if known is None else known
                 logits = self.head(h)
             *norms, features = norm_uppers(norms + [features])

@@ -39,7 +39,7 @@ from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
-from .rounding import U64, gamma, largest_finite, underflow_unit, unit_roundoff, up, up_tensor
+from .rounding import U64, gamma, largest_finite, underflow_unit, unit_roundoff, up, up_tensor, up_tensor_inner
 
 __all__ = ["Affine", "AffineStep", "Arithmetic", "ForwardBound", "NormBound", "SumOfSquares",
            "activation_norm_constants", "activation_norm_upper", "affine_layer", "exact_layer", "ieee_arithmetic",
@@ -206,18 +206,26 @@ def ieee_arithmetic(device_type: str):
         return
     saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
              torch.get_float32_matmul_precision())
+    # only what the device reads (the TF32 flags are CUDA's; the float32 matmul precision
+    # also selects oneDNN's reduced-precision modes on the CPU); in the usual case (torch's
+    # defaults, no autocast) nothing is set or entered, which keeps this off certify's
+    # per-call cost
+    change = saved[2] != "highest" or (device_type == "cuda" and (saved[0] or saved[1]))
+    autocast = device_type in ("cpu", "cuda") and torch.is_autocast_enabled(device_type)
     try:
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cudnn.allow_tf32 = False
-        torch.set_float32_matmul_precision("highest")
-        if device_type in ("cpu", "cuda"):
+        if change:
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.allow_tf32 = False
+            torch.set_float32_matmul_precision("highest")
+        if autocast:
             with torch.autocast(device_type=device_type, enabled=False):
                 yield
         else:
             yield
     finally:
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
-        torch.set_float32_matmul_precision(saved[2])
+        if change:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+            torch.set_float32_matmul_precision(saved[2])
 
 
 def activation_norm_upper(h: torch.Tensor) -> torch.Tensor:
@@ -242,8 +250,11 @@ def activation_norm_upper(h: torch.Tensor) -> torch.Tensor:
     flat = flat.flatten(2) if flat.dim() > 2 else flat.unsqueeze(1)
     factor, offset = activation_norm_constants(tuple(flat.shape[1:]), h.dtype)
     parts = torch.linalg.vector_norm(flat, dim=2, dtype=norm_dtype(h.dtype))
-    total = torch.linalg.vector_norm(parts, dim=1, dtype=torch.float64)
-    return up_tensor(up_tensor(total * factor) + offset)
+    if parts.shape[1] == 1:  # one row: the float64 norm of one value is the value, exactly
+        total = parts[:, 0].to(torch.float64)
+    else:
+        total = torch.linalg.vector_norm(parts, dim=1, dtype=torch.float64)
+    return up_tensor(up_tensor_inner(total * factor) + offset)
 
 
 def norm_upper_from_sumsq(sumsq: torch.Tensor, terms: int) -> torch.Tensor:
@@ -284,7 +295,7 @@ def norm_uppers(bounds: Sequence[NormBound]) -> List[torch.Tensor]:
     constants = [activation_norm_constants((1, int(bounds[i].terms)), torch.float64) for i in pending]
     factor = torch.tensor([c[0] for c in constants], dtype=torch.float64, device=sums.device).unsqueeze(1)
     offset = torch.tensor([c[1] for c in constants], dtype=torch.float64, device=sums.device).unsqueeze(1)
-    taken = up_tensor(up_tensor(torch.sqrt(sums) * factor) + offset)
+    taken = up_tensor(up_tensor_inner(torch.sqrt(sums) * factor) + offset)
     for row, i in enumerate(pending):
         out[i] = taken[row]
     return out

@@ -18,7 +18,7 @@ from typing import Union
 
 import torch
 
-__all__ = ["U64", "ETA64", "FLOOR64", "unit_roundoff", "underflow_unit", "gamma", "up", "up_tensor",
+__all__ = ["U64", "ETA64", "FLOOR64", "unit_roundoff", "underflow_unit", "gamma", "up", "up_tensor", "up_tensor_inner",
            "down", "largest_finite"]
 
 U64 = 2.0 ** -53
@@ -86,3 +86,11 @@ def up_tensor(x: torch.Tensor) -> torch.Tensor:
     absolute term raised to ``FLOOR64``."""
     x = x * _UP + FLOOR64
     return torch.where(torch.isnan(x), torch.full_like(x, math.inf), x)
+
+
+def up_tensor_inner(x: torch.Tensor) -> torch.Tensor:
+    """:func:`up_tensor` without its NaN → +inf step, for a value whose every use is rounded
+    up again by :func:`up_tensor` through additions and multiplications: a NaN propagates
+    to that last step, which turns it into +inf, so the result is the same (two operations
+    instead of five)."""
+    return x * _UP + FLOOR64

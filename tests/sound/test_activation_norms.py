@@ -62,3 +62,24 @@ def test_zero_tiny_and_non_finite_rows():
 def test_empty_batch():
     assert activation_norm_upper(torch.zeros(0, 3, 4, 4)).shape == (0,)
     assert activation_norm_upper(torch.zeros(0, 8)).shape == (0,)
+
+
+@pytest.mark.parametrize("shape", [(5, 1, 6, 6), (5, 3, 4, 4), (5, 17)], ids=str)
+def test_values_are_the_two_level_formula_bit_for_bit(shape):
+    """The shortcuts (one row: its float64 norm is its value; the inner rounding up without
+    its NaN step) give exactly the formula's values, NaN and infinite entries included."""
+    from gloro_fast.sound.forward_error import activation_norm_constants
+    from gloro_fast.sound.rounding import up_tensor
+
+    h = torch.randn(shape, generator=torch.Generator().manual_seed(3))
+    h[1].view(-1)[2] = math.nan
+    h[2].view(-1)[0] = math.inf
+    h[3] = 0.0
+    flat = h.flatten(2) if h.dim() > 2 else h.unsqueeze(1)
+    factor, offset = activation_norm_constants(tuple(flat.shape[1:]), h.dtype)
+    parts = torch.linalg.vector_norm(flat, dim=2, dtype=torch.float32)
+    total = torch.linalg.vector_norm(parts, dim=1, dtype=torch.float64)
+    want = up_tensor(up_tensor(total * factor) + offset)
+    got = activation_norm_upper(h)
+    assert torch.equal(got, want)
+    assert got[1] == math.inf and got[2] == math.inf and got[3] > 0

@@ -237,6 +237,23 @@ def test_autocast_never_enlarges_radii():
                            copy.deepcopy(model).certified_radius(x, certificate="estimate"))
 
 
+@pytest.mark.parametrize("precision", ["medium", "high"])
+def test_reduced_float32_matmul_precision_is_lifted_while_certifying(precision):
+    """A user's ``set_float32_matmul_precision`` below "highest" (oneDNN may then compute
+    float32 products in bfloat16) is lifted inside the certifying pass and restored after."""
+    model = trained_cnn()
+    x, _ = sample_points(100)
+    radius, pred = model.certified_radius(x), model.certify(x)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        assert torch.equal(model.certified_radius(x), radius)
+        assert torch.equal(model.certify(x), pred)
+        assert torch.get_float32_matmul_precision() == precision
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
 def test_bfloat16_model_certifies_nothing():
     """γ_n for bfloat16 at these fan-ins exceeds ½: the rounding cannot be bounded, so the
     sound certificate refuses everything (with a warning)."""

@@ -293,8 +293,7 @@ def norm_uppers(bounds: Sequence[NormBound]) -> List[torch.Tensor]:
         return out
     sums = torch.stack([bounds[i].sumsq for i in pending])
     constants = [activation_norm_constants((1, int(bounds[i].terms)), torch.float64) for i in pending]
-    factor = torch.tensor([c[0] for c in constants], dtype=torch.float64, device=sums.device).unsqueeze(1)
-    offset = torch.tensor([c[1] for c in constants], dtype=torch.float64, device=sums.device).unsqueeze(1)
+    factor, offset = torch.tensor(constants, dtype=torch.float64, device=sums.device).t().unsqueeze(2)
     taken = up_tensor(up_tensor_inner(torch.sqrt(sums) * factor) + offset)
     for row, i in enumerate(pending):
         out[i] = taken[row]
@@ -306,13 +305,24 @@ def norm_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# (shape, dtype) -> (factor, offset): every certify call asks for the same few (about fifty
+# Python roundings each); a trace computes them afresh (no state mutated while compiling)
+_NORM_CONSTANTS: dict = {}
+
+
 def activation_norm_constants(shape: Tuple[int, int], dtype: torch.dtype) -> Tuple[float, float]:
     """(factor, offset) of :func:`activation_norm_upper` for activations of ``dtype`` viewed
     as (B, G, m) with ``shape`` = (G, m): ‖h_b‖ ≤ factor·R̃ + offset (before its roundings up)."""
-    groups, terms = shape
+    key = (int(shape[0]), int(shape[1]), dtype)
+    compiling = torch.compiler.is_compiling()
+    if not compiling and key in _NORM_CONSTANTS:
+        return _NORM_CONSTANTS[key]
+    groups, terms = key[:2]
     work = norm_dtype(dtype)
     u, eta = unit_roundoff(work), underflow_unit(work)
     factor = up(up(1.0 + gamma(terms + 2, u)) * up(1.0 + gamma(groups + 2, U64)))
     offset = up(up(math.sqrt(up(2.0 * groups * terms * eta)))
                 + up(2.0 * up(math.sqrt(up(2.0 * groups * underflow_unit(torch.float64))))))
+    if not compiling:
+        _NORM_CONSTANTS[key] = (factor, offset)
     return factor, offset

@@ -70,6 +70,7 @@ def _ends_a_layout(layers, i: int) -> bool:
     torch.compile changes the activation's layout (channels_last to the flattened order)."""
     return isinstance(layers[i], MinMax) and (i + 1 == len(layers) or isinstance(layers[i + 1], Flatten))
 
+
 class GloroNet(nn.Module):
     """A globally-robust network (Leino et al. 2021).
 

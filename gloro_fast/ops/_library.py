@@ -134,9 +134,8 @@ def define_query_op(op: str, schema: str, *, reference: Callable):
 def define_inference_op(op: str, schema: str, *, fake: Callable, reference: Callable):
     """Define ``gloro_fast::<op>``, an op whose outputs are decisions, never differentiated
     (its callers pass detached tensors): no autograd formula, no backward op, a fake
-    kernel for torch.compile; register its reference kernel. Returns the ``OpOverload``."""
-    _LIBRARY.define(op + schema)
-    _LIBRARY.impl(op, _forward_impl(op), "CompositeExplicitAutograd")
+    kernel for torch.compile; register its reference kernel. Returns the ``OpOverload``.
+    A query op (:func:`define_query_op`) with a fake kernel: its outputs are tensors."""
+    overload = define_query_op(op, schema, reference=reference)
     torch.library.register_fake(f"gloro_fast::{op}", fake, lib=_LIBRARY)
-    registry.register_kernels(op, "reference", forward=reference, backward=_no_backward(op))
-    return getattr(torch.ops.gloro_fast, op).default
+    return overload

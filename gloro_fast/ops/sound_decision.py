@@ -30,6 +30,7 @@ from typing import Tuple
 import torch
 
 from .._validation import check_tensor
+from ..sound.decision import LinearForms, decide
 from ._library import define_inference_op
 
 __all__ = ["sound_decision", "sound_decision_reference"]
@@ -42,8 +43,6 @@ def sound_decision_reference(logits, distances, basis, matrix, slopes, safe_slop
                              epsilon) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The computation in torch ops: :meth:`LinearForms.evaluate` then :func:`decide`
     (what the frozen model runs)."""
-    from ..sound.decision import LinearForms, decide
-
     forms = LinearForms(matrix, slopes, safe_slopes, has_slope, float(factor), float(cap))
     return decide(logits, distances, forms.evaluate(basis), float(epsilon))
 

@@ -84,7 +84,7 @@ def down(x: float) -> float:
 def up_tensor(x: torch.Tensor) -> torch.Tensor:
     """:func:`up` elementwise for a non-negative float64 tensor (NaN → +inf), with the
     absolute term raised to ``FLOOR64``."""
-    x = x * _UP + FLOOR64
+    x = up_tensor_inner(x)
     return torch.where(torch.isnan(x), torch.full_like(x, math.inf), x)
 
 

@@ -292,12 +292,29 @@ def norm_uppers(bounds: Sequence[NormBound]) -> List[torch.Tensor]:
     if not pending:
         return out
     sums = torch.stack([bounds[i].sumsq for i in pending])
-    constants = [activation_norm_constants((1, int(bounds[i].terms)), torch.float64) for i in pending]
-    factor, offset = torch.tensor(constants, dtype=torch.float64, device=sums.device).t().unsqueeze(2)
+    factor, offset = _sum_constants(tuple(int(bounds[i].terms) for i in pending), sums.device)
     taken = up_tensor(up_tensor_inner(torch.sqrt(sums) * factor) + offset)
     for row, i in enumerate(pending):
         out[i] = taken[row]
     return out
+
+
+# (terms, device) -> the (k, 1) factor and offset tensors of norm_uppers: made once per
+# model and device, so that a call on an accelerator copies nothing from the host (a
+# blocking copy would synchronise); a trace makes them afresh (graph constants)
+_SUM_CONSTANTS: dict = {}
+
+
+def _sum_constants(terms: Tuple[int, ...], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    key = (terms, device)
+    compiling = torch.compiler.is_compiling()
+    if not compiling and key in _SUM_CONSTANTS:
+        return _SUM_CONSTANTS[key]
+    constants = [activation_norm_constants((1, m), torch.float64) for m in terms]
+    factor, offset = torch.tensor(constants, dtype=torch.float64, device=device).t().unsqueeze(2)
+    if not compiling:
+        _SUM_CONSTANTS[key] = (factor, offset)
+    return factor, offset
 
 
 def norm_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -75,6 +75,8 @@ _TRAIN_OPTIONS = [
     (("--n-iter",), "n_iter", dict(type=int, help="power iterations per training step")),
     (("--amp",), "amp", dict(choices=AMP_MODES, help="autocast the network (Lipschitz bounds stay float32)")),
     (("--augment",), "augment", dict(choices=AUGMENTATIONS, help="auto: crop-flip for colour images")),
+    (("--crop-padding",), "crop_padding",
+     dict(type=int, help="zero padding of the random crop, pixels (default: 1/8 of the image side)")),
     (("--num-workers",), "num_workers", dict(type=int, help="DataLoader workers (default: 4 for streamed data)")),
     (("--eval-every",), "eval_every", dict(type=int, help="evaluate the test split every N epochs")),
     (("--seed",), "seed", dict(type=int)),

@@ -172,18 +172,26 @@ def _find(candidates: Sequence[Path]) -> Path:
 # --------------------------------------------------------------------------- loaders
 
 
-def augmentation(name: str, input_shape: Sequence[int]):
+def augmentation(name: str, input_shape: Sequence[int], padding: Optional[int] = None):
     """The training augmentation ``name`` as a torchvision ``transforms.v2`` pipeline on
     ``(C, H, W)`` tensors, or ``None``: ``"none"``; ``"crop"`` (random crop after zero
-    padding by 1/8 of the side, as 4 px on CIFAR's 32 and 8 px on Tiny-ImageNet's 64);
-    ``"crop-flip"`` (the same and a random horizontal flip)."""
+    padding by ``padding`` pixels on each side, by default 1/8 of the shorter side: 4 px on
+    CIFAR's 32, 8 px on Tiny-ImageNet's 64, 3 px on MNIST's 28); ``"crop-flip"`` (the same
+    and a random horizontal flip)."""
     if name == "none":
+        if padding is not None:
+            raise ValueError("crop_padding applies to augment 'crop' or 'crop-flip', not 'none'")
         return None
     if name not in ("crop", "crop-flip"):
         raise ValueError(f"augment must be 'none', 'crop' or 'crop-flip', got {name!r}")
     v2 = torchvision().transforms.v2
     _, height, width = input_shape
-    steps = [v2.RandomCrop((height, width), padding=max(1, min(height, width) // 8))]
+    if padding is None:
+        padding = max(1, min(height, width) // 8)
+    elif isinstance(padding, bool) or not isinstance(padding, int) or not 1 <= padding <= min(height, width):
+        raise ValueError(f"crop_padding must be an int in [1, {min(height, width)}] (pixels, at most the "
+                         f"image's shorter side), got {padding!r}")
+    steps = [v2.RandomCrop((height, width), padding=padding)]
     if name == "crop-flip":
         steps.append(v2.RandomHorizontalFlip())
     return v2.Compose(steps)

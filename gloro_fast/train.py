@@ -86,6 +86,7 @@ class TrainConfig:
     n_iter: int = 1                        # power iterations per training step
     amp: str = "none"                      # autocast dtype for the network: none, bf16, fp16
     augment: str = "auto"                  # auto: crop-flip for colour images, none for MNIST
+    crop_padding: Optional[int] = None     # random crop's zero padding, px (default: 1/8 of the side)
     num_workers: Optional[int] = None      # DataLoader workers (default: 4 for streamed data)
     eval_every: int = 1                    # evaluate the test split every N epochs (and last)
     seed: int = 0
@@ -129,12 +130,24 @@ class TrainConfig:
         check_choice("bound", self.bound, BOUNDS)
         check_choice("amp", self.amp, AMP_MODES)
         check_choice("augment", self.augment, AUGMENTATIONS)
+        if self.crop_padding is not None:
+            check_positive_int("crop_padding", self.crop_padding)
+            if self.resolved_augment == "none":
+                raise ValueError(f"crop_padding applies to augment 'crop' or 'crop-flip'; augment is "
+                                 f"{self.augment!r} for dataset {self.dataset!r}")
         if not isinstance(self.output_dir, str) or not self.output_dir:
             raise ValueError(f"output_dir must be a non-empty path, got {self.output_dir!r}")
         self.schedules()  # every schedule parses and gives usable values
         if check_device:
             resolve_device(self.device)
         return self
+
+    @property
+    def resolved_augment(self) -> str:
+        """``augment`` with ``"auto"`` resolved: ``"none"`` for MNIST, ``"crop-flip"`` otherwise."""
+        if self.augment != "auto":
+            return self.augment
+        return "none" if self.dataset in ("mnist", "mnist-sample") else "crop-flip"
 
     @property
     def effective_train_epsilon(self) -> float:
@@ -166,10 +179,17 @@ def _check_number(name: str, value, positive: bool = False) -> float:
     return float(value)
 
 
+# fields added after the checkpoint format was fixed, with the value that reproduces what
+# a checkpoint written before them did (so that such a checkpoint still loads and resumes)
+_ADDED_FIELDS: Dict[str, Any] = {"crop_padding": None}
+
+
 def config_from_dict(values: Dict[str, Any], source: str = "config") -> TrainConfig:
-    """A :class:`TrainConfig` from a saved dict holding exactly its fields."""
+    """A :class:`TrainConfig` from a saved dict holding exactly its fields (a field added
+    since, absent from an older checkpoint, takes the value that reproduces the old run)."""
     if not isinstance(values, dict):
         raise ValueError(f"{source}: config must be a dict, got {type(values).__name__}")
+    values = {**{k: v for k, v in _ADDED_FIELDS.items() if k not in values}, **values}
     names = {f.name for f in fields(TrainConfig)}
     missing, unknown = sorted(names - values.keys()), sorted(set(values) - names)
     if missing:
@@ -487,10 +507,7 @@ def setup_run(config: TrainConfig, resume: Optional[Dict[str, Any]] = None) -> R
     random.seed(config.seed)
     torch.manual_seed(config.seed)
     train_set, test_set, info = load_dataset(config.dataset, config.data_dir, seed=config.seed)
-    aug = config.augment
-    if aug == "auto":
-        aug = "none" if config.dataset in ("mnist", "mnist-sample") else "crop-flip"
-    transform = augmentation(aug, info["input_shape"])
+    transform = augmentation(config.resolved_augment, info["input_shape"], config.crop_padding)
     if transform is not None:
         train_set = Augmented(train_set, transform)
     workers = config.num_workers

@@ -582,3 +582,21 @@ def test_crop_flip_is_a_shifted_and_mirrored_view():
     assert crop(torch.rand(1, 28, 28)).shape == (1, 28, 28)
     with pytest.raises(ValueError, match="augment"):
         augmentation("mixup", (3, 32, 32))
+
+
+def test_crop_padding_sets_the_largest_shift():
+    torch.manual_seed(0)
+    image = torch.rand(1, 28, 28)
+    padded = torch.nn.functional.pad(image, (1, 1, 1, 1))
+    transform = augmentation("crop", (1, 28, 28), padding=1)
+    seen = set()
+    for _ in range(60):
+        out = transform(image)
+        seen |= {(i, j) for i in range(3) for j in range(3) if torch.equal(out, padded[:, i:i + 28, j:j + 28])}
+        assert any(torch.equal(out, padded[:, i:i + 28, j:j + 28]) for i in range(3) for j in range(3))
+    assert len(seen) == 9  # every shift of at most one pixel, and no other
+    for bad in (0, 29, True, 1.0):
+        with pytest.raises(ValueError, match=r"crop_padding must be an int in \[1, 28\]"):
+            augmentation("crop", (1, 28, 28), padding=bad)
+    with pytest.raises(ValueError, match="crop_padding applies"):
+        augmentation("none", (1, 28, 28), padding=1)

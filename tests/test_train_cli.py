@@ -1,6 +1,7 @@
 """Training API and CLI: a short real run end to end, its files, the training features
 (schedules, optimisers, autocast, clipping, presets) and the CLI's one-line errors."""
 import copy
+import dataclasses
 import json
 import math
 import pickle
@@ -19,6 +20,7 @@ from gloro_fast.train import (
     TrainConfig,
     _AutocastForward,
     compute_loss,
+    config_from_dict,
     evaluate,
     load_checkpoint,
     setup_run,
@@ -172,6 +174,10 @@ def test_finished_run_folder_is_replaced_unfinished_refused(run, tmp_path, capsy
         (["train", "--epsilon-schedule", "[0.]-[5:-1.]"], "epsilon_schedule"),
         (["train", "--optimizer", "lion"], "argument --optimizer: invalid choice"),
         (["train", "--grad-clip", "0"], "grad_clip"),
+        (["train", "--crop-padding", "0"], "crop_padding must be >= 1, got 0"),
+        (["train", "--crop-padding", "1"], "crop_padding applies to augment 'crop' or 'crop-flip'; augment is 'auto' "
+                                           "for dataset 'mnist-sample'"),
+        (["train", "--augment", "crop", "--crop-padding", "29"], "crop_padding must be an int in [1, 28]"),
         (["train", "--preset", "mnist-0.3", "--resume", "x"], "--preset cannot be combined with --resume"),
         (["frobnicate"], "invalid choice"),
     ],
@@ -427,6 +433,21 @@ def test_config_validation_names_field():
         TrainConfig(amp="fp8").validate()
     with pytest.raises(ValueError, match="depth"):
         TrainConfig(arch="liresnet", arch_kwargs={"depth": 0}).validate()
+    with pytest.raises(TypeError, match="crop_padding must be an int"):
+        TrainConfig(augment="crop", crop_padding=1.5).validate()
+    with pytest.raises(ValueError, match="crop_padding applies"):
+        TrainConfig(augment="none", crop_padding=2).validate()
+    assert TrainConfig(dataset="cifar10", data_dir="d", crop_padding=2).validate(check_device=False).resolved_augment \
+        == "crop-flip"
+
+
+def test_config_of_a_checkpoint_written_before_crop_padding_loads():
+    values = dataclasses.asdict(TrainConfig())
+    del values["crop_padding"]
+    assert config_from_dict(values).crop_padding is None  # what such a run did: 1/8 of the side
+    values["colour"] = "red"
+    with pytest.raises(ValueError, match="unknown key"):
+        config_from_dict(values)
 
 
 # --------------------------------------------------------------------------- certify: data and outputs

@@ -21,6 +21,7 @@ from .ops.same_bits import same_bits_unchecked
 __all__ = ["BoundCache", "cached_bounds", "clear_cached_bounds", "training_bounds"]
 
 _KINDS = ("sound", "estimate", "uppers", "brackets")
+_PLAIN = frozenset((int, float, bool, str, tuple, type(None)))
 _CACHE_ATTR = "_bound_cache"   # in the network's __dict__: not a buffer, not in its state_dict
 
 
@@ -83,8 +84,8 @@ class BoundCache:
             if self._key is None or len(self._snapshot) != len(params) or tuple(extra) != self._key[-len(extra):]:
                 raise RuntimeError(
                     "compute the bounds once eagerly before compiling certification (e.g. "
-                    "model.sound_bounds() or model.estimate_bounds()): they are constants of "
-                    "the compiled graph"
+                    "model.sound_bounds() or model.estimate_bounds()), and again after changing "
+                    "the network's layers or settings: they are constants of the compiled graph"
                 )
             same = torch.stack([torch.eq(a, b).all() for a, b in zip(self._snapshot, params)]).all()
             return self.values, same
@@ -104,6 +105,34 @@ class BoundCache:
                 return self.values, same
         self._refresh(key, params)
         return self.values, None
+
+
+def structure_of(net) -> tuple:
+    """What the bounds depend on besides the weights: each module of the body and the head
+    (identity and class) and its settings (its public attributes of plain types: a
+    convolution's stride, padding, dilation, groups; a pool's window; a custom layer's
+    constants), ``training`` aside. Swapping a parameterless layer (an average pool for a max
+    pool) or editing a setting in place changes no parameter, yet changes the network and
+    its Lipschitz constant: the bounds must not survive it. 14 µs for 2C2F, 27 µs for 6C2F."""
+    out: list = []
+    _walk(net.body, out)
+    _walk(net.head, out)
+    return tuple(out)
+
+
+def _walk(module, out: list) -> None:
+    # the _modules dicts directly: named_modules() builds a name per module, 1.4x slower
+    d = module.__dict__
+    out.append((id(module), module.__class__.__qualname__,
+                tuple([(k, v) for k, v in d.items() if k[0] != "_" and type(v) in _PLAIN and k != "training"])))
+    for child in d["_modules"].values():
+        if child is not None:
+            _walk(child, out)
+
+
+# under torch.compile the structure is read once, when the graph is traced (Dynamo's guards
+# on the modules retrace it after a swap), and compared with the one the bounds were made for
+_traced_structure_of = torch._dynamo.assume_constant_result(structure_of)
 
 
 def training_bounds(net):
@@ -126,7 +155,8 @@ def cached_bounds(net, kind: str, hot: bool = False):
     ``same`` (a 0-dim bool tensor, or None) is False if a weight changed behind the version
     counters since: the caller must then certify nothing (:meth:`BoundCache.current`)."""
     cache = net.__dict__.setdefault(_CACHE_ATTR, BoundCache())
-    extra = (net.bound, net.tol, net.max_iter, net.input_shape)
+    structure = _traced_structure_of(net) if torch.compiler.is_compiling() else structure_of(net)
+    extra = (net.bound, net.tol, net.max_iter, net.input_shape, structure)
     if hot:
         values, same = cache.current(net, extra)
     else:

@@ -15,6 +15,7 @@ import torch
 
 import gloro_fast as gf
 from gloro_fast import models
+from gloro_fast import nn as gnn
 
 SYNCS = ("item", "__bool__", "__int__", "__float__", "__index__", "tolist", "numpy", "cpu")
 
@@ -148,6 +149,23 @@ def test_compiled_certification_needs_eagerly_computed_bounds():
     x, _ = _batch()
     with pytest.raises(Exception, match="eagerly"):
         torch.compile(model.certify, fullgraph=True)(x)
+
+
+def test_compiled_certification_refuses_bounds_of_a_swapped_layer():
+    """A parameterless layer swapped after compiling (the network's K doubles, no weight
+    changes): the retraced graph refuses the old bounds until they are recomputed eagerly."""
+    from tests.test_model import _pool_net
+
+    net = _pool_net(gnn.AvgPool2d(2))
+    x = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    net.sound_bounds()
+    certify = torch.compile(net.certify, fullgraph=True)
+    assert torch.equal(certify(x), net.certify(x))
+    net.body[2] = gnn.MaxPool2d(2)
+    with pytest.raises(Exception, match="after changing the network's layers or settings"):
+        certify(x)
+    net.sound_bounds()
+    assert torch.equal(certify(x), _pool_net(gnn.MaxPool2d(2)).certify(x))
 
 
 def test_compiled_sound_certification_refuses_unsafe_inductor_math():

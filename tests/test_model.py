@@ -12,6 +12,8 @@ import torch.nn.functional as F
 from gloro_fast import GloroNet, GloroOutput
 from gloro_fast import nn as gnn
 from gloro_fast.losses import gloro_cross_entropy
+from gloro_fast.nn.base import ConstantLipschitzModule
+from gloro_fast.sound.forward_error import affine_layer
 from tests.helpers import explicit_matrix, same_conv_reference
 
 DT = torch.float64
@@ -542,6 +544,82 @@ def test_edit_behind_the_version_counter_never_meets_the_cached_bound(certificat
     assert torch.equal(net.certified_radius(x, certificate=certificate),
                        fresh.certified_radius(x, certificate=certificate))
     check_K(net.lipschitz_constant(certificate), exact_K(net), certificate)
+
+
+class _Scale(ConstantLipschitzModule):
+    """x ↦ c·x, parameterless: its constant is a setting, not a weight."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.c = c
+
+    @property
+    def lipschitz_constant_value(self):
+        return self.c
+
+    def forward(self, x):
+        return x * self.c
+
+    def forward_bound(self, bound, arith, upper_of):
+        c = upper_of(self)   # one product per entry, no sum
+        return affine_layer(bound, bound.shape, c, c, 1, 0.0, arith, additions=0)
+
+
+class _Unbounded(ConstantLipschitzModule):
+    lipschitz_constant_value = 2.0
+
+    def forward(self, x):
+        return 2 * x
+
+
+def _pool_net(pool):
+    torch.manual_seed(0)
+    body = gnn.Sequential(gnn.Conv2d(1, 4, 3, padding=1), gnn.MinMax(), pool, gnn.Flatten(),
+                          gnn.Linear(64, 8), gnn.MinMax())
+    return GloroNet(body, gnn.Linear(8, 3), epsilon=0.05, input_shape=(1, 8, 8)).eval()
+
+
+@pytest.mark.parametrize("certificate", ["sound", "estimate"])
+def test_a_parameterless_layer_swapped_after_caching_never_meets_the_old_bound(certificate):
+    """Swapping an average pool (constant 1/2) for a max pool (1) changes no parameter, yet
+    doubles the network's Lipschitz constant: the cached bounds must go (they are keyed on
+    the modules and their settings too; before, the halved K stayed and certified points
+    the network's own bounds do not)."""
+    net = _pool_net(gnn.AvgPool2d(2))
+    x = torch.rand(256, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    k_avg = float(net.lipschitz_constant(certificate))
+    net.certify(x, certificate=certificate)
+    net.body[2] = gnn.MaxPool2d(2)
+    fresh = _pool_net(gnn.MaxPool2d(2))
+    assert float(net.lipschitz_constant(certificate)) == pytest.approx(2 * k_avg, rel=1e-6)
+    expected = fresh.certify(x, certificate=certificate)
+    assert (expected < 3).any() and (expected == 3).any()
+    assert torch.equal(net.certify(x, certificate=certificate), expected)
+    assert torch.equal(net.certified_radius(x, certificate=certificate),
+                       fresh.certified_radius(x, certificate=certificate))
+
+
+def test_a_layer_setting_edited_in_place_never_meets_the_old_bound():
+    net = dense_net(seed=4, eps=0.05).eval()
+    net.body = gnn.Sequential(*net.body, _Scale(1.0))
+    x = torch.randn(50, 6, dtype=DT)
+    k1 = float(net.lipschitz_constant())
+    before = net.certify(x)
+    net.body[-1].c = 3.0               # no parameter changes
+    assert float(net.lipschitz_constant()) == pytest.approx(3 * k1, rel=1e-9)
+    fresh = copy.deepcopy(net)
+    fresh.clear_bound_cache()
+    assert torch.equal(net.certify(x), fresh.certify(x))
+    assert not torch.equal(net.certify(x), before)
+    # a constant layer that does not say how its constant enters the bound certifies nothing
+    with pytest.raises(NotImplementedError, match="forward_bound"):
+        gf_net = GloroNet(gnn.Sequential(gnn.Linear(6, 4), _Unbounded()), gnn.Linear(4, 3), epsilon=0.1)
+        gf_net.certify(torch.randn(2, 6))
+    # what does not change the network keeps the bounds: mode switches, the radius
+    sb = net.sound_bounds()
+    net.train(), net.eval()
+    net.epsilon = 0.2
+    assert net.sound_bounds() is sb
 
 
 def test_cache_refreshes_after_double():

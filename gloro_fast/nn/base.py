@@ -143,6 +143,12 @@ class ConstantLipschitzModule(LipschitzModule):
     def forward_bound(self, bound: ForwardBound, arith: Arithmetic, upper_of: UpperOf) -> ForwardBound:
         from ..sound.forward_error import exact_layer
 
+        if self.lipschitz_constant_value != 1.0:
+            # exact_layer passes K through: right for a 1-Lipschitz exact layer only
+            raise NotImplementedError(
+                f"{type(self).__name__} has the Lipschitz constant {self.lipschitz_constant_value}, not 1: "
+                "it must implement forward_bound() (how its constant and its rounding enter the bound)"
+            )
         return exact_layer(bound, self.output_shape(bound.shape))
 
 

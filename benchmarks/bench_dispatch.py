@@ -14,11 +14,14 @@ The dispatch overhead is op − kernel (target ≤ 10 µs); public − op is the
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from benchmarks.harness import DEVICE, QUICK, record_skip, run_case
 from gloro_fast import ops
+from gloro_fast._mkl import mkl_function
 from gloro_fast.ops import registry
 
 CONTENDERS = ("kernel", "op", "public")
@@ -69,3 +72,9 @@ def single_op_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+    # torch.set_num_threads left MKL's dynamic threading off for the rest of the run (every
+    # later torch.sqrt would wake MKL's thread team: gloro_fast._mkl); the harness sets no
+    # thread count unless BENCH_THREADS asks, so the process had it on
+    set_dynamic = mkl_function("MKL_Set_Dynamic", restype=None)
+    if set_dynamic is not None and not os.environ.get("BENCH_THREADS"):
+        set_dynamic(1)

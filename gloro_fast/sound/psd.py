@@ -28,6 +28,7 @@ from typing import Optional, Union
 
 import torch
 
+from .._mkl import mkl_function
 from .rounding import U64, gamma, up
 
 __all__ = ["lambda_max_upper", "lambda_max_estimate"]
@@ -40,7 +41,18 @@ _CHECKPOINTS = (40, 80, 160, 320)  # convergence checks (each solves the tridiag
 @contextlib.contextmanager
 def _one_thread():
     """Small LAPACK eigenproblems on one thread: on a busy machine, a thread pool makes a
-    400×400 eigh a hundred times slower (its threads wait for each other)."""
+    400×400 eigh a hundred times slower (its threads wait for each other). MKL's limit for
+    the calling thread where torch has MKL (``torch.set_num_threads`` would leave MKL's
+    dynamic threading off for the whole process: every later ``torch.sqrt`` then wakes its
+    thread team, see :mod:`gloro_fast._mkl`), else torch's intra-op thread count."""
+    local = mkl_function("MKL_Set_Num_Threads_Local")
+    if local is not None:
+        before = local(1)
+        try:
+            yield
+        finally:
+            local(before)
+        return
     before = torch.get_num_threads()
     torch.set_num_threads(1)
     try:

@@ -21,7 +21,7 @@ from .ops.same_bits import same_bits_unchecked
 __all__ = ["BoundCache", "cached_bounds", "clear_cached_bounds", "training_bounds"]
 
 _KINDS = ("sound", "estimate", "uppers", "brackets")
-_PLAIN = frozenset((int, float, bool, str, tuple, type(None)))
+_SCALARS = frozenset((int, float, bool, str, type(None)))
 _CACHE_ATTR = "_bound_cache"   # in the network's __dict__: not a buffer, not in its state_dict
 
 
@@ -113,7 +113,7 @@ def structure_of(net) -> tuple:
     convolution's stride, padding, dilation, groups; a pool's window; a custom layer's
     constants), ``training`` aside. Swapping a parameterless layer (an average pool for a max
     pool) or editing a setting in place changes no parameter, yet changes the network and
-    its Lipschitz constant: the bounds must not survive it. 14 µs for 2C2F, 27 µs for 6C2F."""
+    its Lipschitz constant: the bounds must not survive it. 16 µs for 2C2F, 32 µs for 6C2F."""
     out: list = []
     _walk(net.body, out)
     _walk(net.head, out)
@@ -124,10 +124,17 @@ def _walk(module, out: list) -> None:
     # the _modules dicts directly: named_modules() builds a name per module, 1.4x slower
     d = module.__dict__
     out.append((id(module), module.__class__.__qualname__,
-                tuple([(k, v) for k, v in d.items() if k[0] != "_" and type(v) in _PLAIN and k != "training"])))
+                tuple([(k, v) for k, v in d.items()
+                       if k[0] != "_" and k != "training" and (type(v) in _SCALARS or _plain_tuple(v))])))
     for child in d["_modules"].values():
         if child is not None:
             _walk(child, out)
+
+
+def _plain_tuple(value) -> bool:
+    """A tuple of numbers, strings, None or such tuples: a setting whose == is a bool (a
+    tuple holding a tensor would compare elementwise)."""
+    return type(value) is tuple and all(type(v) in _SCALARS or _plain_tuple(v) for v in value)
 
 
 # under torch.compile the structure is read once, when the graph is traced (Dynamo's guards

@@ -615,6 +615,12 @@ def test_a_layer_setting_edited_in_place_never_meets_the_old_bound():
     with pytest.raises(NotImplementedError, match="forward_bound"):
         gf_net = GloroNet(gnn.Sequential(gnn.Linear(6, 4), _Unbounded()), gnn.Linear(4, 3), epsilon=0.1)
         gf_net.certify(torch.randn(2, 6))
+    # a setting that is not plain (a tuple holding a tensor) is not part of the key, and
+    # comparing keys never compares tensors elementwise
+    net.body[-1].extras = (torch.ones(3), 2)
+    first = net.certify(x)
+    net.body[-1].extras = (torch.ones(3), 2)     # new objects: == would be elementwise
+    assert torch.equal(net.certify(x), first)
     # what does not change the network keeps the bounds: mode switches, the radius
     sb = net.sound_bounds()
     net.train(), net.eval()

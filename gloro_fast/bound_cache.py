@@ -15,7 +15,7 @@ from typing import Dict, List
 import torch
 
 from .bounds import compute_estimate, compute_sound, global_distances, model_tensor, upper_bounds, with_uppers
-from .ops import class_distances, same_bits
+from .ops import class_distances
 from .ops.same_bits import same_bits_unchecked
 
 __all__ = ["BoundCache", "cached_bounds", "clear_cached_bounds", "training_bounds"]
@@ -56,8 +56,8 @@ class BoundCache:
     def _same(self, params) -> bool:
         """Whether ``params`` hold the snapshot's bits (host decision: on an accelerator it
         synchronises)."""
-        if all(p.device.type == "cpu" for p in params):
-            return same_bits(self._snapshot, params)
+        if self._on_cpu:  # called while the key holds, so the devices are the snapshot's
+            return same_bits_unchecked(self._snapshot, params, "cpu")
         return all(torch.equal(a, b) for a, b in zip(self._snapshot, params))
 
     def valid_for(self, model: torch.nn.Module, extra=()) -> Dict[str, object]:

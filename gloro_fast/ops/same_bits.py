@@ -63,9 +63,7 @@ def same_bits(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> bool:
     device_type = _check(a, b)
     a = [t.detach() if t.requires_grad else t for t in a]
     b = [t.detach() if t.requires_grad else t for t in b]
-    if not a:
-        return True
-    return bool(kernels_for("same_bits", device_type).forward(a, b))
+    return same_bits_unchecked(a, b, device_type)
 
 
 def same_bits_unchecked(a: List[torch.Tensor], b: List[torch.Tensor], device_type: str) -> bool:

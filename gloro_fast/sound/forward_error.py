@@ -306,15 +306,21 @@ _SUM_CONSTANTS: dict = {}
 
 
 def _sum_constants(terms: Tuple[int, ...], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
-    key = (terms, device)
-    compiling = torch.compiler.is_compiling()
-    if not compiling and key in _SUM_CONSTANTS:
-        return _SUM_CONSTANTS[key]
-    constants = [activation_norm_constants((1, m), torch.float64) for m in terms]
-    factor, offset = torch.tensor(constants, dtype=torch.float64, device=device).t().unsqueeze(2)
-    if not compiling:
-        _SUM_CONSTANTS[key] = (factor, offset)
-    return factor, offset
+    def make():
+        constants = [activation_norm_constants((1, m), torch.float64) for m in terms]
+        factor, offset = torch.tensor(constants, dtype=torch.float64, device=device).t().unsqueeze(2)
+        return factor, offset
+    return _memoised(_SUM_CONSTANTS, (terms, device), make)
+
+
+def _memoised(table: dict, key, make):
+    """``make()``, kept in ``table`` under ``key`` outside traces (a trace computes it afresh:
+    no state is mutated while compiling)."""
+    if torch.compiler.is_compiling():
+        return make()
+    if key not in table:
+        table[key] = make()
+    return table[key]
 
 
 def norm_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -330,16 +336,13 @@ _NORM_CONSTANTS: dict = {}
 def activation_norm_constants(shape: Tuple[int, int], dtype: torch.dtype) -> Tuple[float, float]:
     """(factor, offset) of :func:`activation_norm_upper` for activations of ``dtype`` viewed
     as (B, G, m) with ``shape`` = (G, m): ‖h_b‖ ≤ factor·R̃ + offset (before its roundings up)."""
-    key = (int(shape[0]), int(shape[1]), dtype)
-    compiling = torch.compiler.is_compiling()
-    if not compiling and key in _NORM_CONSTANTS:
-        return _NORM_CONSTANTS[key]
-    groups, terms = key[:2]
-    work = norm_dtype(dtype)
-    u, eta = unit_roundoff(work), underflow_unit(work)
-    factor = up(up(1.0 + gamma(terms + 2, u)) * up(1.0 + gamma(groups + 2, U64)))
-    offset = up(up(math.sqrt(up(2.0 * groups * terms * eta)))
-                + up(2.0 * up(math.sqrt(up(2.0 * groups * underflow_unit(torch.float64))))))
-    if not compiling:
-        _NORM_CONSTANTS[key] = (factor, offset)
-    return factor, offset
+    groups, terms = int(shape[0]), int(shape[1])
+
+    def make():
+        work = norm_dtype(dtype)
+        u, eta = unit_roundoff(work), underflow_unit(work)
+        factor = up(up(1.0 + gamma(terms + 2, u)) * up(1.0 + gamma(groups + 2, U64)))
+        offset = up(up(math.sqrt(up(2.0 * groups * terms * eta)))
+                    + up(2.0 * up(math.sqrt(up(2.0 * groups * underflow_unit(torch.float64))))))
+        return factor, offset
+    return _memoised(_NORM_CONSTANTS, (groups, terms, dtype), make)

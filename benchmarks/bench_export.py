@@ -16,6 +16,7 @@
 """
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 
@@ -25,6 +26,7 @@ import torch
 from benchmarks.harness import DEVICE, DTYPE, pick, record_skip, run_case
 from gloro_fast.export import ExportedOutputs, FrozenGloroNet, export_pt2, freeze, to_onnx
 from gloro_fast.models import cnn_6C2F
+from gloro_fast.nn.conv import channels_last
 
 BATCH = pick(256, 64)
 ROUNDS = pick(9, 3)   # ratios near 1: more rounds than the default policy gives 1 s calls
@@ -100,14 +102,23 @@ class _Plain(torch.nn.Module):
 PAIRS = pick(21, 5)
 
 
+@pytest.mark.parametrize("layout", ("nchw", "channels_last"))
 @pytest.mark.parametrize("certificate", ("sound", "estimate"))
-def test_frozen_paired(benchmark, certificate):
+def test_frozen_paired(benchmark, certificate, layout):
+    """Against the plain network as torch.nn runs it (NCHW) and in the channels_last layout
+    a user can ask for (weights and input; on the CPU the frozen model, as the live
+    certifying pass, runs its convolutions channels_last)."""
     m = setup_models()
     x, frozen = m["x"], m[certificate]
-    network = plain_network(m["estimate"])  # nn.Linear (the sound body's dense layers sum in blocks)
+    source = m["estimate"]  # nn.Linear (the sound body's dense layers sum in blocks)
+    x_plain = x
+    if layout == "channels_last":  # a copy: the frozen models keep their own weights
+        source = _Plain(copy.deepcopy(source)).to(memory_format=torch.channels_last)
+        x_plain = channels_last(x)
+    network = plain_network(source)
 
     def plain():
-        return network(x)
+        return network(x_plain)
 
     def timed(fn):
         t0 = time.perf_counter()
@@ -123,9 +134,11 @@ def test_frozen_paired(benchmark, certificate):
             t_plain, t_frozen = timed(plain), timed(lambda: frozen(x))
         ratios.append(t_plain / t_frozen)
 
-    run_case(benchmark, pair, case=f"frozen vs plain, paired, 6C2F B={BATCH}", contender=f"paired[{certificate}]",
-             params={"model": "6C2F", "B": BATCH}, size=BATCH, min_rounds=PAIRS, measure_memory=False,
-             extra={"op": "export_paired", "mode": "fwd"})
+    where = "" if layout == "nchw" else " in channels_last"
+    run_case(benchmark, pair, case=f"frozen vs plain{where}, paired, 6C2F B={BATCH}",
+             contender=f"paired[{certificate}]", params={"model": "6C2F", "B": BATCH, "layout": layout},
+             size=BATCH, min_rounds=PAIRS, measure_memory=False,
+             extra={"op": "export_paired" if layout == "nchw" else "export_paired_cl", "mode": "fwd"})
     q = statistics.quantiles(ratios, n=4)
     benchmark.extra_info["paired"] = {"ratio_median": statistics.median(ratios), "q1": q[0], "q3": q[2],
                                       "min": min(ratios), "max": max(ratios), "pairs": len(ratios)}

@@ -34,6 +34,7 @@ from benchmarks.harness import (
 from gloro_fast import losses
 from gloro_fast.models import cnn_2C2F, cnn_6C2F, liresnet
 from gloro_fast.nn import Linear, PowerIterationModule
+from gloro_fast.nn.conv import channels_last
 from gloro_fast.ops.power_iteration_conv import conv_operator, conv_operator_adjoint
 
 MODELS = {"6C2F": cnn_6C2F, "LiResNet": liresnet}
@@ -419,13 +420,24 @@ def paired_data(batch, shape):
 CERT_PAIRED = pick((("6C2F", 256), ("2C2F", 1024)), (("2C2F", 256),))
 
 
-@pytest.mark.parametrize("compile_", (False, True), ids=("eager", "compile"))
+# the plain network as torch.nn runs it (NCHW), compiled, and in the channels_last layout a
+# user can ask for (weights and input): on the CPU the certifying pass runs its convolutions
+# channels_last (gloro_fast.nn.conv.channels_last), and Inductor picks layouts itself
+CERT_BASELINES = (pytest.param(False, "nchw", id="eager"), pytest.param(True, "nchw", id="compile"),
+                  pytest.param(False, "channels_last", id="eager-channels_last"))
+
+
+@pytest.mark.parametrize("compile_,layout", CERT_BASELINES)
 @pytest.mark.parametrize("arch,batch", CERT_PAIRED)
-def test_certify_paired(benchmark, arch, batch, compile_):
+def test_certify_paired(benchmark, arch, batch, compile_, layout):
     model, plain, shape = build_pair(arch)
     model.eval()
     plain.eval()
     x, _ = paired_data(batch, shape)
+    x_plain = x
+    if layout == "channels_last":
+        plain.to(memory_format=torch.channels_last)
+        x_plain = channels_last(x)
     model.sound_bounds()  # cached once, as in any evaluation; compiled graphs take them as constants
 
     def forward(t):
@@ -441,12 +453,16 @@ def test_certify_paired(benchmark, arch, batch, compile_):
 
     def theirs():
         with torch.no_grad():
-            return plain_fn(x)
+            return plain_fn(x_plain)
 
     where = "compile" if compile_ else "eager"
-    run_paired(benchmark, ours, theirs, case=f"certify vs plain forward, paired, {arch} B={batch} {where}",
-               contender=f"gloro_fast sound [{where}]", params={"model": arch, "B": batch, "compiled": compile_},
-               size=batch, pairs=PAIRS, extra={"op": "certify_paired", "mode": "fwd"})
+    if layout == "nchw":
+        case, op = f"certify vs plain forward, paired, {arch} B={batch} {where}", "certify_paired"
+    else:
+        case, op = f"certify vs plain forward in channels_last, paired, {arch} B={batch} {where}", "certify_paired_cl"
+    run_paired(benchmark, ours, theirs, case=case, contender=f"gloro_fast sound [{where}]",
+               params={"model": arch, "B": batch, "compiled": compile_, "layout": layout},
+               size=batch, pairs=PAIRS, extra={"op": op, "mode": "fwd"})
 
 
 TRAIN_PAIRED = pick((("6C2F", 256), ("6C2F", 32)), (("6C2F", 32),))

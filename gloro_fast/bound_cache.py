@@ -10,15 +10,16 @@
 """
 from __future__ import annotations
 
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 
-from .bounds import compute_estimate, compute_sound, global_distances, model_tensor, upper_bounds, with_uppers
+from .bounds import (chain_layers, compute_estimate, compute_sound, global_distances, is_chain, model_tensor,
+                     upper_bounds, with_uppers)
 from .ops import class_distances
 from .ops.same_bits import same_bits_unchecked
 
-__all__ = ["BoundCache", "cached_bounds", "clear_cached_bounds", "training_bounds"]
+__all__ = ["BoundCache", "cached_bounds", "cached_chain", "clear_cached_bounds", "training_bounds"]
 
 _KINDS = ("sound", "estimate", "uppers", "brackets")
 _SCALARS = frozenset((int, float, bool, str, type(None)))
@@ -182,6 +183,21 @@ def cached_bounds(net, kind: str, hot: bool = False):
                 values[kind] = with_uppers(net, cached_bounds(net, "estimate").brackets,
                                            cached_bounds(net, "uppers"))
     return (values[kind], same) if hot else values[kind]
+
+
+def cached_chain(net) -> Optional[list]:
+    """The body's leaf layers in order (:func:`gloro_fast.bounds.chain_layers`) when the body
+    is a chain of them (:func:`gloro_fast.bounds.is_chain`), else None; kept with the bounds.
+    Call it right after :func:`cached_bounds`, whose key (the network's structure included)
+    has just been checked, so the list is the network's own. The walk over
+    ``named_modules`` costs 13 µs for 2C2F warm and ~90 µs after a batch of 1024 has left
+    the caches cold: it is made once per set of weights and structure instead."""
+    if torch.compiler.is_compiling():  # read while tracing: no cost per call
+        return chain_layers(net) if is_chain(net) else None
+    values = net.__dict__[_CACHE_ATTR].values
+    if "chain" not in values:
+        values["chain"] = chain_layers(net) if is_chain(net) else None
+    return values["chain"]
 
 
 def clear_cached_bounds(net) -> None:

@@ -52,6 +52,7 @@ from ._validation import check_batch_shape, check_epsilon
 from .bounds import check_certificate, inferred_input_shape, is_chain, named_layers
 from .files import atomic_write, atomic_write_bytes
 from .gloro_net import GloroNet
+from .nn.conv import channels_last
 from .nn.linear import certifying_blocks
 from .ops.blocked_linear import blocked_linear_reference
 from .sound.decision import ROUNDING, Allowance, LinearForms, decide, up_with
@@ -272,6 +273,9 @@ class FrozenGloroNet(nn.Module):
         self.certificate = certificate
         self.dtype = dtype
         self.num_classes = head.out_features
+        # the live certifying pass's layout (GloroNet: channels_last on the CPU before a
+        # first convolution), so that the convolutions sum in the same order
+        self.opens_with_convolution = _opens_with_convolution(body)
         device = head.weight.device
 
         def constant(value):
@@ -363,12 +367,21 @@ class FrozenGloroNet(nn.Module):
         sound = self.certificate == "sound"
         norms: List[torch.Tensor] = []
         h = x
-        for layer, measured in zip(self.body, self.measured):
+        for i, (layer, measured) in enumerate(zip(self.body, self.measured)):
             if sound and measured:
                 norms.append(self._norm(h, len(norms)))
+            if i == 0 and self._channels_last(h):  # after the input's norm, as the live pass
+                h = channels_last(h)
             h = layer(h)
         features = self._norm(h, len(norms)) if sound else None
         return self.head(h), norms, features
+
+    def _channels_last(self, x: torch.Tensor) -> bool:
+        """Whether the body runs on x laid out channels_last (:func:`gloro_fast.nn.conv.channels_last`):
+        as the live certifying pass, on the CPU before a first convolution, also in a .pt2
+        program (whose graph keeps the layout); not in ONNX, which has no layouts."""
+        return (self.opens_with_convolution and x.dim() == 4 and x.device.type == "cpu"
+                and not torch.onnx.is_in_onnx_export())
 
     def _outputs(self, x: torch.Tensor, radius: bool) -> FrozenOutput:
         logits, norms, features = self._features(x)
@@ -471,6 +484,15 @@ def freeze(model: GloroNet, certificate: str = "sound", epsilon: Optional[float]
     return FrozenGloroNet(body, measured, head, input_shape, eps, certificate, dtype, lipschitz,
                           sb.distances.to(device), model.margin_lipschitz("sound"), forms=sb.forms.per_sample,
                           norm_scale=norm_scale)
+
+
+def _opens_with_convolution(body: nn.Sequential) -> bool:
+    """Whether the frozen body's first layer is a convolution (``_conv``'s forms: nn.Conv2d,
+    padding then nn.Conv2d, Residual)."""
+    first = body[0] if len(body) else None
+    if isinstance(first, nn.Sequential) and len(first):
+        first = first[-1]
+    return isinstance(first, (nn.Conv2d, Residual))
 
 
 def _norm_shapes(body: nn.Sequential, measured, input_shape, reference: torch.Tensor) -> List[Tuple[int, int]]:

@@ -32,9 +32,10 @@ from ._validation import (
     check_positive_int,
     check_tensor,
 )
-from .bound_cache import cached_bounds, clear_cached_bounds, training_bounds
-from .bounds import EstimateBounds, LayerBracket, SoundBounds, chain_layers, check_certificate
-from .nn import Flatten, Linear, MinMax, from_torch
+from .bound_cache import cached_bounds, cached_chain, clear_cached_bounds, training_bounds
+from .bounds import EstimateBounds, LayerBracket, SoundBounds, check_certificate
+from .nn import Conv2d, Flatten, Linear, MinMax, from_torch
+from .nn.conv import channels_last
 from .ops import bottom_logit, sound_decision
 from .sound.forward_error import activation_norm_upper, ieee_arithmetic, norm_uppers
 from .sound.rounding import up_tensor
@@ -69,6 +70,15 @@ def _ends_a_layout(layers, i: int) -> bool:
     """Whether layer i is a MinMax whose output is flattened or leaves the body next: there
     torch.compile changes the activation's layout (channels_last to the flattened order)."""
     return isinstance(layers[i], MinMax) and (i + 1 == len(layers) or isinstance(layers[i + 1], Flatten))
+
+
+def _convolution_layout(x: torch.Tensor, first) -> torch.Tensor:
+    """x as the certifying pass feeds it to the body's first layer ``first``: channels_last
+    (:func:`gloro_fast.nn.channels_last`) on the CPU when that layer is a convolution, else x
+    itself. Under torch.compile Inductor chooses the layouts."""
+    if x.dim() != 4 or x.device.type != "cpu" or not isinstance(first, Conv2d) or torch.compiler.is_compiling():
+        return x
+    return channels_last(x)
 
 
 class GloroNet(nn.Module):
@@ -186,12 +196,14 @@ class GloroNet(nn.Module):
             raise TypeError(f"x must have the model's dtype {ref.dtype}, got {x.dtype}")
         check_finite("x", x)
 
-    def _logits(self, x: torch.Tensor, certifying: bool) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, certifying: bool, first=None) -> torch.Tensor:
+        """The logits; ``first``: the first layer of a body that is a chain, whose input the
+        certifying pass lays out for it (:func:`_convolution_layout`)."""
         self._check_input(x)
         if certifying:
             # certificates are about the model's own dtype in IEEE arithmetic
             with ieee_arithmetic(x.device.type):
-                logits = self.head(self.body(x))
+                logits = self.head(self.body(x if first is None else _convolution_layout(x, first)))
         else:
             logits = self.head(self.body(x))
         if self.input_shape is None:  # learnt at the first forward: later inputs must match
@@ -225,11 +237,13 @@ class GloroNet(nn.Module):
             norms = []
             with ieee_arithmetic(x.device.type):
                 h, known = x, None  # known: a bound of ‖h‖ a layer gave on the way (MinMax)
-                layers = chain_layers(self)
+                layers = cached_chain(self)
                 compiling = torch.compiler.is_compiling()
                 for i, (layer, step) in enumerate(zip(layers, sb.steps)):
                     if step is not None:
                         norms.append(activation_norm_upper(h) if known is None else known)
+                    if i == 0:  # after the input's norm, which reads x as it came
+                        h = _convolution_layout(h, layer)
                     if compiling and known is None and _ends_a_layout(layers, i):
                         # Inductor fuses MinMax with the layout its consumer needs, which the
                         # fused op (writing its input's layout) would leave to a copy; the norm
@@ -247,8 +261,11 @@ class GloroNet(nn.Module):
     def _estimate_forward(self, x: torch.Tensor):
         """(logits, estimate bounds, same): the certifying forward of the estimate, with the
         hot-path staleness flag of :func:`~gloro_fast.bound_cache.cached_bounds`."""
-        logits = self._logits(x, certifying=True)
+        if self.input_shape is None:
+            self._logits(x, certifying=True)  # learn the input size first
         est, same = cached_bounds(self, "estimate", hot=True)
+        chain = cached_chain(self)
+        logits = self._logits(x, certifying=True, first=chain[0] if chain else None)
         return logits, est, same
 
     def _epsilon(self, epsilon) -> float:

@@ -1,0 +1,105 @@
+"""The certifying pass's layout: on the CPU, a body that opens with a convolution runs on its
+input laid out channels_last (gloro_fast.nn.conv.channels_last), in the live model and the
+frozen one alike; training keeps the caller's layout."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import gloro_fast as gf
+import gloro_fast.gloro_net as gloro_net
+from gloro_fast import GloroNet
+from gloro_fast import nn as gnn
+from gloro_fast.export import freeze
+from gloro_fast.models import cnn_2C2F
+from gloro_fast.nn.conv import channels_last
+
+
+def _is_channels_last(t):
+    return t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_channels_last_keeps_the_values_and_the_caller_tensor(channels):
+    x = torch.randn(5, channels, 6, 7)
+    before = x.clone()
+    y = channels_last(x)
+    assert torch.equal(y, x) and torch.equal(x, before) and x.is_contiguous()
+    assert y.is_contiguous(memory_format=torch.channels_last)
+    if channels == 1:  # the same bytes, viewed with channels_last strides
+        assert y.data_ptr() == x.data_ptr() and y.stride() == (42, 1, 7, 1)
+    else:
+        assert y.data_ptr() != x.data_ptr() and _is_channels_last(y)
+    # a non-contiguous one-channel input is made contiguous first (a view of it would not be)
+    z = torch.randn(5, 2, 6, 7)[:, 1:]
+    assert torch.equal(channels_last(z), z)
+
+
+def _record_conv_inputs(model):
+    seen = []
+    for m in model.modules():
+        if isinstance(m, (gnn.Conv2d, torch.nn.Conv2d)):
+            # channels first in memory (stride 1), which a one-channel NCHW tensor is not
+            m.register_forward_pre_hook(lambda mod, args: seen.append(
+                args[0].stride(1) == 1 and args[0].is_contiguous(memory_format=torch.channels_last)))
+    return seen
+
+
+def _net(channels=1):
+    torch.manual_seed(0)
+    return cnn_2C2F(input_shape=(channels, 12, 12), num_classes=4, epsilon=0.05)
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_certification_runs_the_convolutions_channels_last_and_training_does_not(channels):
+    model = _net(channels)
+    x = torch.rand(16, channels, 12, 12, generator=torch.Generator().manual_seed(1))
+    seen = _record_conv_inputs(model)
+    model.train()(x)
+    assert seen == [False, False]           # the caller's layout in training
+    for call in (lambda: model.eval()(x), lambda: model.certify(x), lambda: model.certified_radius(x),
+                 lambda: model.certify(x, certificate="estimate"),
+                 lambda: model.certified_radius(x, certificate="estimate")):
+        seen.clear()
+        call()
+        assert seen and all(seen), seen     # every convolution of the pass, channels_last
+    assert x.is_contiguous()                # the caller's tensor is left as it was
+
+
+def test_a_body_opening_with_another_layer_keeps_the_layout():
+    torch.manual_seed(0)
+    body = gnn.Sequential(gnn.AvgPool2d(2), gnn.Conv2d(1, 4, 3, padding=1), gnn.MinMax(), gnn.Flatten(),
+                          gnn.Linear(256, 8), gnn.MinMax())
+    model = GloroNet(body, gnn.Linear(8, 3), epsilon=0.05, input_shape=(1, 16, 16)).eval()
+    seen = _record_conv_inputs(model)
+    model.certify(torch.rand(4, 1, 16, 16))
+    assert seen == [False]
+    assert not freeze(model).opens_with_convolution
+
+
+def test_the_layout_changes_no_decision(monkeypatch):
+    """Channels_last convolutions sum in another order: the logits move by a few units in
+    the last place, the decisions and radii by no more than that (the allowance covers any
+    order; here no sample sits that close to its threshold)."""
+    model = _net().eval()
+    x = torch.rand(512, 1, 12, 12, generator=torch.Generator().manual_seed(2))
+    logits, cert, radius = model(x), model.certify(x), model.certified_radius(x)
+    monkeypatch.setattr(gloro_net, "_convolution_layout", lambda x, first: x)
+    assert torch.equal(model.certify(x), cert)
+    torch.testing.assert_close(model(x), logits, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model.certified_radius(x), radius, rtol=1e-4, atol=1e-7)
+    assert (cert < 4).any() and (cert == 4).any()
+
+
+def test_the_frozen_model_takes_the_same_layout():
+    model = _net().eval()
+    frozen = freeze(model)
+    assert frozen.opens_with_convolution
+    seen = _record_conv_inputs(frozen)
+    x = torch.rand(8, 1, 12, 12)
+    out = frozen(x)
+    assert seen and all(seen)
+    # bit for bit with the live pass on the same kernels (torch ops: the fused MinMax norms
+    # of the compiled backend are tighter than the frozen model's)
+    with gf.ops.use_backend("reference"), torch.no_grad():
+        assert torch.equal(out, model(x)) and torch.equal(frozen.certify(x), model.certify(x))

@@ -14,8 +14,16 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .bounds import (chain_layers, compute_estimate, compute_sound, global_distances, is_chain, model_tensor,
-                     upper_bounds, with_uppers)
+from .bounds import (
+    chain_layers,
+    compute_estimate,
+    compute_sound,
+    global_distances,
+    is_chain,
+    model_tensor,
+    upper_bounds,
+    with_uppers,
+)
 from .ops import class_distances
 from .ops.same_bits import same_bits_unchecked
 

@@ -57,7 +57,7 @@ from .nn.linear import certifying_blocks
 from .ops.blocked_linear import blocked_linear_reference
 from .sound.decision import ROUNDING, Allowance, LinearForms, decide, up_with
 from .sound.decision import radius as sound_radius
-from .sound.forward_error import activation_norm_constants, ieee_arithmetic, norm_dtype
+from .sound.forward_error import ieee_arithmetic, norm_dtype, norm_rows, sample_norm_constants
 
 __all__ = ["BlockedLinear", "ExportedOutputs", "FrozenGloroNet", "FrozenOutput", "MinMax", "Residual",
            "export_onnx", "export_pt2", "freeze", "round_up_to", "to_onnx"]
@@ -355,8 +355,7 @@ class FrozenGloroNet(nn.Module):
     def _norm(self, h: torch.Tensor, index: int) -> torch.Tensor:
         """activation_norm_upper(h) (gloro_fast.sound.forward_error), its constants from
         ``norm_scale``."""
-        flat = h.flatten(2) if h.dim() > 2 else h.unsqueeze(1)
-        parts = torch.linalg.vector_norm(flat, dim=2, dtype=norm_dtype(h.dtype))
+        parts = torch.linalg.vector_norm(norm_rows(h), dim=2, dtype=norm_dtype(h.dtype))
         total = torch.linalg.vector_norm(parts, dim=1, dtype=torch.float64)
         factor, offset = _row(self.norm_scale[index], total)
         return up_with(up_with(total * factor, self._constant) + offset, self._constant)
@@ -479,7 +478,7 @@ def freeze(model: GloroNet, certificate: str = "sound", epsilon: Optional[float]
         raise TypeError("freeze: the model's sound bounds have no per-layer rounding steps")
     measured = tuple(step is not None for step in sb.steps)
     shapes = _norm_shapes(body, measured, input_shape, model.head.weight)
-    norm_scale = [activation_norm_constants(shape, dtype) for shape in shapes]
+    norm_scale = [sample_norm_constants(shape, dtype) for shape in shapes]
     lipschitz = torch.tensor(sb.lipschitz, dtype=torch.float64, device=device)
     return FrozenGloroNet(body, measured, head, input_shape, eps, certificate, dtype, lipschitz,
                           sb.distances.to(device), model.margin_lipschitz("sound"), forms=sb.forms.per_sample,
@@ -495,9 +494,9 @@ def _opens_with_convolution(body: nn.Sequential) -> bool:
     return isinstance(first, (nn.Conv2d, Residual))
 
 
-def _norm_shapes(body: nn.Sequential, measured, input_shape, reference: torch.Tensor) -> List[Tuple[int, int]]:
-    """(G, m) of every activation whose norm the sound pass records (the inputs of the
-    affine layers, then the features; viewed as (B, G, m)), from a pass on one zero input."""
+def _norm_shapes(body: nn.Sequential, measured, input_shape, reference: torch.Tensor) -> List[Tuple[int, ...]]:
+    """The sample shape of every activation whose norm the sound pass records (the inputs
+    of the affine layers, then the features), from a pass on one zero input."""
     shapes = []
     with torch.no_grad():
         h = torch.zeros((1,) + tuple(input_shape), dtype=reference.dtype, device=reference.device)
@@ -506,7 +505,7 @@ def _norm_shapes(body: nn.Sequential, measured, input_shape, reference: torch.Te
                 shapes.append(tuple(h.shape[1:]))
             h = layer(h)
     shapes.append(tuple(h.shape[1:]))
-    return [(s[0], math.prod(s[1:])) if len(s) > 1 else (1, s[0]) for s in shapes]
+    return shapes
 
 
 # ---------------------------------------------------------------------------- exporting

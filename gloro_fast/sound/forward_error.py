@@ -42,7 +42,7 @@ import torch
 from .rounding import U64, gamma, largest_finite, underflow_unit, unit_roundoff, up, up_tensor, up_tensor_inner
 
 __all__ = ["Affine", "AffineStep", "Arithmetic", "ForwardBound", "NormBound", "SumOfSquares",
-           "activation_norm_constants", "activation_norm_upper", "affine_layer", "exact_layer", "ieee_arithmetic",
+           "activation_norm_constants", "activation_norm_upper", "norm_rows", "sample_norm_constants", "affine_layer", "exact_layer", "ieee_arithmetic",
            "norm_dtype", "norm_upper_from_sumsq", "norm_uppers"]
 
 
@@ -245,16 +245,45 @@ def activation_norm_upper(h: torch.Tensor) -> torch.Tensor:
     Applied to both levels and combined by Minkowski's inequality over c:
     ‖h_b‖ ≤ (1 + γ_{m+2}(u))(1 + γ_{G+2}(u₆₄)) R̃ + √(2Gmη) + 2√(2Gη₆₄). A square that
     overflows gives +inf, and nothing is certified then.
+
+    The rows are read where they lie (:func:`norm_rows`): the channels of an NCHW image, its
+    pixels when it is channels_last, with constants valid for both
+    (:func:`sample_norm_constants`).
     """
-    flat = h.detach()
-    flat = flat.flatten(2) if flat.dim() > 2 else flat.unsqueeze(1)
-    factor, offset = activation_norm_constants(tuple(flat.shape[1:]), h.dtype)
+    flat = norm_rows(h.detach())
+    factor, offset = sample_norm_constants(tuple(h.shape[1:]), h.dtype)
     parts = torch.linalg.vector_norm(flat, dim=2, dtype=norm_dtype(h.dtype))
     if parts.shape[1] == 1:  # one row: the float64 norm of one value is the value, exactly
         total = parts[:, 0].to(torch.float64)
     else:
         total = torch.linalg.vector_norm(parts, dim=1, dtype=torch.float64)
     return up_tensor(up_tensor_inner(total * factor) + offset)
+
+
+def norm_rows(h: torch.Tensor) -> torch.Tensor:
+    """h (B, ...) as the view (B, G, m) whose rows the two-level norm takes, without a copy:
+    a vector is one row (B, 1, d); an image activation (B, C, H, W) its C channel rows of
+    H·W entries, or, when it is channels_last, its H·W pixel rows of C entries (torch's
+    norm of the channel rows of a channels_last tensor copies it first: 4.3 ms instead of
+    0.7 ms for (256, 32, 32, 32) on 2 cores). Other shapes: rows of the first dimension."""
+    if h.dim() == 4 and not h.is_contiguous() and h.is_contiguous(memory_format=torch.channels_last):
+        return h.permute(0, 2, 3, 1).flatten(1, 2)
+    return h.flatten(2) if h.dim() > 2 else h.unsqueeze(1)
+
+
+def sample_norm_constants(sample_shape: Tuple[int, ...], dtype: torch.dtype) -> Tuple[float, float]:
+    """(factor, offset) of :func:`activation_norm_upper` for activations whose samples have
+    shape ``sample_shape``, valid for every view :func:`norm_rows` takes of them: for an
+    image (C, H, W) the larger of the constants of (G, m) = (C, H·W) and (H·W, C), so that
+    one frozen model holds them whatever layout its input arrives in."""
+    if len(sample_shape) == 3:
+        channels, pixels = int(sample_shape[0]), int(sample_shape[1]) * int(sample_shape[2])
+        a = activation_norm_constants((channels, pixels), dtype)
+        b = activation_norm_constants((pixels, channels), dtype)
+        return max(a[0], b[0]), max(a[1], b[1])
+    if len(sample_shape) >= 2:
+        return activation_norm_constants((int(sample_shape[0]), math.prod(sample_shape[1:])), dtype)
+    return activation_norm_constants((1, int(sample_shape[0])), dtype)
 
 
 def norm_upper_from_sumsq(sumsq: torch.Tensor, terms: int) -> torch.Tensor:

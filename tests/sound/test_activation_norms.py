@@ -68,7 +68,7 @@ def test_empty_batch():
 def test_values_are_the_two_level_formula_bit_for_bit(shape):
     """The shortcuts (one row: its float64 norm is its value; the inner rounding up without
     its NaN step) give exactly the formula's values, NaN and infinite entries included."""
-    from gloro_fast.sound.forward_error import activation_norm_constants
+    from gloro_fast.sound.forward_error import sample_norm_constants
     from gloro_fast.sound.rounding import up_tensor
 
     h = torch.randn(shape, generator=torch.Generator().manual_seed(3))
@@ -76,10 +76,39 @@ def test_values_are_the_two_level_formula_bit_for_bit(shape):
     h[2].view(-1)[0] = math.inf
     h[3] = 0.0
     flat = h.flatten(2) if h.dim() > 2 else h.unsqueeze(1)
-    factor, offset = activation_norm_constants(tuple(flat.shape[1:]), h.dtype)
+    factor, offset = sample_norm_constants(tuple(h.shape[1:]), h.dtype)
     parts = torch.linalg.vector_norm(flat, dim=2, dtype=torch.float32)
     total = torch.linalg.vector_norm(parts, dim=1, dtype=torch.float64)
     want = up_tensor(up_tensor(total * factor) + offset)
     got = activation_norm_upper(h)
     assert torch.equal(got, want)
     assert got[1] == math.inf and got[2] == math.inf and got[3] > 0
+
+
+@pytest.mark.parametrize("shape", [(6, 3, 5, 7), (6, 64, 3, 3), (6, 1, 4, 4)], ids=str)
+def test_channels_last_activations_are_read_by_pixel_rows(shape):
+    """A channels_last activation (the CPU certifying pass's layout) is read in place as its
+    pixel rows of C entries; the constants hold for both groupings: the bound is the
+    formula's for that view, and above the float64 norm."""
+    from gloro_fast.sound.forward_error import activation_norm_constants, norm_rows, sample_norm_constants
+    from gloro_fast.sound.rounding import up_tensor
+
+    g = torch.Generator().manual_seed(4)
+    h = (torch.randn(shape, generator=g) * torch.exp(3 * torch.randn(shape, generator=g)))
+    h = h.contiguous(memory_format=torch.channels_last)
+    rows = norm_rows(h)
+    c, pixels = shape[1], shape[2] * shape[3]
+    if c > 1:  # a view of h's memory, pixel by pixel
+        assert rows.shape == (shape[0], pixels, c) and rows.data_ptr() == h.data_ptr()
+    factor, offset = sample_norm_constants(shape[1:], h.dtype)
+    for grouping in ((c, pixels), (pixels, c)):
+        f, o = activation_norm_constants(grouping, h.dtype)
+        assert factor >= f and offset >= o
+    parts = torch.linalg.vector_norm(rows, dim=2, dtype=torch.float32)
+    total = torch.linalg.vector_norm(parts, dim=1, dtype=torch.float64)
+    want = up_tensor(up_tensor(total * factor) + offset)
+    got = activation_norm_upper(h)
+    assert torch.equal(got, want)
+    exact = torch.linalg.vector_norm(h.double().flatten(1), dim=1)
+    assert (got >= exact).all()
+    assert torch.equal(activation_norm_upper(h.contiguous()) >= exact, torch.ones_like(exact, dtype=torch.bool))

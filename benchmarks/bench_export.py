@@ -24,7 +24,7 @@ import pytest
 import torch
 
 from benchmarks.harness import DEVICE, DTYPE, pick, record_skip, run_case
-from gloro_fast.export import ExportedOutputs, FrozenGloroNet, export_pt2, freeze, to_onnx
+from gloro_fast.export import ExportedOutputs, FrozenGloroNet, MinMax, export_pt2, freeze, to_onnx
 from gloro_fast.models import cnn_6C2F
 from gloro_fast.nn.conv import channels_last
 
@@ -114,6 +114,9 @@ def test_frozen_paired(benchmark, certificate, layout):
     x_plain = x
     if layout == "channels_last":  # a copy: the frozen models keep their own weights
         source = _Plain(copy.deepcopy(source)).to(memory_format=torch.channels_last)
+        for m in source.modules():  # MinMax as users have it: output in its input's layout
+            if isinstance(m, MinMax):
+                m.contiguous_out = False
         x_plain = channels_last(x)
     network = plain_network(source)
 

@@ -404,7 +404,9 @@ def build_pair(arch, training=False):
     torch.manual_seed(0)
     model = make(input_shape=shape, num_classes=10).to(DEVICE, DTYPE)
     frozen = freeze(model.eval(), "estimate")
-    layers = [UserMinMax() if training and isinstance(m, MinMax) else m for m in frozen.body]
+    # MinMax as torch.nn users have it: one output, in its input's layout (not the frozen
+    # model's contiguous output before a flatten)
+    layers = [(UserMinMax() if training else MinMax()) if isinstance(m, MinMax) else m for m in frozen.body]
     plain = torch.nn.Sequential(*layers, frozen.head).to(DEVICE, DTYPE)
     plain.requires_grad_(True)  # freeze() hands out constants
     return model, plain, shape

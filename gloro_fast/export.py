@@ -69,7 +69,17 @@ OUTPUT_NAMES = ("logits", "certified", "radius")
 
 class MinMax(nn.Module):
     """GroupSort-2 over the channel halves: [min(a, b), max(a, b)] (as ``gloro_fast.nn.MinMax``,
-    without its argument check: the frozen model's shapes are fixed)."""
+    without its argument check: the frozen model's shapes are fixed). ``contiguous_out``:
+    the output is flattened next (set by :func:`freeze`), so eager evaluation writes it
+    contiguous even from a channels_last x, as the live pass's fused kernel does: the
+    flatten then copies nothing."""
+
+    def __init__(self, contiguous_out: bool = False) -> None:
+        super().__init__()
+        self.contiguous_out = bool(contiguous_out)
+
+    def extra_repr(self) -> str:
+        return "contiguous_out=True" if self.contiguous_out else ""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         a, b = x.chunk(2, dim=1)
@@ -77,7 +87,7 @@ class MinMax(nn.Module):
             return torch.cat([torch.minimum(a, b), torch.maximum(a, b)], dim=1)
         # eager: both halves written straight into one output, as the live layer does (a
         # torch.cat reads and writes everything once more); the values are the same
-        out = torch.empty_like(x)
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device) if self.contiguous_out else torch.empty_like(x)
         half = a.shape[1]
         torch.minimum(a, b, out=out[:, :half])
         torch.maximum(a, b, out=out[:, half:])
@@ -463,6 +473,9 @@ def freeze(model: GloroNet, certificate: str = "sound", epsilon: Optional[float]
     layers = [layer for _, layer in named]
     head = _frozen_layer(model.head)
     body = nn.Sequential(*[_frozen_layer(layer, certifying=certificate == "sound") for layer in layers])
+    for first, second in zip(body, list(body)[1:]):
+        if isinstance(first, MinMax) and isinstance(second, nn.Flatten):
+            first.contiguous_out = True
     device = model.head.weight.device
     if certificate == "estimate":
         est = model.estimate_bounds()

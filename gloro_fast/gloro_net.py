@@ -244,12 +244,15 @@ class GloroNet(nn.Module):
                         norms.append(activation_norm_upper(h) if known is None else known)
                     if i == 0:  # after the input's norm, which reads x as it came
                         h = _convolution_layout(h, layer)
-                    if compiling and known is None and _ends_a_layout(layers, i):
-                        # Inductor fuses MinMax with the layout its consumer needs, which the
-                        # fused op (writing its input's layout) would leave to a copy; the norm
-                        # is then measured where it is needed (2C2F B=1024 compiled: certify /
-                        # plain forward 0.78 -> 0.85)
-                        h, known = layer.certifying_forward(h), None
+                    if _ends_a_layout(layers, i):
+                        if compiling and known is None:
+                            # Inductor fuses MinMax with the layout its consumer needs, which the
+                            # fused op (writing its input's layout) would leave to a copy; the
+                            # norm is then measured where it is needed (2C2F B=1024 compiled:
+                            # certify / plain forward 0.78 -> 0.85)
+                            h, known = layer.certifying_forward(h), None
+                        else:  # eager: the fused op writes the flattened order itself
+                            h, known = layer.certifying_forward_norm(h, known, flattened_next=True)
                     else:
                         h, known = layer.certifying_forward_norm(h, known)
                 features = activation_norm_upper(h) if known is None else known

@@ -13,6 +13,7 @@ from gloro_fast import nn as gnn
 from gloro_fast.export import freeze
 from gloro_fast.models import cnn_2C2F
 from gloro_fast.nn.conv import channels_last
+from tests.ops.cpp_helpers import has_cpu_kernels
 
 
 def _is_channels_last(t):
@@ -95,11 +96,29 @@ def test_the_frozen_model_takes_the_same_layout():
     model = _net().eval()
     frozen = freeze(model)
     assert frozen.opens_with_convolution
+    # the MinMax flattened next writes the flattened order (no copy at the flatten)
+    flags = [m.contiguous_out for m in frozen.body if type(m).__name__ == "MinMax"]
+    assert flags == [False, True, False]
+    flat_inputs = []
+    frozen.body[4].register_forward_pre_hook(lambda mod, args: flat_inputs.append(args[0].is_contiguous()))
     seen = _record_conv_inputs(frozen)
     x = torch.rand(8, 1, 12, 12)
     out = frozen(x)
-    assert seen and all(seen)
+    assert seen and all(seen) and flat_inputs == [True]
     # bit for bit with the live pass on the same kernels (torch ops: the fused MinMax norms
     # of the compiled backend are tighter than the frozen model's)
     with gf.ops.use_backend("reference"), torch.no_grad():
         assert torch.equal(out, model(x)) and torch.equal(frozen.certify(x), model.certify(x))
+
+
+@pytest.mark.skipif(not has_cpu_kernels("minmax_norm"), reason="gloro_fast._C without minmax_norm")
+def test_the_minmax_before_the_flatten_writes_the_flattened_order():
+    """The last MinMax of the convolutions writes its output contiguous (the fused kernel's
+    contiguous_out): the flatten that follows copies nothing."""
+    model = _net(3).eval()
+    flat_inputs = []
+    model.body[4].register_forward_pre_hook(lambda mod, args: flat_inputs.append(args[0]))
+    x = torch.rand(16, 3, 12, 12)
+    with gf.ops.use_backend("cpp"):
+        model.certify(x)
+    assert isinstance(model.body[4], gnn.Flatten) and flat_inputs[0].is_contiguous()

@@ -8,8 +8,9 @@
 // first half is a; and channels_last (N, H, W, C) in memory (4-D x), H*W rows of C elements
 // per sample, each with a in its first half (torch.compile's Inductor hands convolution
 // outputs over in this layout). out has x's layout (the op's layout rule, ops/minmax_norm.py:
-// channels_last when x is channels_last-contiguous and not contiguous, else contiguous).
-// Other strides are copied to contiguous first.
+// channels_last when x is channels_last-contiguous and not contiguous, else contiguous;
+// contiguous_out asks for a contiguous out whatever x's layout). Other strides are copied to
+// contiguous first.
 // One pass: each pair is read once for min, max and both squares (torch.minimum and
 // torch.maximum read it twice, and a norm reads the output once more). Parallel over samples.
 // Backward: grad_x routes grad_out through the same permutation (on a tie, a <= b: a gets
@@ -93,9 +94,41 @@ inline __attribute__((always_inline)) double sample_body(const scalar_t* x, scal
   return s;
 }
 
+// One channels_last sample (rows = H*W pixel rows of 2*half channels) written in the
+// contiguous (C, H, W) order, out[c * rows + p]: the layout a flatten needs next, without
+// the copy a channels_last output would cost there (2C2F B=1024: 6.4 MB read and written
+// again). Channel by channel: the reads stride by a pixel row, the writes are contiguous,
+// and a sample (6-16 KB for the paper models) stays in L1. The same selects as minmax_block.
+template <typename scalar_t>
+inline __attribute__((always_inline)) double sample_body_to_contiguous(const scalar_t* x, scalar_t* out, int64_t rows,
+                                                                      int64_t half) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t row_len = 2 * half;
+  for (int64_t c = 0; c < half; ++c) {
+    scalar_t* lo = out + c * rows;
+    scalar_t* hi = out + (half + c) * rows;
+#pragma omp simd
+    for (int64_t p = 0; p < rows; ++p) {
+      const acc_t av = static_cast<acc_t>(x[p * row_len + c]);
+      const acc_t bv = static_cast<acc_t>(x[p * row_len + half + c]);
+      const acc_t either = av + bv;
+      const bool nan = (av != av) || (bv != bv);
+      const bool b_less = bv < av;
+      lo[p] = static_cast<scalar_t>(nan ? either : (b_less ? bv : av));
+      hi[p] = static_cast<scalar_t>(nan ? either : (b_less ? av : bv));
+    }
+  }
+  return squares_block(x, rows * row_len);
+}
+
 template <typename scalar_t>
 double sample_pass(const scalar_t* x, scalar_t* out, int64_t rows, int64_t half) {
   return sample_body(x, out, rows, half);
+}
+
+template <typename scalar_t>
+double sample_pass_to_contiguous(const scalar_t* x, scalar_t* out, int64_t rows, int64_t half) {
+  return sample_body_to_contiguous(x, out, rows, half);
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
@@ -104,23 +137,34 @@ __attribute__((target("avx2,fma"))) double sample_pass_avx2(const scalar_t* x, s
                                                             int64_t half) {
   return sample_body(x, out, rows, half);
 }
+template <typename scalar_t>
+__attribute__((target("avx2,fma"))) double sample_pass_to_contiguous_avx2(const scalar_t* x, scalar_t* out,
+                                                                          int64_t rows, int64_t half) {
+  return sample_body_to_contiguous(x, out, rows, half);
+}
 const bool kHasAvx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 #endif
 
 template <typename scalar_t>
-inline double sample(const scalar_t* x, scalar_t* out, int64_t rows, int64_t half) {
+inline double sample(const scalar_t* x, scalar_t* out, int64_t rows, int64_t half, bool to_contiguous) {
 #if defined(__GNUC__) && defined(__x86_64__)
-  if (kHasAvx2) return sample_pass_avx2(x, out, rows, half);
+  if (kHasAvx2) {
+    return to_contiguous ? sample_pass_to_contiguous_avx2(x, out, rows, half) : sample_pass_avx2(x, out, rows, half);
+  }
 #endif
-  return sample_pass(x, out, rows, half);
+  return to_contiguous ? sample_pass_to_contiguous(x, out, rows, half) : sample_pass(x, out, rows, half);
 }
 
-// x and out: N samples of rows * 2 * half elements each (see sample_body)
+// x and out: N samples of rows * 2 * half elements each (see sample_body); to_contiguous:
+// x channels_last and out contiguous (see sample_body_to_contiguous)
 template <typename scalar_t>
-void minmax_norm_kernel(const scalar_t* x, scalar_t* out, double* sumsq, int64_t N, int64_t rows, int64_t half) {
+void minmax_norm_kernel(const scalar_t* x, scalar_t* out, double* sumsq, int64_t N, int64_t rows, int64_t half,
+                        bool to_contiguous) {
   const int64_t per_sample = rows * 2 * half;
   at::parallel_for(0, N, sample_grain(per_sample), [&](int64_t begin, int64_t end) {
-    for (int64_t n = begin; n < end; ++n) sumsq[n] = sample(x + n * per_sample, out + n * per_sample, rows, half);
+    for (int64_t n = begin; n < end; ++n) {
+      sumsq[n] = sample(x + n * per_sample, out + n * per_sample, rows, half, to_contiguous);
+    }
   });
 }
 
@@ -174,19 +218,21 @@ void check_minmax_input(const at::Tensor& x, const char* op) {
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ", x.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor> minmax_norm_cpu(const at::Tensor& x_in) {
+std::tuple<at::Tensor, at::Tensor> minmax_norm_cpu(const at::Tensor& x_in, bool contiguous_out) {
   check_minmax_input(x_in, "minmax_norm");
   kernel_device(x_in, at::kCPU, "minmax_norm", "x");
   const at::MemoryFormat format = layout_of(x_in);
   const at::Tensor x = x_in.contiguous(format);
   const int64_t N = x.size(0);
-  at::Tensor out = at::empty_like(x, format);
+  // out in x's layout, or contiguous when asked (the same for a contiguous x)
+  const bool to_contiguous = contiguous_out && format == at::MemoryFormat::ChannelsLast;
+  at::Tensor out = at::empty_like(x, contiguous_out ? at::MemoryFormat::Contiguous : format);
   at::Tensor sumsq = at::empty({N}, x.options().dtype(at::kDouble));
   if (N == 0 || x.numel() == 0) return {out, sumsq.zero_()};
   const auto [rows, half] = row_shape(x, format);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "minmax_norm", [&] {
     minmax_norm_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
-                                 sumsq.mutable_data_ptr<double>(), N, rows, half);
+                                 sumsq.mutable_data_ptr<double>(), N, rows, half, to_contiguous);
   });
   return {out, sumsq};
 }

@@ -76,12 +76,17 @@ class MinMax(ConstantLipschitzModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return minmax(x)
 
-    def certifying_forward_norm(self, x: torch.Tensor, norm: Optional[NormBound]):
+    def certifying_forward_norm(self, x: torch.Tensor, norm: Optional[NormBound], *, flattened_next: bool = False):
         """MinMax permutes each sample's entries: its output norm is x's, so a known bound
         passes through; otherwise the fused kernel (where the backend has one) sums the
-        squares while it writes, and the bound comes from that sum."""
-        if norm is None and x.dim() >= 2 and x.shape[0] > 0 and fused_minmax_norm(x.device.type):
-            out, sumsq = minmax_norm(x)
+        squares while it writes, and the bound comes from that sum. ``flattened_next``: the
+        output is flattened next (the certifying pass says so), so the fused kernel writes
+        it contiguous even from a channels_last x (the flatten then copies nothing)."""
+        fused = x.dim() >= 2 and x.shape[0] > 0 and fused_minmax_norm(x.device.type)
+        if fused and (norm is None or flattened_next):
+            out, sumsq = minmax_norm(x, contiguous_out=flattened_next)
+            if norm is not None:
+                return out, norm
             # a bound, never differentiated: detached like activation_norm_upper's norms;
             # taken with the pass's other sums at its end (norm_uppers)
             return out, SumOfSquares(sumsq.detach(), x[0].numel())

@@ -16,7 +16,8 @@ min's gradient, as :class:`gloro_fast.nn.MinMax`), plus 2·x·grad_sumsq_n.
 
 Layout: out (and the backward's grad_x) is channels_last when x is a 4-D channels_last
 tensor (channels_last-contiguous and not contiguous), contiguous otherwise
-(:func:`output_format`). The op carries torch's ``flexible_layout`` tag, so torch.compile's
+(:func:`output_format`); ``contiguous_out=True`` makes out contiguous whatever x's layout
+(for an output that is flattened next). The op carries torch's ``flexible_layout`` tag, so torch.compile's
 Inductor, which lays convolution outputs out channels_last, hands them over as they are
 instead of copying them to contiguous and back around every MinMax.
 
@@ -36,7 +37,7 @@ from ._library import define_op
 
 __all__ = ["fused_minmax_norm", "minmax_norm", "minmax_norm_reference", "output_format"]
 
-SCHEMA = "(Tensor x) -> (Tensor, Tensor)"
+SCHEMA = "(Tensor x, bool contiguous_out=False) -> (Tensor, Tensor)"
 BACKWARD_SCHEMA = "(Tensor grad_out, Tensor grad_sumsq, Tensor x) -> Tensor"
 
 
@@ -49,11 +50,11 @@ def minmax_norm_reference(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     return out, sumsq
 
 
-def output_format(x: torch.Tensor) -> torch.memory_format:
+def output_format(x: torch.Tensor, contiguous_out: bool = False) -> torch.memory_format:
     """The memory format of the op's outputs for input ``x`` (the C++ kernels' rule):
     channels_last for a 4-D channels_last-contiguous x that is not contiguous, else
-    contiguous."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    contiguous; contiguous whatever x's layout with ``contiguous_out``."""
+    if not contiguous_out and x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
 
@@ -64,13 +65,16 @@ def _check(x) -> None:
         raise ValueError(f"x must have an even channel count (shape (N, C, ...), C even), got {tuple(x.shape)}")
 
 
-def minmax_norm(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def minmax_norm(x: torch.Tensor, contiguous_out: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(MinMax(x), Σ x_n² per sample)``: x (N, C, ...) floating point with C even →
-    (out (N, C, ...) of x's dtype, sumsq (N,) float64). Differentiable in x."""
+    (out (N, C, ...) of x's dtype, sumsq (N,) float64). Differentiable in x.
+    ``contiguous_out``: out contiguous even for a channels_last x (for an output that is
+    flattened next: the kernel writes that order instead of leaving a copy to the flatten)."""
     _check(x)
     if backend_for("minmax_norm", x.device.type) == "reference":
-        return minmax_norm_reference(x)
-    return _OP(x.contiguous(memory_format=output_format(x)))
+        out, sumsq = minmax_norm_reference(x)
+        return (out.contiguous() if contiguous_out else out), sumsq
+    return _OP(x.contiguous(memory_format=output_format(x)), bool(contiguous_out))
 
 
 def fused_minmax_norm(device_type: str) -> bool:
@@ -83,9 +87,9 @@ def fused_minmax_norm(device_type: str) -> bool:
 # ---- the op: reference kernels, fake kernels, autograd ----
 
 
-def _reference_kernel(x):
+def _reference_kernel(x, contiguous_out=False):
     out, sumsq = minmax_norm_reference(x)
-    return out.contiguous(memory_format=output_format(x)), sumsq
+    return out.contiguous(memory_format=output_format(x, contiguous_out)), sumsq
 
 
 def _reference_backward(grad_out, grad_sumsq, x):
@@ -97,8 +101,9 @@ def _reference_backward(grad_out, grad_sumsq, x):
     return (grad + scale * x).contiguous(memory_format=output_format(x))
 
 
-def _fake(x):
-    return torch.empty_like(x, memory_format=output_format(x)), x.new_empty((x.shape[0],), dtype=torch.float64)
+def _fake(x, contiguous_out=False):
+    return (torch.empty_like(x, memory_format=output_format(x, contiguous_out)),
+            x.new_empty((x.shape[0],), dtype=torch.float64))
 
 
 def _fake_backward(grad_out, grad_sumsq, x):
@@ -106,19 +111,20 @@ def _fake_backward(grad_out, grad_sumsq, x):
 
 
 def _setup_context(ctx, inputs, output):
-    (x,) = inputs
+    x = inputs[0]
     ctx.save_for_backward(x)
 
 
 def _backward(ctx, grad_out, grad_sumsq):
     (x,) = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
-        return None
+        return None, None
     if grad_out is None:
         grad_out = torch.zeros_like(x)
     if grad_sumsq is None:
         grad_sumsq = x.new_zeros((x.shape[0],), dtype=torch.float64)
-    return _BACKWARD_OP(grad_out.contiguous(memory_format=output_format(x)), grad_sumsq.contiguous(), x)
+    # grad_out in x's layout (a contiguous_out forward hands a contiguous one back)
+    return _BACKWARD_OP(grad_out.contiguous(memory_format=output_format(x)), grad_sumsq.contiguous(), x), None
 
 
 _OP, _BACKWARD_OP = define_op(

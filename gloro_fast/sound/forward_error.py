@@ -276,8 +276,9 @@ def sample_norm_constants(sample_shape: Tuple[int, ...], dtype: torch.dtype) -> 
     shape ``sample_shape``, valid for every view :func:`norm_rows` takes of them: for an
     image (C, H, W) the larger of the constants of (G, m) = (C, H·W) and (H·W, C), so that
     one frozen model holds them whatever layout its input arrives in."""
+    sample_shape = tuple(_concrete(n) for n in sample_shape)
     if len(sample_shape) == 3:
-        channels, pixels = int(sample_shape[0]), int(sample_shape[1]) * int(sample_shape[2])
+        channels, pixels = sample_shape[0], sample_shape[1] * sample_shape[2]
         a = activation_norm_constants((channels, pixels), dtype)
         b = activation_norm_constants((pixels, channels), dtype)
         return max(a[0], b[0]), max(a[1], b[1])
@@ -362,10 +363,18 @@ def norm_dtype(dtype: torch.dtype) -> torch.dtype:
 _NORM_CONSTANTS: dict = {}
 
 
+def _concrete(n) -> int:
+    """A size as a Python int. Under torch.compile a size can be symbolic (Dynamo makes the
+    dimensions dynamic that change between two compilations of one function), and the
+    constants below need its value: ``len(range(n))`` makes Dynamo specialise the graph on it
+    (a guard; another size compiles again), where ``int(n)`` stays symbolic."""
+    return len(range(n)) if torch.compiler.is_compiling() else int(n)
+
+
 def activation_norm_constants(shape: Tuple[int, int], dtype: torch.dtype) -> Tuple[float, float]:
     """(factor, offset) of :func:`activation_norm_upper` for activations of ``dtype`` viewed
     as (B, G, m) with ``shape`` = (G, m): ‖h_b‖ ≤ factor·R̃ + offset (before its roundings up)."""
-    groups, terms = int(shape[0]), int(shape[1])
+    groups, terms = _concrete(shape[0]), _concrete(shape[1])
 
     def make():
         work = norm_dtype(dtype)

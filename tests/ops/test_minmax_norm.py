@@ -136,6 +136,45 @@ def test_channels_last_input_is_read_in_place_and_gives_channels_last_output(bac
         assert torch.equal(grad_x, ref_grad)
 
 
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", CHANNELS_LAST_SHAPES + [(4, 32, 7, 7)], ids=str)
+def test_contiguous_out_writes_the_flattened_order_from_channels_last(backend, dtype, shape):
+    """contiguous_out (a MinMax flattened next, in the CPU certifying pass): the same values
+    and sums, written contiguous from a channels_last x, so that flatten is a view; the
+    gradient comes back in x's layout with the values of the channels_last forward's."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    x[0, 0, 0, 0] = math.nan  # NaN propagates in this kernel too
+    with use_backend(backend):
+        out, sumsq = minmax_norm(x, contiguous_out=True)
+        cl_out, cl_sumsq = minmax_norm(x)
+        same = minmax_norm(x.contiguous(), contiguous_out=True)
+    assert out.is_contiguous() and out.flatten(1).data_ptr() == out.data_ptr()
+    assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(cl_out.contiguous()))
+    assert torch.equal(torch.nan_to_num(out), torch.nan_to_num(same[0]))
+    ref_out, _ = per_sample_loop(x.float().contiguous())
+    assert torch.equal(torch.nan_to_num(out.float()), torch.nan_to_num(ref_out))
+    assert torch.equal(sumsq.isnan(), cl_sumsq.isnan())
+    xg = x.detach().float().requires_grad_(True) if dtype == torch.bfloat16 else x.detach().requires_grad_(True)
+    xg = xg.contiguous(memory_format=torch.channels_last)
+    with use_backend(backend):
+        y, s2 = minmax_norm(xg, contiguous_out=True)
+        torch.nan_to_num(y).sum().backward()
+        g1 = xg.grad.clone()
+        xg.grad = None
+        y, s2 = minmax_norm(xg)
+        torch.nan_to_num(y).sum().backward()
+    assert torch.equal(torch.nan_to_num(g1), torch.nan_to_num(xg.grad))
+
+
+@needs_cpp
+def test_opcheck_contiguous_out():
+    g = torch.Generator().manual_seed(10)
+    x = torch.randn(3, 6, 4, 5, generator=g).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.gloro_fast.minmax_norm.default, (x, True))
+
+
 @needs_cpp
 def test_opcheck_channels_last():
     g = torch.Generator().manual_seed(8)

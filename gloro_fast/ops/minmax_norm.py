@@ -54,7 +54,8 @@ def output_format(x: torch.Tensor, contiguous_out: bool = False) -> torch.memory
     """The memory format of the op's outputs for input ``x`` (the C++ kernels' rule):
     channels_last for a 4-D channels_last-contiguous x that is not contiguous, else
     contiguous; contiguous whatever x's layout with ``contiguous_out``."""
-    if not contiguous_out and x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+    if (not contiguous_out and x.dim() == 4 and not x.is_contiguous()
+            and x.is_contiguous(memory_format=torch.channels_last)):
         return torch.channels_last
     return torch.contiguous_format
 

@@ -42,8 +42,8 @@ import torch
 from .rounding import U64, gamma, largest_finite, underflow_unit, unit_roundoff, up, up_tensor, up_tensor_inner
 
 __all__ = ["Affine", "AffineStep", "Arithmetic", "ForwardBound", "NormBound", "SumOfSquares",
-           "activation_norm_constants", "activation_norm_upper", "norm_rows", "sample_norm_constants", "affine_layer", "exact_layer", "ieee_arithmetic",
-           "norm_dtype", "norm_upper_from_sumsq", "norm_uppers"]
+           "activation_norm_constants", "activation_norm_upper", "affine_layer", "exact_layer", "ieee_arithmetic",
+           "norm_dtype", "norm_rows", "norm_upper_from_sumsq", "norm_uppers", "sample_norm_constants"]
 
 
 @dataclass(frozen=True)

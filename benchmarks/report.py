@@ -44,6 +44,8 @@ OP_TITLES = OrderedDict([
     ("same_bits_paired", "same_bits (the CPU stale-bound guard's comparison) vs a torch.equal loop, paired rounds"),
     ("guard_share", "The stale-bound guard's time as a share of certify's, paired rounds"),
     ("sound_decision_paired", "sound_decision (the sound test in one op) vs its torch-op reference, paired rounds"),
+    ("norm_basis_paired", "norm_basis (the allowance's basis from the recorded norms in one op) vs its torch-op "
+                          "reference, paired rounds"),
     ("dispatch", "Dispatch overhead: the op vs its kernel (cpp backend, microsecond-sized calls)"),
 ])
 MODE_NOTES = {
@@ -223,6 +225,10 @@ def compute_targets(rows: List[dict]) -> List[dict]:
     for r in _find(rows, op="same_bits_paired"):
         p = r.get("paired") or {}
         add("same_bits vs torch.equal loop (speed-up, paired)", r["contender"], p.get("ratio_median"), 1.0,
+            ">=", paired_detail(r, p), info=True)
+    for r in _find(rows, op="norm_basis_paired"):
+        p = r.get("paired") or {}
+        add("norm_basis vs its reference (speed-up, paired)", r["contender"], p.get("ratio_median"), 1.0,
             ">=", paired_detail(r, p), info=True)
     for r in _find(rows, op="sound_decision_paired"):
         p = r.get("paired") or {}

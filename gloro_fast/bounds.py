@@ -36,11 +36,12 @@ from typing import Dict, List, Optional, Tuple
 import torch
 
 from .nn import Linear, LipschitzModule, PowerIterationModule, Sequential
-from .ops import class_distances
+from .ops import class_distances, norm_basis
 from .sound.decision import Allowance, AllowanceForms, Form, LinearForms, decide
 from .sound.decision import radius as sound_radius
 from .sound.dense import spectral_norm_upper
-from .sound.forward_error import Affine, AffineStep, Arithmetic, ForwardBound
+from .sound.forward_error import (Affine, AffineStep, Arithmetic, ForwardBound, SumOfSquares,
+                                  activation_norm_constants)
 from .sound.rounding import U64, gamma, up, up_tensor
 
 __all__ = ["Allowance", "AllowanceForms", "EstimateBounds", "LayerBracket", "LinearForms",
@@ -197,6 +198,28 @@ class SoundBounds:
             ones = torch.ones_like(feat)
             basis = torch.stack(list(step_norms) + [feat, ones], dim=1)
         return forms, basis
+
+    def per_sample_basis(self, bounds) -> Tuple[LinearForms, torch.Tensor]:
+        """The per-sample forms and their basis (B, m) float64 from the norm bounds the
+        certifying pass recorded (the inputs of the affine layers, then the features): each a
+        (B,) float64 tensor, or a :class:`~gloro_fast.sound.forward_error.SumOfSquares` taken
+        here. One :func:`gloro_fast.ops.norm_basis` call: the bits of
+        :func:`~gloro_fast.sound.forward_error.norm_uppers` followed by :meth:`basis`."""
+        forms = self.forms.per_sample
+        if forms is None or len(bounds) + 1 != forms.size:
+            raise RuntimeError("activation norms do not match the layers' steps")
+        rows, factors, offsets, from_sumsq = [], [], [], []
+        for bound in bounds:
+            if isinstance(bound, SumOfSquares):
+                factor, offset = activation_norm_constants((1, bound.terms), torch.float64)
+                rows.append(bound.sumsq)
+            else:
+                factor, offset = 0.0, 0.0
+                rows.append(bound)
+            factors.append(factor)
+            offsets.append(offset)
+            from_sumsq.append(isinstance(bound, SumOfSquares))
+        return forms, norm_basis(rows, factors, offsets, from_sumsq)
 
     # -- decisions ------------------------------------------------------------------
     def bottom(self, logits: torch.Tensor, allowance: Allowance, epsilon: float):

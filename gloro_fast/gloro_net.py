@@ -37,7 +37,7 @@ from .bounds import EstimateBounds, LayerBracket, SoundBounds, check_certificate
 from .nn import Conv2d, Flatten, Linear, MinMax, from_torch
 from .nn.conv import channels_last
 from .ops import bottom_logit, sound_decision
-from .sound.forward_error import activation_norm_upper, ieee_arithmetic, norm_uppers
+from .sound.forward_error import activation_norm_upper, ieee_arithmetic
 from .sound.rounding import up_tensor
 
 __all__ = ["GloroNet", "GloroOutput"]
@@ -257,8 +257,7 @@ class GloroNet(nn.Module):
                         h, known = layer.certifying_forward_norm(h, known)
                 features = activation_norm_upper(h) if known is None else known
                 logits = self.head(h)
-            *norms, features = norm_uppers(norms + [features])
-            forms, basis = sb.basis(x, (norms, features))
+            forms, basis = sb.per_sample_basis(norms + [features])
         return logits, sb, forms, basis, same
 
     def _estimate_forward(self, x: torch.Tensor):

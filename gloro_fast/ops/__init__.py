@@ -11,6 +11,7 @@ from .blocked_linear import blocked_linear, blocked_linear_reference
 from .bottom_logit import bottom_logit, bottom_logit_reference
 from .class_distances import class_distances, class_distances_reference
 from .minmax_norm import minmax_norm, minmax_norm_reference
+from .norm_basis import norm_basis, norm_basis_reference
 from .power_iteration_conv import (
     power_iteration_conv,
     power_iteration_conv_batched,
@@ -31,6 +32,8 @@ __all__ = [
     "get_backend",
     "minmax_norm",
     "minmax_norm_reference",
+    "norm_basis",
+    "norm_basis_reference",
     "power_iteration_conv",
     "power_iteration_conv_batched",
     "power_iteration_conv_reference",

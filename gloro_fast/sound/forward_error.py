@@ -340,10 +340,10 @@ def _sum_constants(terms: Tuple[int, ...], device: torch.device) -> Tuple[torch.
         constants = [activation_norm_constants((1, m), torch.float64) for m in terms]
         factor, offset = torch.tensor(constants, dtype=torch.float64, device=device).t().unsqueeze(2)
         return factor, offset
-    return _memoised(_SUM_CONSTANTS, (terms, device), make)
+    return memoised(_SUM_CONSTANTS, (terms, device), make)
 
 
-def _memoised(table: dict, key, make):
+def memoised(table: dict, key, make):
     """``make()``, kept in ``table`` under ``key`` outside traces (a trace computes it afresh:
     no state is mutated while compiling)."""
     if torch.compiler.is_compiling():
@@ -383,4 +383,4 @@ def activation_norm_constants(shape: Tuple[int, int], dtype: torch.dtype) -> Tup
         offset = up(up(math.sqrt(up(2.0 * groups * terms * eta)))
                     + up(2.0 * up(math.sqrt(up(2.0 * groups * underflow_unit(torch.float64))))))
         return factor, offset
-    return _memoised(_NORM_CONSTANTS, (groups, terms, dtype), make)
+    return memoised(_NORM_CONSTANTS, (groups, terms, dtype), make)

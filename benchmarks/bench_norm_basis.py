@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from benchmarks.harness import DEVICE, DTYPE, pick, record_skip, run_paired
+from benchmarks.harness import DEVICE, pick, record_skip, run_paired
 from gloro_fast.models import cnn_2C2F, cnn_6C2F
 from gloro_fast.ops import norm_basis, resolve_backend
 from gloro_fast.sound.forward_error import SumOfSquares, activation_norm_constants, norm_uppers

@@ -40,8 +40,7 @@ from .ops import class_distances, norm_basis
 from .sound.decision import Allowance, AllowanceForms, Form, LinearForms, decide
 from .sound.decision import radius as sound_radius
 from .sound.dense import spectral_norm_upper
-from .sound.forward_error import (Affine, AffineStep, Arithmetic, ForwardBound, SumOfSquares,
-                                  activation_norm_constants)
+from .sound.forward_error import Affine, AffineStep, Arithmetic, ForwardBound, SumOfSquares, activation_norm_constants
 from .sound.rounding import U64, gamma, up, up_tensor
 
 __all__ = ["Allowance", "AllowanceForms", "EstimateBounds", "LayerBracket", "LinearForms",

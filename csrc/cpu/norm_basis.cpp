@@ -19,23 +19,13 @@
 #include <limits>
 #include <vector>
 
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
+#include "rounding.h"
 
 namespace gloro_fast {
 namespace {
 
-// gloro_fast.sound.rounding: _UP and FLOOR64
-constexpr double kUp = 1.0 + 0x1p-50;
-constexpr double kFloor = 0x1p-1022;
-
-inline double up_inner(double x) {
-  const double scaled = x * kUp;
-  return scaled + kFloor;
-}
+using rounding::kInf;
+using rounding::up_inner;
 
 at::Tensor norm_basis_cpu(at::TensorList rows, at::ArrayRef<double> factors, at::ArrayRef<double> offsets,
                           const c10::List<bool>& from_sumsq) {
@@ -61,7 +51,6 @@ at::Tensor norm_basis_cpu(at::TensorList rows, at::ArrayRef<double> factors, at:
   at::Tensor basis = at::empty({B, k + 1}, rows[0].options());
   double* out = basis.data_ptr<double>();
   const std::vector<double> factor(factors.begin(), factors.end()), offset(offsets.begin(), offsets.end());
-  constexpr double kInf = std::numeric_limits<double>::infinity();
   // a few flops per value: one thread up to ~64 K of them, where waking others costs more
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / (k + 1));
   at::parallel_for(0, B, grain, [&](int64_t begin, int64_t end) {

@@ -24,34 +24,16 @@
 #include <limits>
 #include <tuple>
 
-#if defined(__clang__)
-#pragma clang fp contract(off)
-#elif defined(__GNUC__)
-#pragma GCC optimize("fp-contract=off")
-#endif
+#include "rounding.h"
 
 namespace gloro_fast {
 namespace {
 
-// gloro_fast.sound.decision.ROUNDING
-constexpr double kUp = 1.0 + 0x1p-50;
-constexpr double kDown = 1.0 - 0x1p-50;
-constexpr double kUlp = 0x1p-50;
-constexpr double kEta = 0x1p-1022;
-constexpr double kInf = std::numeric_limits<double>::infinity();
-constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
-
-inline double up(double x) {
-  double y = x * kUp;
-  y = y + kEta;
-  return std::isnan(y) ? kInf : y;
-}
-
-inline double up_signed(double x) {
-  double a = std::fabs(x) * kUlp;
-  a = a + kEta;
-  return x + a;
-}
+using rounding::kDown;
+using rounding::kInf;
+using rounding::kNaN;
+using rounding::up;
+using rounding::up_signed;
 
 // max / min propagating NaN (torch.amax / torch.amin)
 inline double nan_max(double a, double b) { return (std::isnan(a) || std::isnan(b)) ? kNaN : (b > a ? b : a); }

@@ -88,7 +88,7 @@ class MinMax(ConstantLipschitzModule):
             if norm is not None:
                 return out, norm
             # a bound, never differentiated: detached like activation_norm_upper's norms;
-            # taken with the pass's other sums at its end (norm_uppers)
+            # taken with the pass's other sums at its end (SoundBounds.per_sample_basis)
             return out, SumOfSquares(sumsq.detach(), x[0].numel())
         return self.certifying_forward(x), norm
 

@@ -101,7 +101,7 @@ class LipschitzModule(nn.Module):
         """``(certifying_forward(x), bound)``: ``bound`` ≥ each output sample's l2 norm when
         this layer knows one without reading its output again, else None. A bound is a (B,)
         float64 tensor or a :class:`~gloro_fast.sound.forward_error.SumOfSquares` (taken
-        with the others at the end of the pass, :func:`~gloro_fast.sound.forward_error.norm_uppers`).
+        with the others at the end of the pass, :meth:`~gloro_fast.bounds.SoundBounds.per_sample_basis`).
         ``norm`` is such a bound for x, or None. By default None (the certifying pass then
         measures the norm where it needs it); norm-preserving or norm-reducing layers pass
         ``norm`` on as it is, and MinMax computes it while it writes (:func:`gloro_fast.ops.minmax_norm`)."""

@@ -301,10 +301,11 @@ def norm_upper_from_sumsq(sumsq: torch.Tensor, terms: int) -> torch.Tensor:
 class SumOfSquares(NamedTuple):
     """A per-sample norm bound not taken yet: S̃ (B,) float64, the sum of the squares of
     each sample's ``terms`` entries as :func:`norm_upper_from_sumsq` takes it. The fused
-    MinMax hands this on, and the certifying pass takes all of them at once
-    (:func:`norm_uppers`): one square root and one chain of roundings up for the whole
-    pass instead of one per layer (each small float64 op costs a dispatch, and a square
-    root on a thread pool whose threads sleep costs ~70 µs on 2 cores)."""
+    MinMax hands this on, and the certifying pass takes all of them at once, with its other
+    norms, in one op (:func:`gloro_fast.ops.norm_basis`, whose reference is
+    :func:`norm_uppers` then a stack): one pass instead of a chain of small float64 ops per
+    layer (each costs a dispatch, and MKL's square root of a few thousand values wakes its
+    thread team, ~60 µs on 2 cores when the OpenMP workers sleep)."""
 
     sumsq: torch.Tensor
     terms: int

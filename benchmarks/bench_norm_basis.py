@@ -33,11 +33,11 @@ def test_norm_basis_paired(benchmark, arch, batch):
     rows = [b.sumsq if isinstance(b, SumOfSquares) else b for b in bounds]
     consts = [activation_norm_constants((1, b.terms), torch.float64) if isinstance(b, SumOfSquares) else (0.0, 0.0)
               for b in bounds]
-    flags = [isinstance(b, SumOfSquares) for b in bounds]
+    kinds = [1 if isinstance(b, SumOfSquares) else 0 for b in bounds]
     factors, offsets = [c[0] for c in consts], [c[1] for c in consts]
 
     def ours():
-        return norm_basis(rows, factors, offsets, flags)
+        return norm_basis(rows, factors, offsets, kinds)
 
     def theirs():
         return torch.stack(norm_uppers(bounds) + [torch.ones_like(rows[0])], dim=1)

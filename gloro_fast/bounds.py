@@ -40,7 +40,15 @@ from .ops import class_distances, norm_basis
 from .sound.decision import Allowance, AllowanceForms, Form, LinearForms, decide
 from .sound.decision import radius as sound_radius
 from .sound.dense import spectral_norm_upper
-from .sound.forward_error import Affine, AffineStep, Arithmetic, ForwardBound, SumOfSquares, activation_norm_constants
+from .sound.forward_error import (
+    Affine,
+    AffineStep,
+    Arithmetic,
+    ForwardBound,
+    MeasuredNorm,
+    SumOfSquares,
+    activation_norm_constants,
+)
 from .sound.rounding import U64, gamma, up, up_tensor
 
 __all__ = ["Allowance", "AllowanceForms", "EstimateBounds", "LayerBracket", "LinearForms",
@@ -201,24 +209,28 @@ class SoundBounds:
     def per_sample_basis(self, bounds) -> Tuple[LinearForms, torch.Tensor]:
         """The per-sample forms and their basis (B, m) float64 from the norm bounds the
         certifying pass recorded (the inputs of the affine layers, then the features): each a
-        (B,) float64 tensor, or a :class:`~gloro_fast.sound.forward_error.SumOfSquares` taken
-        here. One :func:`gloro_fast.ops.norm_basis` call: the bits of
-        :func:`~gloro_fast.sound.forward_error.norm_uppers` followed by :meth:`basis`."""
+        (B,) float64 tensor, or a :class:`~gloro_fast.sound.forward_error.SumOfSquares` or
+        :class:`~gloro_fast.sound.forward_error.MeasuredNorm` finished here. One
+        :func:`gloro_fast.ops.norm_basis` call: :func:`~gloro_fast.sound.forward_error.norm_uppers`
+        followed by :meth:`basis` (its bits on the reference kernels; the C++ kernel's square
+        root is correctly rounded, torch's faithful)."""
         forms = self.forms.per_sample
         if forms is None or len(bounds) + 1 != forms.size:
             raise RuntimeError("activation norms do not match the layers' steps")
-        rows, factors, offsets, from_sumsq = [], [], [], []
+        rows, factors, offsets, kinds = [], [], [], []
         for bound in bounds:
             if isinstance(bound, SumOfSquares):
                 factor, offset = activation_norm_constants((1, bound.terms), torch.float64)
-                rows.append(bound.sumsq)
+                row, kind = bound.sumsq, 1
+            elif isinstance(bound, MeasuredNorm):
+                row, factor, offset, kind = bound.total, bound.factor, bound.offset, 2
             else:
-                factor, offset = 0.0, 0.0
-                rows.append(bound)
+                row, factor, offset, kind = bound, 0.0, 0.0, 0
+            rows.append(row)
             factors.append(factor)
             offsets.append(offset)
-            from_sumsq.append(isinstance(bound, SumOfSquares))
-        return forms, norm_basis(rows, factors, offsets, from_sumsq)
+            kinds.append(kind)
+        return forms, norm_basis(rows, factors, offsets, kinds)
 
     # -- decisions ------------------------------------------------------------------
     def bottom(self, logits: torch.Tensor, allowance: Allowance, epsilon: float):

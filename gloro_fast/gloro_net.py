@@ -37,7 +37,7 @@ from .bounds import EstimateBounds, LayerBracket, SoundBounds, check_certificate
 from .nn import Conv2d, Flatten, Linear, MinMax, from_torch
 from .nn.conv import channels_last
 from .ops import bottom_logit, sound_decision
-from .sound.forward_error import activation_norm_upper, ieee_arithmetic
+from .sound.forward_error import ieee_arithmetic, measured_norm
 from .sound.rounding import up_tensor
 
 __all__ = ["GloroNet", "GloroOutput"]
@@ -241,7 +241,7 @@ class GloroNet(nn.Module):
                 compiling = torch.compiler.is_compiling()
                 for i, (layer, step) in enumerate(zip(layers, sb.steps)):
                     if step is not None:
-                        norms.append(activation_norm_upper(h) if known is None else known)
+                        norms.append(measured_norm(h) if known is None else known)
                     if i == 0:  # after the input's norm, which reads x as it came
                         h = _convolution_layout(h, layer)
                     if _ends_a_layout(layers, i):
@@ -255,8 +255,9 @@ class GloroNet(nn.Module):
                             h, known = layer.certifying_forward_norm(h, known, flattened_next=True)
                     else:
                         h, known = layer.certifying_forward_norm(h, known)
-                features = activation_norm_upper(h) if known is None else known
+                features = measured_norm(h) if known is None else known
                 logits = self.head(h)
+            # every norm finished in one op (the measured ones, the MinMax sums of squares)
             forms, basis = sb.per_sample_basis(norms + [features])
         return logits, sb, forms, basis, same
 

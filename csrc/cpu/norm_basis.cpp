@@ -2,8 +2,9 @@
 // norm rows, one pass per sample.
 //
 // For k rows r_i (B,) float64 (gloro_fast/ops/norm_basis.py):
-//   N[b, i] = up(up'(sqrt(r_i[b]) * factor_i) + offset_i)   where from_sumsq[i]
-//   N[b, i] = r_i[b]                                        otherwise
+//   N[b, i] = r_i[b]                                        kinds[i] = 0 (a bound)
+//   N[b, i] = up(up'(sqrt(r_i[b]) * factor_i) + offset_i)   kinds[i] = 1 (a sum of squares)
+//   N[b, i] = up(up'(r_i[b] * factor_i) + offset_i)         kinds[i] = 2 (a computed norm)
 //   N[b, k] = 1
 // with up'(x) = x (1 + 2^-50) + 2^-1022 and up(x) = up'(x), NaN -> +inf: the reference's
 // float64 operations in its order, each rounded to nearest (the file is compiled without
@@ -28,12 +29,12 @@ using rounding::kInf;
 using rounding::up_inner;
 
 at::Tensor norm_basis_cpu(at::TensorList rows, at::ArrayRef<double> factors, at::ArrayRef<double> offsets,
-                          const c10::List<bool>& from_sumsq) {
+                          at::IntArrayRef kinds) {
   const int64_t k = static_cast<int64_t>(rows.size());
   TORCH_CHECK(k >= 1, "norm_basis: rows must hold at least one tensor");
   TORCH_CHECK(static_cast<int64_t>(factors.size()) == k && static_cast<int64_t>(offsets.size()) == k &&
-                  static_cast<int64_t>(from_sumsq.size()) == k,
-              "norm_basis: factors, offsets and from_sumsq must each have one entry per row");
+                  static_cast<int64_t>(kinds.size()) == k,
+              "norm_basis: factors, offsets and kinds must each have one entry per row");
   const int64_t B = rows[0].size(0);
   std::vector<at::Tensor> held;
   std::vector<const double*> src;
@@ -46,8 +47,10 @@ at::Tensor norm_basis_cpu(at::TensorList rows, at::ArrayRef<double> factors, at:
     held.push_back(r.contiguous());
     src.push_back(held.back().const_data_ptr<double>());
   }
-  std::vector<char> sumsq(static_cast<size_t>(k));
-  for (int64_t i = 0; i < k; ++i) sumsq[i] = from_sumsq.get(i) ? 1 : 0;
+  for (int64_t i = 0; i < k; ++i) {
+    TORCH_CHECK(kinds[i] >= 0 && kinds[i] <= 2, "norm_basis: kinds must be 0, 1 or 2, got ", kinds[i]);
+  }
+  const std::vector<int64_t> kind(kinds.begin(), kinds.end());
   at::Tensor basis = at::empty({B, k + 1}, rows[0].options());
   double* out = basis.data_ptr<double>();
   const std::vector<double> factor(factors.begin(), factors.end()), offset(offsets.begin(), offsets.end());
@@ -57,11 +60,12 @@ at::Tensor norm_basis_cpu(at::TensorList rows, at::ArrayRef<double> factors, at:
     for (int64_t b = begin; b < end; ++b) {
       double* row = out + b * (k + 1);
       for (int64_t i = 0; i < k; ++i) {
-        if (sumsq[i]) {
-          const double t = up_inner(up_inner(std::sqrt(src[i][b]) * factor[i]) + offset[i]);
-          row[i] = std::isnan(t) ? kInf : t;
-        } else {
+        if (kind[i] == 0) {
           row[i] = src[i][b];
+        } else {
+          const double v = kind[i] == 1 ? std::sqrt(src[i][b]) : src[i][b];
+          const double t = up_inner(up_inner(v * factor[i]) + offset[i]);
+          row[i] = std::isnan(t) ? kInf : t;
         }
       }
       row[k] = 1.0;

@@ -1,12 +1,15 @@
-"""``norm_basis(rows, factors, offsets, from_sumsq)``: the per-sample basis of the rounding
+"""``norm_basis(rows, factors, offsets, kinds)``: the per-sample basis of the rounding
 allowance, from the norms the certifying pass recorded, in one call.
 
 For k rows r_i (B,) float64 it returns N (B, k + 1) float64, the last column 1:
 
-    N[:, i] = up(up'(√r_i · factor_i) + offset_i)   where ``from_sumsq[i]`` (r_i a sum of
-                                                    squares S̃, :func:`~gloro_fast.sound.
-                                                    forward_error.norm_upper_from_sumsq`)
-    N[:, i] = r_i                                   otherwise (already a norm bound)
+    N[:, i] = r_i                                   kinds[i] = 0 (already a norm bound)
+    N[:, i] = up(up'(√r_i · factor_i) + offset_i)   kinds[i] = 1 (r_i a sum of squares S̃,
+                                                    :func:`~gloro_fast.sound.forward_error.
+                                                    norm_upper_from_sumsq`)
+    N[:, i] = up(up'(r_i · factor_i) + offset_i)    kinds[i] = 2 (r_i a computed norm R̃,
+                                                    :func:`~gloro_fast.sound.forward_error.
+                                                    activation_norm_upper`)
 
 with up'(x) = x(1 + 2⁻⁵⁰) + 2⁻¹⁰²² and up(x) the same with NaN → +inf
 (:func:`~gloro_fast.sound.rounding.up_tensor_inner`, :func:`~gloro_fast.sound.rounding.
@@ -41,15 +44,19 @@ from ._library import define_inference_op
 
 __all__ = ["norm_basis", "norm_basis_reference"]
 
-SCHEMA = "(Tensor[] rows, float[] factors, float[] offsets, bool[] from_sumsq) -> Tensor"
+SCHEMA = "(Tensor[] rows, float[] factors, float[] offsets, int[] kinds) -> Tensor"
+
+BOUND, SUM_OF_SQUARES, MEASURED = 0, 1, 2
 
 
 def norm_basis_reference(rows: List[torch.Tensor], factors: Sequence[float], offsets: Sequence[float],
-                         from_sumsq: Sequence[bool]) -> torch.Tensor:
+                         kinds: Sequence[int]) -> torch.Tensor:
     """The computation in torch ops (the live model's before the op, the frozen model's
-    arithmetic): the pending sums of squares together, then the stack with the ones."""
-    cols = list(rows)
-    pending = [i for i, s in enumerate(from_sumsq) if s]
+    arithmetic): each measured norm finished, the pending sums of squares together, then
+    the stack with the ones."""
+    cols = [up_tensor(up_tensor_inner(r * float(factors[i])) + float(offsets[i])) if kinds[i] == MEASURED else r
+            for i, r in enumerate(rows)]
+    pending = [i for i, kind in enumerate(kinds) if kind == SUM_OF_SQUARES]
     if pending:
         sums = torch.stack([rows[i] for i in pending])
         factor, offset = _constants(tuple(float(factors[i]) for i in pending),
@@ -73,7 +80,7 @@ def _constants(factors, offsets, device):
     return memoised(_CONSTANTS, (factors, offsets, device), make)
 
 
-def _fake(rows, factors, offsets, from_sumsq):
+def _fake(rows, factors, offsets, kinds):
     return rows[0].new_empty((rows[0].shape[0], len(rows) + 1))
 
 
@@ -81,18 +88,20 @@ _OP = define_inference_op("norm_basis", SCHEMA, fake=_fake, reference=norm_basis
 
 
 def norm_basis(rows: Sequence[torch.Tensor], factors: Sequence[float], offsets: Sequence[float],
-               from_sumsq: Sequence[bool]) -> torch.Tensor:
+               kinds: Sequence[int]) -> torch.Tensor:
     """The basis (B, k + 1) float64 of k recorded norm rows (see the module docstring):
-    ``rows`` k ≥ 1 tensors (B,) float64 on one device, ``factors``/``offsets`` the constants
-    of the rows that are sums of squares (any number elsewhere), ``from_sumsq`` which those
-    are."""
+    ``rows`` k ≥ 1 tensors (B,) float64 on one device, ``kinds`` what each row is (0: a
+    bound, 1: a sum of squares, 2: a computed norm), ``factors``/``offsets`` the constants of
+    the rows of kinds 1 and 2 (any number elsewhere)."""
     rows = list(rows)
     k = len(rows)
     if k == 0:
         raise ValueError("rows must hold at least one tensor")
-    if not (len(factors) == len(offsets) == len(from_sumsq) == k):
-        raise ValueError(f"factors, offsets and from_sumsq must each have one entry per row ({k}), got "
-                         f"{len(factors)}, {len(offsets)}, {len(from_sumsq)}")
+    if not (len(factors) == len(offsets) == len(kinds) == k):
+        raise ValueError(f"factors, offsets and kinds must each have one entry per row ({k}), got "
+                         f"{len(factors)}, {len(offsets)}, {len(kinds)}")
+    if any(kind not in (BOUND, SUM_OF_SQUARES, MEASURED) for kind in kinds):
+        raise ValueError(f"kinds must be 0 (a bound), 1 (a sum of squares) or 2 (a computed norm), got {list(kinds)}")
     first = rows[0]
     for i, r in enumerate(rows):
         if not isinstance(r, torch.Tensor) or r.dim() != 1 or r.dtype != torch.float64:
@@ -102,4 +111,4 @@ def norm_basis(rows: Sequence[torch.Tensor], factors: Sequence[float], offsets: 
             raise ValueError(f"rows must share one shape and device, got {tuple(r.shape)} on {r.device} at rows[{i}] "
                              f"and {tuple(first.shape)} on {first.device} at rows[0]")
     return _OP([r.detach() for r in rows], [float(f) for f in factors], [float(o) for o in offsets],
-               [bool(s) for s in from_sumsq])
+               [int(kind) for kind in kinds])

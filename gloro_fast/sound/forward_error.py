@@ -41,9 +41,9 @@ import torch
 
 from .rounding import U64, gamma, largest_finite, underflow_unit, unit_roundoff, up, up_tensor, up_tensor_inner
 
-__all__ = ["Affine", "AffineStep", "Arithmetic", "ForwardBound", "NormBound", "SumOfSquares",
+__all__ = ["Affine", "AffineStep", "Arithmetic", "ForwardBound", "MeasuredNorm", "NormBound", "SumOfSquares",
            "activation_norm_constants", "activation_norm_upper", "affine_layer", "exact_layer", "ieee_arithmetic",
-           "norm_dtype", "norm_rows", "norm_upper_from_sumsq", "norm_uppers", "sample_norm_constants"]
+           "measured_norm", "norm_dtype", "norm_rows", "norm_upper_from_sumsq", "norm_uppers", "sample_norm_constants"]
 
 
 @dataclass(frozen=True)
@@ -250,6 +250,24 @@ def activation_norm_upper(h: torch.Tensor) -> torch.Tensor:
     pixels when it is channels_last, with constants valid for both
     (:func:`sample_norm_constants`).
     """
+    total, factor, offset = measured_norm(h)
+    return up_tensor(up_tensor_inner(total * factor) + offset)
+
+
+class MeasuredNorm(NamedTuple):
+    """A per-sample norm bound not finished yet: R̃ (B,) float64, the computed two-level norm
+    of :func:`activation_norm_upper`, with its ``factor`` and ``offset``; the bound is
+    up(up'(R̃·factor) + offset). The certifying pass finishes all of them at once with its
+    other norms (:func:`gloro_fast.ops.norm_basis`), in the same operations."""
+
+    total: torch.Tensor
+    factor: float
+    offset: float
+
+
+def measured_norm(h: torch.Tensor) -> MeasuredNorm:
+    """:func:`activation_norm_upper` before its roundings up: the computed norm and its
+    constants."""
     flat = norm_rows(h.detach())
     factor, offset = sample_norm_constants(tuple(h.shape[1:]), h.dtype)
     parts = torch.linalg.vector_norm(flat, dim=2, dtype=norm_dtype(h.dtype))
@@ -257,7 +275,7 @@ def activation_norm_upper(h: torch.Tensor) -> torch.Tensor:
         total = parts[:, 0].to(torch.float64)
     else:
         total = torch.linalg.vector_norm(parts, dim=1, dtype=torch.float64)
-    return up_tensor(up_tensor_inner(total * factor) + offset)
+    return MeasuredNorm(total, factor, offset)
 
 
 def norm_rows(h: torch.Tensor) -> torch.Tensor:
@@ -311,15 +329,17 @@ class SumOfSquares(NamedTuple):
     terms: int
 
 
-NormBound = Union[torch.Tensor, SumOfSquares]
+NormBound = Union[torch.Tensor, SumOfSquares, MeasuredNorm]
 
 
 def norm_uppers(bounds: Sequence[NormBound]) -> List[torch.Tensor]:
     """Each bound as a (B,) float64 tensor ≥ the samples' l2 norms: tensors as they are,
-    every :class:`SumOfSquares` through :func:`norm_upper_from_sumsq`'s arithmetic, all in
-    one batch (elementwise, so each value is bit for bit the one-at-a-time result)."""
+    every :class:`MeasuredNorm` finished as :func:`activation_norm_upper` finishes it, every
+    :class:`SumOfSquares` through :func:`norm_upper_from_sumsq`'s arithmetic, all in one
+    batch (elementwise, so each value is bit for bit the one-at-a-time result)."""
+    out = [up_tensor(up_tensor_inner(b.total * b.factor) + b.offset) if isinstance(b, MeasuredNorm) else b
+           for b in bounds]
     pending = [i for i, b in enumerate(bounds) if isinstance(b, SumOfSquares)]
-    out = list(bounds)
     if not pending:
         return out
     sums = torch.stack([bounds[i].sumsq for i in pending])

@@ -196,10 +196,12 @@ class GloroNet(nn.Module):
             raise TypeError(f"x must have the model's dtype {ref.dtype}, got {x.dtype}")
         check_finite("x", x)
 
-    def _logits(self, x: torch.Tensor, certifying: bool, first=None) -> torch.Tensor:
+    def _logits(self, x: torch.Tensor, certifying: bool, first=None, checked: bool = False) -> torch.Tensor:
         """The logits; ``first``: the first layer of a body that is a chain, whose input the
-        certifying pass lays out for it (:func:`_convolution_layout`)."""
-        self._check_input(x)
+        certifying pass lays out for it (:func:`_convolution_layout`); ``checked``: x was
+        checked already."""
+        if not checked:
+            self._check_input(x)
         if certifying:
             # certificates are about the model's own dtype in IEEE arithmetic
             with ieee_arithmetic(x.device.type):
@@ -266,9 +268,10 @@ class GloroNet(nn.Module):
         hot-path staleness flag of :func:`~gloro_fast.bound_cache.cached_bounds`."""
         if self.input_shape is None:
             self._logits(x, certifying=True)  # learn the input size first
+        self._check_input(x)  # before any bound is computed
         est, same = cached_bounds(self, "estimate", hot=True)
         chain = cached_chain(self)
-        logits = self._logits(x, certifying=True, first=chain[0] if chain else None)
+        logits = self._logits(x, certifying=True, first=chain[0] if chain else None, checked=True)
         return logits, est, same
 
     def _epsilon(self, epsilon) -> float:

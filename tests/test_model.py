@@ -756,6 +756,22 @@ def test_bad_x(method, debug_checks):
 
 
 @pytest.mark.parametrize("certificate", ["sound", "estimate"])
+def test_x_is_checked_before_any_bound_is_computed(certificate, monkeypatch):
+    """A bad input fails at once, with its message, before seconds of bound computation."""
+    import gloro_fast.bound_cache as bound_cache
+
+    net = conv_net(seed=1).eval()
+    computed = []
+    for name in ("compute_estimate", "compute_sound", "upper_bounds"):
+        monkeypatch.setattr(bound_cache, name, lambda *a, _n=name: computed.append(_n))
+    with pytest.raises(TypeError, match=r"\bx\b.*dtype"):
+        net.certify(torch.rand((3,) + CONV_SHAPE, dtype=torch.float32), certificate=certificate)
+    with pytest.raises(ValueError, match=r"\bx\b"):
+        net.certify(torch.rand(3, 2, 5, 6, dtype=DT), certificate=certificate)
+    assert computed == []
+
+
+@pytest.mark.parametrize("certificate", ["sound", "estimate"])
 def test_nonfinite_x_without_debug_is_never_certified(certificate):
     """Outside debug mode NaN/Inf inputs raise nothing (no host synchronisation): they are
     simply not certified, with radius 0, and the others in the batch are unaffected."""

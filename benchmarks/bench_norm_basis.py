@@ -11,7 +11,7 @@ import torch
 from benchmarks.harness import DEVICE, pick, record_skip, run_paired
 from gloro_fast.models import cnn_2C2F, cnn_6C2F
 from gloro_fast.ops import norm_basis, resolve_backend
-from gloro_fast.sound.forward_error import SumOfSquares, activation_norm_constants, norm_uppers
+from gloro_fast.sound.forward_error import SumOfSquares, norm_terms, norm_uppers
 
 # the entries of each sum the models record (after each MinMax; the features last)
 MODELS = {"6C2F": (cnn_6C2F, (3, 32, 32), (32768, 32768, 16384, 16384, 4096, 4096, 512)),
@@ -30,17 +30,13 @@ def test_norm_basis_paired(benchmark, arch, batch):
     # the input's norm (a bound already), the MinMax sums of squares, the features' sum
     bounds = [torch.rand(batch, generator=g, dtype=torch.float64).to(DEVICE) * 30]
     bounds += [SumOfSquares(torch.rand(batch, generator=g, dtype=torch.float64).to(DEVICE) * 1e3, m) for m in terms]
-    rows = [b.sumsq if isinstance(b, SumOfSquares) else b for b in bounds]
-    consts = [activation_norm_constants((1, b.terms), torch.float64) if isinstance(b, SumOfSquares) else (0.0, 0.0)
-              for b in bounds]
-    kinds = [1 if isinstance(b, SumOfSquares) else 0 for b in bounds]
-    factors, offsets = [c[0] for c in consts], [c[1] for c in consts]
+    args = norm_terms(bounds)
 
     def ours():
-        return norm_basis(rows, factors, offsets, kinds)
+        return norm_basis(*args)
 
     def theirs():
-        return torch.stack(norm_uppers(bounds) + [torch.ones_like(rows[0])], dim=1)
+        return torch.stack(norm_uppers(bounds) + [torch.ones_like(args[0][0])], dim=1)
 
     # a correctly rounded square root against torch's faithful one: a few ulps apart
     torch.testing.assert_close(ours(), theirs(), rtol=2.0 ** -49, atol=0.0)

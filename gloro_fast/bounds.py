@@ -40,15 +40,7 @@ from .ops import class_distances, norm_basis
 from .sound.decision import Allowance, AllowanceForms, Form, LinearForms, decide
 from .sound.decision import radius as sound_radius
 from .sound.dense import spectral_norm_upper
-from .sound.forward_error import (
-    Affine,
-    AffineStep,
-    Arithmetic,
-    ForwardBound,
-    MeasuredNorm,
-    SumOfSquares,
-    activation_norm_constants,
-)
+from .sound.forward_error import Affine, AffineStep, Arithmetic, ForwardBound, norm_terms
 from .sound.rounding import U64, gamma, up, up_tensor
 
 __all__ = ["Allowance", "AllowanceForms", "EstimateBounds", "LayerBracket", "LinearForms",
@@ -217,20 +209,7 @@ class SoundBounds:
         forms = self.forms.per_sample
         if forms is None or len(bounds) + 1 != forms.size:
             raise RuntimeError("activation norms do not match the layers' steps")
-        rows, factors, offsets, kinds = [], [], [], []
-        for bound in bounds:
-            if isinstance(bound, SumOfSquares):
-                factor, offset = activation_norm_constants((1, bound.terms), torch.float64)
-                row, kind = bound.sumsq, 1
-            elif isinstance(bound, MeasuredNorm):
-                row, factor, offset, kind = bound.total, bound.factor, bound.offset, 2
-            else:
-                row, factor, offset, kind = bound, 0.0, 0.0, 0
-            rows.append(row)
-            factors.append(factor)
-            offsets.append(offset)
-            kinds.append(kind)
-        return forms, norm_basis(rows, factors, offsets, kinds)
+        return forms, norm_basis(*norm_terms(bounds))
 
     # -- decisions ------------------------------------------------------------------
     def bottom(self, logits: torch.Tensor, allowance: Allowance, epsilon: float):

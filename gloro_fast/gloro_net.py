@@ -224,13 +224,18 @@ class GloroNet(nn.Module):
             allowance = allowance.refuse_unless(same)
         return logits, sb, allowance
 
+    def _check_before_bounds(self, x: torch.Tensor) -> None:
+        """Check x before any bound is computed (bounds take seconds), the input size learnt
+        first by a forward where the model has none yet."""
+        if self.input_shape is None:
+            self._logits(x, certifying=True)
+        self._check_input(x)
+
     def _sound_basis(self, x: torch.Tensor):
         """The certifying pass up to the allowance: ``(logits, bounds, forms, basis, same)``,
         the allowance being ``forms.evaluate(basis)`` and ``same`` the stale-bound flag of
         :func:`~gloro_fast.bound_cache.cached_bounds` (None, or False: certify nothing)."""
-        if self.input_shape is None:
-            self._logits(x, certifying=True)  # learn the input size first
-        self._check_input(x)
+        self._check_before_bounds(x)
         sb, same = cached_bounds(self, "sound", hot=True)
         if sb.steps is None:
             logits = self._logits(x, certifying=True)
@@ -266,9 +271,7 @@ class GloroNet(nn.Module):
     def _estimate_forward(self, x: torch.Tensor):
         """(logits, estimate bounds, same): the certifying forward of the estimate, with the
         hot-path staleness flag of :func:`~gloro_fast.bound_cache.cached_bounds`."""
-        if self.input_shape is None:
-            self._logits(x, certifying=True)  # learn the input size first
-        self._check_input(x)  # before any bound is computed
+        self._check_before_bounds(x)
         est, same = cached_bounds(self, "estimate", hot=True)
         chain = cached_chain(self)
         logits = self._logits(x, certifying=True, first=chain[0] if chain else None, checked=True)

@@ -38,46 +38,19 @@ from typing import List, Sequence
 
 import torch
 
-from ..sound.forward_error import memoised
-from ..sound.rounding import up_tensor, up_tensor_inner
+from ..sound.forward_error import BOUND, MEASURED, SUM_OF_SQUARES, finish_norms
 from ._library import define_inference_op
 
 __all__ = ["norm_basis", "norm_basis_reference"]
 
 SCHEMA = "(Tensor[] rows, float[] factors, float[] offsets, int[] kinds) -> Tensor"
 
-BOUND, SUM_OF_SQUARES, MEASURED = 0, 1, 2
-
 
 def norm_basis_reference(rows: List[torch.Tensor], factors: Sequence[float], offsets: Sequence[float],
                          kinds: Sequence[int]) -> torch.Tensor:
-    """The computation in torch ops (the live model's before the op, the frozen model's
-    arithmetic): each measured norm finished, the pending sums of squares together, then
-    the stack with the ones."""
-    cols = [up_tensor(up_tensor_inner(r * float(factors[i])) + float(offsets[i])) if kinds[i] == MEASURED else r
-            for i, r in enumerate(rows)]
-    pending = [i for i, kind in enumerate(kinds) if kind == SUM_OF_SQUARES]
-    if pending:
-        sums = torch.stack([rows[i] for i in pending])
-        factor, offset = _constants(tuple(float(factors[i]) for i in pending),
-                                    tuple(float(offsets[i]) for i in pending), sums.device)
-        taken = up_tensor(up_tensor_inner(torch.sqrt(sums) * factor) + offset)
-        for row, i in enumerate(pending):
-            cols[i] = taken[row]
-    return torch.stack(cols + [torch.ones_like(rows[0])], dim=1)
-
-
-# (factors, offsets, device) -> the (k, 1) float64 tensors: made once per model and device, so
-# that a call on an accelerator copies nothing from the host (a blocking copy would
-# synchronise); a trace makes them afresh (graph constants)
-_CONSTANTS: dict = {}
-
-
-def _constants(factors, offsets, device):
-    def make():
-        return (torch.tensor(factors, dtype=torch.float64, device=device).view(-1, 1),
-                torch.tensor(offsets, dtype=torch.float64, device=device).view(-1, 1))
-    return memoised(_CONSTANTS, (factors, offsets, device), make)
+    """The computation in torch ops (the live model's before the op):
+    :func:`~gloro_fast.sound.forward_error.finish_norms`, then the stack with the ones."""
+    return torch.stack(finish_norms(rows, factors, offsets, kinds) + [torch.ones_like(rows[0])], dim=1)
 
 
 def _fake(rows, factors, offsets, kinds):

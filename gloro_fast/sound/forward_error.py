@@ -41,9 +41,10 @@ import torch
 
 from .rounding import U64, gamma, largest_finite, underflow_unit, unit_roundoff, up, up_tensor, up_tensor_inner
 
-__all__ = ["Affine", "AffineStep", "Arithmetic", "ForwardBound", "MeasuredNorm", "NormBound", "SumOfSquares",
-           "activation_norm_constants", "activation_norm_upper", "affine_layer", "exact_layer", "ieee_arithmetic",
-           "measured_norm", "norm_dtype", "norm_rows", "norm_upper_from_sumsq", "norm_uppers", "sample_norm_constants"]
+__all__ = ["BOUND", "MEASURED", "SUM_OF_SQUARES", "Affine", "AffineStep", "Arithmetic", "ForwardBound", "MeasuredNorm",
+           "NormBound", "SumOfSquares", "activation_norm_constants", "activation_norm_upper", "affine_layer",
+           "exact_layer", "finish_norms", "ieee_arithmetic", "measured_norm", "norm_dtype", "norm_rows", "norm_terms",
+           "norm_upper_from_sumsq", "norm_uppers", "sample_norm_constants"]
 
 
 @dataclass(frozen=True)
@@ -301,8 +302,8 @@ def sample_norm_constants(sample_shape: Tuple[int, ...], dtype: torch.dtype) -> 
         b = activation_norm_constants((pixels, channels), dtype)
         return max(a[0], b[0]), max(a[1], b[1])
     if len(sample_shape) >= 2:
-        return activation_norm_constants((int(sample_shape[0]), math.prod(sample_shape[1:])), dtype)
-    return activation_norm_constants((1, int(sample_shape[0])), dtype)
+        return activation_norm_constants((sample_shape[0], math.prod(sample_shape[1:])), dtype)
+    return activation_norm_constants((1, sample_shape[0]), dtype)
 
 
 def norm_upper_from_sumsq(sumsq: torch.Tensor, terms: int) -> torch.Tensor:
@@ -332,36 +333,69 @@ class SumOfSquares(NamedTuple):
 NormBound = Union[torch.Tensor, SumOfSquares, MeasuredNorm]
 
 
-def norm_uppers(bounds: Sequence[NormBound]) -> List[torch.Tensor]:
-    """Each bound as a (B,) float64 tensor ≥ the samples' l2 norms: tensors as they are,
-    every :class:`MeasuredNorm` finished as :func:`activation_norm_upper` finishes it, every
-    :class:`SumOfSquares` through :func:`norm_upper_from_sumsq`'s arithmetic, all in one
-    batch (elementwise, so each value is bit for bit the one-at-a-time result)."""
-    out = [up_tensor(up_tensor_inner(b.total * b.factor) + b.offset) if isinstance(b, MeasuredNorm) else b
-           for b in bounds]
-    pending = [i for i, b in enumerate(bounds) if isinstance(b, SumOfSquares)]
+# what a row of :func:`norm_terms` holds (the kinds of :func:`gloro_fast.ops.norm_basis`)
+BOUND, SUM_OF_SQUARES, MEASURED = 0, 1, 2
+
+
+def norm_terms(bounds: Sequence[NormBound]) -> Tuple[List[torch.Tensor], List[float], List[float], List[int]]:
+    """``(rows, factors, offsets, kinds)`` of the recorded bounds: a tensor as it is
+    (:data:`BOUND`), a :class:`SumOfSquares` with the constants of
+    :func:`norm_upper_from_sumsq` (:data:`SUM_OF_SQUARES`), a :class:`MeasuredNorm` with its
+    own (:data:`MEASURED`): what :func:`finish_norms` and ``gloro_fast.ops.norm_basis`` take."""
+    rows, factors, offsets, kinds = [], [], [], []
+    for bound in bounds:
+        if isinstance(bound, SumOfSquares):
+            factor, offset = activation_norm_constants((1, bound.terms), torch.float64)
+            row, kind = bound.sumsq, SUM_OF_SQUARES
+        elif isinstance(bound, MeasuredNorm):
+            row, factor, offset, kind = bound.total, bound.factor, bound.offset, MEASURED
+        else:
+            row, factor, offset, kind = bound, 0.0, 0.0, BOUND
+        rows.append(row)
+        factors.append(factor)
+        offsets.append(offset)
+        kinds.append(kind)
+    return rows, factors, offsets, kinds
+
+
+def finish_norms(rows: Sequence[torch.Tensor], factors: Sequence[float], offsets: Sequence[float],
+                 kinds: Sequence[int]) -> List[torch.Tensor]:
+    """Each row of :func:`norm_terms` as a (B,) float64 bound: a bound as it is, a measured
+    norm finished as :func:`activation_norm_upper` finishes it, the sums of squares through
+    :func:`norm_upper_from_sumsq`'s arithmetic all in one batch (elementwise, so each value
+    is bit for bit the one-at-a-time result). The reference of ``gloro_fast.ops.norm_basis``."""
+    out = [up_tensor(up_tensor_inner(r * float(factors[i])) + float(offsets[i])) if kinds[i] == MEASURED else r
+           for i, r in enumerate(rows)]
+    pending = [i for i, kind in enumerate(kinds) if kind == SUM_OF_SQUARES]
     if not pending:
         return out
-    sums = torch.stack([bounds[i].sumsq for i in pending])
-    factor, offset = _sum_constants(tuple(int(bounds[i].terms) for i in pending), sums.device)
+    sums = torch.stack([rows[i] for i in pending])
+    factor, offset = _sum_constants(tuple(float(factors[i]) for i in pending),
+                                    tuple(float(offsets[i]) for i in pending), sums.device)
     taken = up_tensor(up_tensor_inner(torch.sqrt(sums) * factor) + offset)
     for row, i in enumerate(pending):
         out[i] = taken[row]
     return out
 
 
-# (terms, device) -> the (k, 1) factor and offset tensors of norm_uppers: made once per
+def norm_uppers(bounds: Sequence[NormBound]) -> List[torch.Tensor]:
+    """Each bound as a (B,) float64 tensor ≥ the samples' l2 norms (:func:`finish_norms` of
+    :func:`norm_terms`)."""
+    return finish_norms(*norm_terms(bounds))
+
+
+# (factors, offsets, device) -> the (k, 1) float64 tensors of finish_norms: made once per
 # model and device, so that a call on an accelerator copies nothing from the host (a
 # blocking copy would synchronise); a trace makes them afresh (graph constants)
 _SUM_CONSTANTS: dict = {}
 
 
-def _sum_constants(terms: Tuple[int, ...], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+def _sum_constants(factors: Tuple[float, ...], offsets: Tuple[float, ...],
+                   device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     def make():
-        constants = [activation_norm_constants((1, m), torch.float64) for m in terms]
-        factor, offset = torch.tensor(constants, dtype=torch.float64, device=device).t().unsqueeze(2)
-        return factor, offset
-    return memoised(_SUM_CONSTANTS, (terms, device), make)
+        return (torch.tensor(factors, dtype=torch.float64, device=device).view(-1, 1),
+                torch.tensor(offsets, dtype=torch.float64, device=device).view(-1, 1))
+    return memoised(_SUM_CONSTANTS, (factors, offsets, device), make)
 
 
 def memoised(table: dict, key, make):

@@ -14,10 +14,10 @@ import torch
 from gloro_fast.models import cnn_2C2F
 from gloro_fast.ops import norm_basis, norm_basis_reference, use_backend
 from gloro_fast.sound.forward_error import (
-    MeasuredNorm,
     SumOfSquares,
     activation_norm_constants,
     measured_norm,
+    norm_terms,
     norm_uppers,
 )
 from gloro_fast.sound.rounding import up_tensor, up_tensor_inner
@@ -44,28 +44,15 @@ def rows_for(b, seed):
     return bounds
 
 
-def op_args(bounds):
-    rows, factors, offsets, kinds = [], [], [], []
-    for bd in bounds:
-        if isinstance(bd, SumOfSquares):
-            f, o = activation_norm_constants((1, bd.terms), torch.float64)
-            rows.append(bd.sumsq), factors.append(f), offsets.append(o), kinds.append(1)
-        elif isinstance(bd, MeasuredNorm):
-            rows.append(bd.total), factors.append(bd.factor), offsets.append(bd.offset), kinds.append(2)
-        else:
-            rows.append(bd), factors.append(0.0), offsets.append(0.0), kinds.append(0)
-    return rows, factors, offsets, kinds
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("b", [0, 1, 7, 1024])
 def test_the_bits_of_norm_uppers_then_the_stack(backend, b):
     bounds = rows_for(b, seed=b)
     want = torch.stack(norm_uppers(bounds) + [torch.ones(b, dtype=torch.float64)], dim=1)
     with use_backend(backend):
-        got = norm_basis(*op_args(bounds))
+        got = norm_basis(*norm_terms(bounds))
     assert got.shape == (b, 6) and got.dtype == torch.float64
-    assert torch.equal(norm_basis_reference(*op_args(bounds)), want)
+    assert torch.equal(norm_basis_reference(*norm_terms(bounds)), want)
     # a measured norm is finished exactly as activation_norm_upper finishes it
     m = bounds[4]
     assert torch.equal(want[:, 4], up_tensor(up_tensor_inner(m.total * m.factor) + m.offset))
@@ -112,7 +99,7 @@ def test_argument_checks():
 
 @needs_cpp
 def test_opcheck():
-    rows, factors, offsets, kinds = op_args(rows_for(9, seed=3))
+    rows, factors, offsets, kinds = norm_terms(rows_for(9, seed=3))
     torch.library.opcheck(torch.ops.gloro_fast.norm_basis.default, (rows, factors, offsets, kinds))
 
 

@@ -46,6 +46,9 @@ OP_TITLES = OrderedDict([
     ("sound_decision_paired", "sound_decision (the sound test in one op) vs its torch-op reference, paired rounds"),
     ("norm_basis_paired", "norm_basis (the allowance's basis from the recorded norms in one op) vs its torch-op "
                           "reference, paired rounds"),
+    ("blocked_linear_reference", "blocked_linear (the certifying dense layer, C++: product, then the blocks' tree "
+                                 "and the bias in one pass) vs its torch-op reference, paired rounds"),
+    ("blocked_linear_linear", "blocked_linear vs F.linear (the unblocked layer: the floor), paired rounds"),
     ("dispatch", "Dispatch overhead: the op vs its kernel (cpp backend, microsecond-sized calls)"),
 ])
 MODE_NOTES = {

@@ -109,8 +109,9 @@ class Residual(nn.Module):
 class BlockedLinear(nn.Linear):
     """``nn.Linear`` evaluated as the live model's certifying pass evaluates it: each dot
     product summed in ``blocks`` blocks (``gloro_fast.ops.blocked_linear_reference``: one
-    batched matrix product and a sum, plain torch operations, no custom op), the evaluation
-    the sound certificate's rounding allowance describes."""
+    batched matrix product, the blocks added as a fixed tree, then the bias: plain torch
+    operations, no custom op, the bits of the live pass's C++ kernel), the evaluation the
+    sound certificate's rounding allowance describes."""
 
     def __init__(self, in_features: int, out_features: int, blocks: int, bias: bool = True,
                  device=None, dtype=None) -> None:

@@ -122,3 +122,60 @@ def test_the_minmax_before_the_flatten_writes_the_flattened_order():
     with gf.ops.use_backend("cpp"):
         model.certify(x)
     assert isinstance(model.body[4], gnn.Flatten) and flat_inputs[0].is_contiguous()
+
+
+needs_minmax_kernel = pytest.mark.skipif(not has_cpu_kernels("minmax_norm"), reason="gloro_fast._C without minmax_norm")
+
+
+def _record_overwrites(calls):
+    from gloro_fast.ops import resolve_backend
+    from tests.ops.cpp_helpers import recording_forward
+
+    assert resolve_backend(torch.device("cpu"), "minmax_norm_") == "cpp"
+    return recording_forward("minmax_norm_", "cpp", lambda t: calls.append(t.dim()))
+
+
+@needs_minmax_kernel
+def test_minmax_overwrites_the_fresh_affine_outputs_and_nothing_else(monkeypatch):
+    """The eager certifying pass writes MinMax over the output of the convolution or dense
+    layer before it (minmax_norm_), except where the output is flattened next (a new
+    contiguous tensor): the same logits, decisions and radii as without overwriting, and
+    the caller's x untouched."""
+    model = _net(3).eval()
+    x = torch.rand(64, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+    before = x.clone()
+    calls = []
+    with gf.ops.use_backend("cpp"), torch.no_grad(), _record_overwrites(calls):
+        logits, cert, radius = model(x), model.certify(x), model.certified_radius(x)
+    assert calls == [4, 2] * 3             # after the first convolution and after the dense layer
+    assert torch.equal(x, before)
+    monkeypatch.setattr(gloro_net, "_overwritable", lambda *args: False)
+    calls.clear()
+    with gf.ops.use_backend("cpp"), torch.no_grad(), _record_overwrites(calls):
+        assert torch.equal(model(x), logits) and torch.equal(model.certify(x), cert)
+        assert torch.equal(model.certified_radius(x), radius)
+    assert calls == [] and (cert < 4).any() and (cert == 4).any()
+
+
+@needs_minmax_kernel
+def test_no_overwrite_of_the_input_or_under_autograd():
+    """A MinMax opening the body gets the caller's x: never overwritten. With grad mode on,
+    the eval forward's activations are in the autograd graph (the weights require grad):
+    nothing is overwritten and the gradient is the one of the non-fused pass."""
+    torch.manual_seed(0)
+    body = gnn.Sequential(gnn.MinMax(), gnn.Flatten(), gnn.Linear(36, 8), gnn.MinMax())
+    model = GloroNet(body, gnn.Linear(8, 3), epsilon=0.05, input_shape=(4, 3, 3)).eval()
+    x = torch.randn(5, 4, 3, 3, generator=torch.Generator().manual_seed(4))
+    before = x.clone()
+    calls = []
+    with gf.ops.use_backend("cpp"), _record_overwrites(calls):
+        model.certify(x)
+        assert calls == [2] and torch.equal(x, before)  # the MinMax after the dense layer only
+        calls.clear()
+        conv = _net().eval()
+        xg = torch.rand(6, 1, 12, 12, generator=torch.Generator().manual_seed(5), requires_grad=True)
+        grad, = torch.autograd.grad(conv(xg)[:, :-1].sum(), xg)
+        assert calls == []
+    with gf.ops.use_backend("reference"):
+        want, = torch.autograd.grad(conv(xg)[:, :-1].sum(), xg)
+    torch.testing.assert_close(grad, want)

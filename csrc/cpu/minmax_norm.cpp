@@ -13,6 +13,10 @@
 // contiguous first.
 // One pass: each pair is read once for min, max and both squares (torch.minimum and
 // torch.maximum read it twice, and a norm reads the output once more). Parallel over samples.
+// minmax_norm_ runs the same pass with out = x (MinMax written over x, for an activation the
+// certifying pass owns: no fresh output, whose page faults cost as much as the pass itself
+// on a 12.8 MB activation); the squares of each block are summed before its MinMax is
+// written, in both ops, so their sums agree bit for bit.
 // Backward: grad_x routes grad_out through the same permutation (on a tie, a <= b: a gets
 // the min's gradient) and adds 2 x grad_sumsq[n]; grad_x has x's layout.
 // float32/float64 natively; bfloat16/float16 are read as such, compared in float32.
@@ -76,20 +80,20 @@ inline __attribute__((always_inline)) double sample_body(const scalar_t* x, scal
   if (rows == 1) {
     for (int64_t i = 0; i < half; i += kBlock) {
       const int64_t len = std::min(kBlock, half - i);
-      minmax_block(x + i, x + half + i, out + i, out + half + i, len);
       s += squares_block(x + i, len) + squares_block(x + half + i, len);
+      minmax_block(x + i, x + half + i, out + i, out + half + i, len);
     }
     return s;
   }
   const int64_t group = std::max<int64_t>(1, 2 * kBlock / std::max<int64_t>(1, row_len));
   for (int64_t r = 0; r < rows; r += group) {
     const int64_t g = std::min(group, rows - r);
+    s += squares_block(x + r * row_len, g * row_len);
     for (int64_t k = r; k < r + g; ++k) {
       const scalar_t* a = x + k * row_len;
       scalar_t* lo = out + k * row_len;
       minmax_block(a, a + half, lo, lo + half, half);
     }
-    s += squares_block(x + r * row_len, g * row_len);
   }
   return s;
 }
@@ -237,6 +241,27 @@ std::tuple<at::Tensor, at::Tensor> minmax_norm_cpu(const at::Tensor& x_in, bool 
   return {out, sumsq};
 }
 
+// minmax_norm_: x overwritten by MinMax(x), sumsq returned. The same pass with out = x: each
+// block's squares are summed before its pairs are overwritten (sample_body reads them in that
+// order for either call, so the sums are the functional op's bit for bit), and every element
+// is read before it is written. x must be contiguous in its own layout (the op checks it).
+at::Tensor minmax_norm_inplace_cpu(const at::Tensor& x) {
+  check_minmax_input(x, "minmax_norm_");
+  kernel_device(x, at::kCPU, "minmax_norm_", "x");
+  const at::MemoryFormat format = layout_of(x);
+  TORCH_CHECK(x.is_contiguous(format), "minmax_norm_: x must be contiguous or channels_last, got strides ",
+              x.strides());
+  const int64_t N = x.size(0);
+  at::Tensor sumsq = at::empty({N}, x.options().dtype(at::kDouble));
+  if (N == 0 || x.numel() == 0) return sumsq.zero_();
+  const auto [rows, half] = row_shape(x, format);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "minmax_norm_", [&] {
+    scalar_t* data = x.mutable_data_ptr<scalar_t>();
+    minmax_norm_kernel<scalar_t>(data, data, sumsq.mutable_data_ptr<double>(), N, rows, half, false);
+  });
+  return sumsq;
+}
+
 at::Tensor minmax_norm_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& grad_sumsq_in,
                                     const at::Tensor& x_in) {
   const char* op = "minmax_norm_backward";
@@ -273,4 +298,5 @@ at::Tensor minmax_norm_backward_cpu(const at::Tensor& grad_out_in, const at::Ten
 TORCH_LIBRARY_IMPL(_gloro_fast_cpp, CPU, m) {
   m.impl("minmax_norm", &gloro_fast::minmax_norm_cpu);
   m.impl("minmax_norm_backward", &gloro_fast::minmax_norm_backward_cpu);
+  m.impl("minmax_norm_", &gloro_fast::minmax_norm_inplace_cpu);
 }

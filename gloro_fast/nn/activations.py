@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..ops.minmax_norm import fused_minmax_norm, minmax_norm
+from ..ops.minmax_norm import fused_minmax_norm, minmax_norm, minmax_norm_, output_format
 from ..sound.forward_error import NormBound, SumOfSquares
 from .base import ConstantLipschitzModule
 
@@ -76,15 +76,23 @@ class MinMax(ConstantLipschitzModule):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return minmax(x)
 
-    def certifying_forward_norm(self, x: torch.Tensor, norm: Optional[NormBound], *, flattened_next: bool = False):
+    def certifying_forward_norm(self, x: torch.Tensor, norm: Optional[NormBound], *, flattened_next: bool = False,
+                                overwrite: bool = False):
         """MinMax permutes each sample's entries: its output norm is x's, so a known bound
         passes through; otherwise the fused kernel (where the backend has one) sums the
         squares while it writes, and the bound comes from that sum. ``flattened_next``: the
         output is flattened next (the certifying pass says so), so the fused kernel writes
-        it contiguous even from a channels_last x (the flatten then copies nothing)."""
+        it contiguous even from a channels_last x (the flatten then copies nothing).
+        ``overwrite``: x is an activation nothing else reads (the pass says so, without
+        autograd), so the fused kernel may write MinMax over it (:func:`minmax_norm_`)."""
         fused = x.dim() >= 2 and x.shape[0] > 0 and fused_minmax_norm(x.device.type)
         if fused and (norm is None or flattened_next):
-            out, sumsq = minmax_norm(x, contiguous_out=flattened_next)
+            # over x where the output takes x's layout (flattened next: x already contiguous)
+            if overwrite and (x.is_contiguous() if flattened_next else x.is_contiguous(memory_format=output_format(x))):
+                sumsq = minmax_norm_(x)
+                out = x
+            else:
+                out, sumsq = minmax_norm(x, contiguous_out=flattened_next)
             if norm is not None:
                 return out, norm
             # a bound, never differentiated: detached like activation_norm_upper's norms;

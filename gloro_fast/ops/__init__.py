@@ -10,7 +10,7 @@ from ._backend import BACKENDS, get_backend, resolve_backend, set_backend, use_b
 from .blocked_linear import blocked_linear, blocked_linear_reference
 from .bottom_logit import bottom_logit, bottom_logit_reference
 from .class_distances import class_distances, class_distances_reference
-from .minmax_norm import minmax_norm, minmax_norm_reference
+from .minmax_norm import minmax_norm, minmax_norm_, minmax_norm_reference
 from .norm_basis import norm_basis, norm_basis_reference
 from .power_iteration_conv import (
     power_iteration_conv,
@@ -31,6 +31,7 @@ __all__ = [
     "class_distances_reference",
     "get_backend",
     "minmax_norm",
+    "minmax_norm_",
     "minmax_norm_reference",
     "norm_basis",
     "norm_basis_reference",

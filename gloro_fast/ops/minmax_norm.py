@@ -33,11 +33,12 @@ import torch
 
 from .._validation import check_tensor
 from ._backend import backend_for, get_backend
-from ._library import define_op
+from ._library import define_inference_op, define_op
 
-__all__ = ["fused_minmax_norm", "minmax_norm", "minmax_norm_reference", "output_format"]
+__all__ = ["fused_minmax_norm", "minmax_norm", "minmax_norm_", "minmax_norm_reference", "output_format"]
 
 SCHEMA = "(Tensor x, bool contiguous_out=False) -> (Tensor, Tensor)"
+INPLACE_SCHEMA = "(Tensor(a!) x) -> Tensor"
 BACKWARD_SCHEMA = "(Tensor grad_out, Tensor grad_sumsq, Tensor x) -> Tensor"
 
 
@@ -134,3 +135,39 @@ _OP, _BACKWARD_OP = define_op(
     reference_forward=_reference_kernel, reference_backward=_reference_backward,
     tags=tuple(t for t in (getattr(torch.Tag, "flexible_layout", None),) if t is not None),
 )
+
+
+# ---- minmax_norm_: the same pass written over x ----
+
+
+def _inplace_reference(x):
+    """MinMax(x) written over x (the reference's values), returning the float64 sums of
+    squares, summed from x before it is overwritten."""
+    sumsq = x.detach().to(torch.float64).square().flatten(1).sum(dim=1)
+    a, b = x.chunk(2, dim=1)
+    low = torch.minimum(a, b)
+    b.copy_(torch.maximum(a, b))
+    a.copy_(low)
+    return sumsq
+
+
+_INPLACE_OP = define_inference_op(
+    "minmax_norm_", INPLACE_SCHEMA, fake=lambda x: x.new_empty((x.shape[0],), dtype=torch.float64),
+    reference=_inplace_reference)
+
+
+def minmax_norm_(x: torch.Tensor) -> torch.Tensor:
+    """:func:`minmax_norm` written over x: x (N, C, ...) with C even, contiguous or
+    channels_last, becomes MinMax(x); returns Σ x_n² per sample (N,) float64, summed before
+    the overwrite (the C++ kernel: the functional op's bits). For an activation that nothing
+    else reads (the certifying pass's convolution outputs): no fresh output tensor, whose
+    first touch costs about as much as the pass on a large activation. Without autograd: x
+    must not require grad while grad mode is on."""
+    _check(x)
+    if x.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("minmax_norm_ overwrites x: x must not require grad while grad mode is enabled")
+    if not x.is_contiguous(memory_format=output_format(x)):
+        raise ValueError(f"x must be contiguous or channels_last, got strides {x.stride()} for shape {tuple(x.shape)}")
+    sumsq = _INPLACE_OP(x)
+    torch.autograd.graph.increment_version(x)  # x changed: what saved it must know
+    return sumsq

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from gloro_fast import nn as gnn
-from gloro_fast.ops import minmax_norm, minmax_norm_reference, use_backend
+from gloro_fast.ops import minmax_norm, minmax_norm_, minmax_norm_reference, use_backend
 from gloro_fast.ops.minmax_norm import fused_minmax_norm
 from gloro_fast.sound.forward_error import SumOfSquares, activation_norm_upper, norm_upper_from_sumsq, norm_uppers
 from tests.ops.cpp_helpers import compiled_certify, has_cpu_kernels, recording_forward
@@ -296,3 +296,58 @@ def test_minmax_layer_passes_a_known_norm_on_and_measures_one_otherwise():
         assert (norm >= torch.linalg.vector_norm(x.double().flatten(1), dim=1)).all()
     else:
         assert norm is None
+
+
+# ---- minmax_norm_: the same pass written over x ----
+
+OVERWRITE_SHAPES = [((5, 6), False), ((4, 8, 5, 7), False), ((7, 64, 3, 3), False), ((4, 8, 5, 7), True),
+                    ((3, 32, 6, 6), True), ((2, 2, 1, 1), True)]
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=needs_cpp)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape, last", OVERWRITE_SHAPES, ids=str)
+def test_overwrite_gives_the_functional_values_in_x(backend, dtype, shape, last):
+    """x becomes the per-sample loop's MinMax (its layout kept, the same storage), the sums
+    are the loop's within float64 rounding and, on one backend, the functional op's bit for
+    bit (each block's squares summed before it is overwritten)."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(10)).to(dtype)
+    if last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    want_out, want_sumsq = per_sample_loop(x)
+    with use_backend(backend):
+        out, sumsq = minmax_norm(x)
+        y = x.clone(memory_format=torch.preserve_format)
+        ptr, strides, version = y.data_ptr(), y.stride(), y._version
+        got = minmax_norm_(y)
+    assert y.data_ptr() == ptr and y.stride() == strides and y._version > version
+    assert torch.equal(y, want_out) and torch.equal(y, out)
+    assert got.dtype == torch.float64 and torch.equal(got, sumsq)
+    torch.testing.assert_close(got, want_sumsq, rtol=1e-12, atol=0)
+
+
+@needs_cpp
+def test_overwrite_opcheck():
+    x = torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(11))
+    torch.library.opcheck(torch.ops.gloro_fast.minmax_norm_.default, (x,))
+    y = torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(12)).contiguous(memory_format=torch.channels_last)
+    torch.library.opcheck(torch.ops.gloro_fast.minmax_norm_.default, (y,))
+
+
+@pytest.mark.parametrize("make, error, match", [
+    (lambda: torch.zeros(3, 5), ValueError, "even channel count"),
+    (lambda: torch.zeros(2, 4, dtype=torch.int64), TypeError, "floating"),
+    (lambda: torch.zeros(4, 6).t(), ValueError, "contiguous or channels_last"),
+    (lambda: torch.zeros(3, 4, requires_grad=True), RuntimeError, "require grad"),
+])
+def test_overwrite_bad_input_is_a_clear_error(make, error, match):
+    with pytest.raises(error, match=match):
+        minmax_norm_(make())
+
+
+def test_overwrite_without_grad_mode_takes_a_tensor_that_requires_grad():
+    x = torch.randn(3, 4, requires_grad=True)
+    want = minmax_norm_reference(x.detach())[0]
+    with torch.no_grad():
+        minmax_norm_(x)
+    assert torch.equal(x.detach(), want)

@@ -33,7 +33,8 @@ def _operands(n, out, batch):
 @pytest.mark.parametrize("arch,n,out,batch", CASES)
 def test_blocked_linear_paired(benchmark, arch, n, out, batch, against):
     backend = resolve_backend(DEVICE, "blocked_linear")
-    case = f"blocked_linear vs {'its reference' if against == 'reference' else 'F.linear'}, paired, {arch} dense {n}->{out} B={batch}"
+    other = "its reference" if against == "reference" else "F.linear"
+    case = f"blocked_linear vs {other}, paired, {arch} dense {n}->{out} B={batch}"
     if against == "reference" and backend == "reference":
         record_skip(case, "gloro_fast", "no compiled blocked_linear kernel for this device")
     x, w, bias = _operands(n, out, batch)

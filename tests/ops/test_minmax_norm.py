@@ -330,7 +330,8 @@ def test_overwrite_gives_the_functional_values_in_x(backend, dtype, shape, last)
 def test_overwrite_opcheck():
     x = torch.randn(4, 6, 3, generator=torch.Generator().manual_seed(11))
     torch.library.opcheck(torch.ops.gloro_fast.minmax_norm_.default, (x,))
-    y = torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(12)).contiguous(memory_format=torch.channels_last)
+    y = torch.randn(2, 8, 5, 5, generator=torch.Generator().manual_seed(12))
+    y = y.contiguous(memory_format=torch.channels_last)
     torch.library.opcheck(torch.ops.gloro_fast.minmax_norm_.default, (y,))
 
 

@@ -120,22 +120,22 @@ def _no_backward(op: str) -> Callable:
     return backward
 
 
-def define_query_op(op: str, schema: str, *, reference: Callable):
+def define_query_op(op: str, schema: str, *, reference: Callable, tags: tuple = ()):
     """Define ``gloro_fast::<op>``, an op that answers a question about its tensors (its
     output is no tensor: no autograd, no fake kernel, not traceable by torch.compile), and
     register its reference kernel. Its kernels are chosen per backend like every op's (the
     registry's backward entry raises). Returns the ``OpOverload``."""
-    _LIBRARY.define(op + schema)
+    _LIBRARY.define(op + schema, tags=tags)
     _LIBRARY.impl(op, _forward_impl(op), "CompositeExplicitAutograd")
     registry.register_kernels(op, "reference", forward=reference, backward=_no_backward(op))
     return getattr(torch.ops.gloro_fast, op).default
 
 
-def define_inference_op(op: str, schema: str, *, fake: Callable, reference: Callable):
+def define_inference_op(op: str, schema: str, *, fake: Callable, reference: Callable, tags: tuple = ()):
     """Define ``gloro_fast::<op>``, an op whose outputs are decisions, never differentiated
     (its callers pass detached tensors): no autograd formula, no backward op, a fake
     kernel for torch.compile; register its reference kernel. Returns the ``OpOverload``.
     A query op (:func:`define_query_op`) with a fake kernel: its outputs are tensors."""
-    overload = define_query_op(op, schema, reference=reference)
+    overload = define_query_op(op, schema, reference=reference, tags=tags)
     torch.library.register_fake(f"gloro_fast::{op}", fake, lib=_LIBRARY)
     return overload

@@ -129,11 +129,14 @@ def _backward(ctx, grad_out, grad_sumsq):
     return _BACKWARD_OP(grad_out.contiguous(memory_format=output_format(x)), grad_sumsq.contiguous(), x), None
 
 
+# Inductor hands the kernels its convolution outputs in the layout it chose (channels_last)
+_LAYOUT_TAGS = tuple(t for t in (getattr(torch.Tag, "flexible_layout", None),) if t is not None)
+
 _OP, _BACKWARD_OP = define_op(
     "minmax_norm", SCHEMA, BACKWARD_SCHEMA,
     fake=_fake, fake_backward=_fake_backward, setup_context=_setup_context, backward=_backward,
     reference_forward=_reference_kernel, reference_backward=_reference_backward,
-    tags=tuple(t for t in (getattr(torch.Tag, "flexible_layout", None),) if t is not None),
+    tags=_LAYOUT_TAGS,
 )
 
 
@@ -153,7 +156,7 @@ def _inplace_reference(x):
 
 _INPLACE_OP = define_inference_op(
     "minmax_norm_", INPLACE_SCHEMA, fake=lambda x: x.new_empty((x.shape[0],), dtype=torch.float64),
-    reference=_inplace_reference)
+    reference=_inplace_reference, tags=_LAYOUT_TAGS)
 
 
 def minmax_norm_(x: torch.Tensor) -> torch.Tensor:
@@ -169,5 +172,6 @@ def minmax_norm_(x: torch.Tensor) -> torch.Tensor:
     if not x.is_contiguous(memory_format=output_format(x)):
         raise ValueError(f"x must be contiguous or channels_last, got strides {x.stride()} for shape {tuple(x.shape)}")
     sumsq = _INPLACE_OP(x)
-    torch.autograd.graph.increment_version(x)  # x changed: what saved it must know
+    if not torch.compiler.is_compiling():
+        torch.autograd.graph.increment_version(x)  # x changed: what saved it must know
     return sumsq

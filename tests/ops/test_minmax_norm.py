@@ -189,7 +189,9 @@ def test_opcheck_channels_last():
 def test_compiled_certify_hands_the_kernel_channels_last_activations():
     """With the op's flexible_layout tag, Inductor passes its channels_last convolution
     outputs straight to the kernel (no copy to contiguous and back around each MinMax), and
-    the compiled certificate is the eager one."""
+    the compiled certificate is the eager one. The MinMax right after a convolution is the
+    overwriting op (minmax_norm_, which Inductor writes in place: the convolution's output
+    is read by nothing else), whose argument, being mutated, is the buffer itself."""
     import torch._inductor.config as inductor_config
 
     from gloro_fast import GloroNet
@@ -201,7 +203,8 @@ def test_compiled_certify_hands_the_kernel_channels_last_activations():
         gnn.Flatten()), gnn.Linear(8 * 6 * 6, 4), epsilon=0.01, input_shape=(3, 6, 6)).eval()
     x = torch.rand(16, 3, 6, 6, generator=torch.Generator().manual_seed(9))
     eager = model.certify(x)
-    with use_backend("cpp"), recording_forward("minmax_norm", "cpp", lambda t: layouts.append(t.is_contiguous())):
+    with (use_backend("cpp"), recording_forward("minmax_norm", "cpp", lambda t, *a: layouts.append(t.is_contiguous())),
+          recording_forward("minmax_norm_", "cpp", lambda t: layouts.append(t.is_contiguous()))):
         compiled = compiled_certify(model, x)
     assert torch.equal(compiled, eager)
     assert layouts

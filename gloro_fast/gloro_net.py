@@ -67,8 +67,8 @@ class GloroOutput(NamedTuple):
 
 
 def _ends_a_layout(layers, i: int) -> bool:
-    """Whether layer i is a MinMax whose output is flattened or leaves the body next: there
-    torch.compile changes the activation's layout (channels_last to the flattened order)."""
+    """Whether layer i is a MinMax whose output is flattened or leaves the body next: it
+    writes its output contiguous (the flattened order) whatever its input's layout."""
     return isinstance(layers[i], MinMax) and (i + 1 == len(layers) or isinstance(layers[i + 1], Flatten))
 
 
@@ -83,8 +83,10 @@ def _overwritable(layers, i: int, h: torch.Tensor, compiling: bool) -> bool:
 def _convolution_layout(x: torch.Tensor, first) -> torch.Tensor:
     """x as the certifying pass feeds it to the body's first layer ``first``: channels_last
     (:func:`gloro_fast.nn.channels_last`) on the CPU when that layer is a convolution, else x
-    itself. Under torch.compile Inductor chooses the layouts."""
-    if x.dim() != 4 or x.device.type != "cpu" or not isinstance(first, Conv2d) or torch.compiler.is_compiling():
+    itself. Also under torch.compile: from a one-channel NCHW input Inductor's first
+    convolution wrote NCHW, and the MinMax op after it (which keeps its input's layout)
+    left Inductor a 12.8 MB layout change before the next convolution (2C2F B=1024)."""
+    if x.dim() != 4 or x.device.type != "cpu" or not isinstance(first, Conv2d):
         return x
     return channels_last(x)
 
@@ -259,20 +261,15 @@ class GloroNet(nn.Module):
                         norms.append(measured_norm(h) if known is None else known)
                     if i == 0:  # after the input's norm, which reads x as it came
                         h = _convolution_layout(h, layer)
-                    ends_a_layout = _ends_a_layout(layers, i)
-                    if ends_a_layout and compiling and known is None:
-                        # Inductor fuses MinMax with the layout its consumer needs, which the
-                        # fused op (writing its input's layout) would leave to a copy; the
-                        # norm is then measured where it is needed (2C2F B=1024 compiled:
-                        # certify / plain forward 0.78 -> 0.85)
-                        h, known = layer.certifying_forward(h), None
-                    elif isinstance(layer, MinMax):
-                        # eager: before a flatten the fused op writes the flattened order
-                        # itself; after a fresh convolution or dense output it writes over it
-                        # (no new 12.8 MB tensor to fault in at 2C2F B=1024: certify / plain
-                        # forward ~+5 %)
+                    if isinstance(layer, MinMax):
+                        # before a flatten the fused op writes the flattened order itself
+                        # (eager and compiled: no copy at the flatten, and no second read of
+                        # the activation for its norm); in eager, after a fresh convolution or
+                        # dense output, it writes over it (no new 12.8 MB tensor to fault in at
+                        # 2C2F B=1024: certify / plain forward ~+5 %)
                         h, known = layer.certifying_forward_norm(
-                            h, known, flattened_next=ends_a_layout, overwrite=_overwritable(layers, i, h, compiling))
+                            h, known, flattened_next=_ends_a_layout(layers, i),
+                            overwrite=_overwritable(layers, i, h, compiling))
                     else:
                         h, known = layer.certifying_forward_norm(h, known)
                 features = measured_norm(h) if known is None else known

@@ -237,6 +237,14 @@ def compute_targets(rows: List[dict]) -> List[dict]:
         p = r.get("paired") or {}
         add("sound_decision vs its reference (speed-up, paired)", r["contender"], p.get("ratio_median"), 1.0,
             ">=", paired_detail(r, p), info=True)
+    for r in _find(rows, op="blocked_linear_reference"):
+        p = r.get("paired") or {}
+        add("blocked_linear vs its reference (speed-up, paired)", r["contender"], p.get("ratio_median"), 1.0,
+            ">=", paired_detail(r, p), info=True)
+    for r in _find(rows, op="blocked_linear_linear"):
+        p = r.get("paired") or {}
+        add("blocked_linear vs F.linear, the unblocked floor (speed-up, paired)", r["contender"],
+            p.get("ratio_median"), 1.0, ">=", paired_detail(r, p), info=True)
     for r in _find(rows, op="guard_share"):
         p = r.get("paired") or {}
         share = 100.0 * p["ratio_median"] if p.get("ratio_median") else None

@@ -124,7 +124,8 @@ def define_query_op(op: str, schema: str, *, reference: Callable, tags: tuple = 
     """Define ``gloro_fast::<op>``, an op that answers a question about its tensors (its
     output is no tensor: no autograd, no fake kernel, not traceable by torch.compile), and
     register its reference kernel. Its kernels are chosen per backend like every op's (the
-    registry's backward entry raises). Returns the ``OpOverload``."""
+    registry's backward entry raises); ``tags``: torch tags of the op (e.g.
+    ``torch.Tag.flexible_layout``). Returns the ``OpOverload``."""
     _LIBRARY.define(op + schema, tags=tags)
     _LIBRARY.impl(op, _forward_impl(op), "CompositeExplicitAutograd")
     registry.register_kernels(op, "reference", forward=reference, backward=_no_backward(op))

@@ -25,8 +25,9 @@ grad_b = Σ g over the leading dimensions.
 The op ``torch.ops.gloro_fast.blocked_linear`` and its backward op ``blocked_linear_backward``
 run the reference kernels below on CUDA, and on the CPU the C++ kernels of
 csrc/cpu/blocked_linear.cpp: the same batched product, then the tree and the bias in one
-pass, in place in the product's first block (2C2F at B = 1024: the reference's tree and
-bias allocate and fault in ~0.4 MB per addition). Both give the same bits, so the frozen
+pass, into the product's first block (the reference allocates a tensor per level of the
+tree and for the bias, and reads the partial products about twice: 1.36x at 2C2F B = 1024,
+benchmarks/bench_blocked_linear.py). Both give the same bits, so the frozen
 model (:class:`gloro_fast.export.BlockedLinear`, the reference in torch ops) agrees with
 the live certifying pass bit for bit.
 """

@@ -23,7 +23,10 @@ instead of copying them to contiguous and back around every MinMax.
 
 The op ``torch.ops.gloro_fast.minmax_norm`` and its backward op ``minmax_norm_backward``;
 kernels: the reference below and the C++ CPU kernel (csrc/cpu/minmax_norm.cpp). Other
-devices run the reference.
+devices run the reference. ``minmax_norm_(x)`` (op ``gloro_fast::minmax_norm_``, no
+autograd) is the same pass written over x, for an activation nothing else reads: it
+returns the sums (the functional op's, bit for bit, from the C++ kernel) and x becomes
+MinMax(x).
 """
 from __future__ import annotations
 

@@ -220,31 +220,17 @@ def compute_targets(rows: List[dict]) -> List[dict]:
         value = 1.0 / p["ratio_median"] if p.get("ratio_median") else None
         add("training step ≤ 1.05× the plain step (time ratio, paired)", r["contender"], value, 1.05, "<=",
             paired_detail(r, p))
-    for r in _find(rows, op="minmax_norm_paired"):
-        p = r.get("paired") or {}
-        add("fused minmax_norm vs MinMax + norms (speed-up, paired)", r["contender"], p.get("ratio_median"), 1.0,
-            ">=", paired_detail(r, p), info=True)
-
-    for r in _find(rows, op="same_bits_paired"):
-        p = r.get("paired") or {}
-        add("same_bits vs torch.equal loop (speed-up, paired)", r["contender"], p.get("ratio_median"), 1.0,
-            ">=", paired_detail(r, p), info=True)
-    for r in _find(rows, op="norm_basis_paired"):
-        p = r.get("paired") or {}
-        add("norm_basis vs its reference (speed-up, paired)", r["contender"], p.get("ratio_median"), 1.0,
-            ">=", paired_detail(r, p), info=True)
-    for r in _find(rows, op="sound_decision_paired"):
-        p = r.get("paired") or {}
-        add("sound_decision vs its reference (speed-up, paired)", r["contender"], p.get("ratio_median"), 1.0,
-            ">=", paired_detail(r, p), info=True)
-    for r in _find(rows, op="blocked_linear_reference"):
-        p = r.get("paired") or {}
-        add("blocked_linear vs its reference (speed-up, paired)", r["contender"], p.get("ratio_median"), 1.0,
-            ">=", paired_detail(r, p), info=True)
-    for r in _find(rows, op="blocked_linear_linear"):
-        p = r.get("paired") or {}
-        add("blocked_linear vs F.linear, the unblocked floor (speed-up, paired)", r["contender"],
-            p.get("ratio_median"), 1.0, ">=", paired_detail(r, p), info=True)
+    # ops against the form they replace (speed-ups, for information)
+    for op, label in (("minmax_norm_paired", "fused minmax_norm vs MinMax + norms"),
+                      ("same_bits_paired", "same_bits vs torch.equal loop"),
+                      ("norm_basis_paired", "norm_basis vs its reference"),
+                      ("sound_decision_paired", "sound_decision vs its reference"),
+                      ("blocked_linear_reference", "blocked_linear vs its reference"),
+                      ("blocked_linear_linear", "blocked_linear vs F.linear, the unblocked floor")):
+        for r in _find(rows, op=op):
+            p = r.get("paired") or {}
+            add(f"{label} (speed-up, paired)", r["contender"], p.get("ratio_median"), 1.0, ">=",
+                paired_detail(r, p), info=True)
     for r in _find(rows, op="guard_share"):
         p = r.get("paired") or {}
         share = 100.0 * p["ratio_median"] if p.get("ratio_median") else None

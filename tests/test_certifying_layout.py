@@ -158,6 +158,23 @@ def test_minmax_overwrites_the_fresh_affine_outputs_and_nothing_else(monkeypatch
 
 
 @needs_minmax_kernel
+def test_compiled_certification_overwrites_too():
+    """Under torch.compile the overwriting op is functionalised and Inductor writes it in
+    place again: the same calls as eager, the eager decisions."""
+    from tests.ops.cpp_helpers import compiled_certify
+
+    model = _net(3).eval()
+    x = torch.rand(32, 3, 12, 12, generator=torch.Generator().manual_seed(6))
+    before = x.clone()
+    eager = model.certify(x)
+    calls = []
+    with gf.ops.use_backend("cpp"), _record_overwrites(calls):
+        compiled = compiled_certify(model, x)
+    assert torch.equal(compiled, eager) and torch.equal(x, before)
+    assert calls == [4, 2]
+
+
+@needs_minmax_kernel
 def test_no_overwrite_of_the_input_or_under_autograd():
     """A MinMax opening the body gets the caller's x: never overwritten. With grad mode on,
     the eval forward's activations are in the autograd graph (the weights require grad):

@@ -27,8 +27,9 @@ namespace gloro_fast {
 namespace {
 
 // elements of one tile: the tree's first level reads the k blocks' tiles once and writes
-// k/2 sums into a buffer of ceil(k/2) tiles on the stack (4 KiB each for float), where the
-// later levels stay; only the result goes back to memory, into the first block's tile
+// k/2 sums into a buffer of ceil(k/2) tiles, one per task (4 KiB each for float: 32 KiB for
+// k = 16, in L1), where the later levels stay; only the result goes back to memory, into
+// the first block's tile
 constexpr int64_t kTile = 1024;
 constexpr int64_t kMaxBufferedBlocks = 64;  // buffered tiles: ceil(k / 2) <= 32 (128 KiB of floats)
 

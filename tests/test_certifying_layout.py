@@ -158,6 +158,25 @@ def test_minmax_overwrites_the_fresh_affine_outputs_and_nothing_else(monkeypatch
 
 
 @needs_minmax_kernel
+def test_a_liresnet_overwrites_its_residual_blocks_outputs(monkeypatch):
+    """LiResBlock's output (x + conv(x)) is a fresh tensor too: the MinMax after each block
+    writes over it, with the decisions and radii of the pass that does not."""
+    from gloro_fast.models import liresnet
+
+    torch.manual_seed(0)
+    model = liresnet(input_shape=(3, 8, 8), num_classes=4, epsilon=0.05, width=8, depth=2).eval()
+    x = torch.rand(16, 3, 8, 8, generator=torch.Generator().manual_seed(7))
+    calls = []
+    with gf.ops.use_backend("cpp"), torch.no_grad(), _record_overwrites(calls):
+        cert, radius = model.certify(x), model.certified_radius(x)
+    blocks = sum(isinstance(m, gnn.LiResBlock) for m in model.body.modules())
+    assert blocks == 2 and calls.count(4) >= 2 * blocks   # after each block, in both calls
+    monkeypatch.setattr(gloro_net, "_overwritable", lambda *args: False)
+    with gf.ops.use_backend("cpp"), torch.no_grad():
+        assert torch.equal(model.certify(x), cert) and torch.equal(model.certified_radius(x), radius)
+
+
+@needs_minmax_kernel
 def test_compiled_certification_overwrites_too():
     """Under torch.compile the overwriting op is functionalised and Inductor writes it in
     place again: the same calls as eager, the eager decisions."""

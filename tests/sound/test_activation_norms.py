@@ -86,9 +86,10 @@ def test_values_are_the_two_level_formula_bit_for_bit(shape):
 
 
 @pytest.mark.parametrize("shape", [(6, 3, 5, 7), (6, 64, 3, 3), (6, 1, 4, 4)], ids=str)
-def test_channels_last_activations_are_read_by_pixel_rows(shape):
-    """A channels_last activation (the CPU certifying pass's layout) is read in place as its
-    pixel rows of C entries; the constants hold for both groupings: the bound is the
+def test_channels_last_activations_are_read_in_memory_order(shape):
+    """A channels_last activation (the CPU certifying pass's layout) is read in place, its
+    memory in min(C, H·W) rows of max(C, H·W) consecutive entries (the (G, m) of one of the
+    two channel/pixel groupings); the constants hold for both groupings: the bound is the
     formula's for that view, and above the float64 norm."""
     from gloro_fast.sound.forward_error import activation_norm_constants, norm_rows, sample_norm_constants
     from gloro_fast.sound.rounding import up_tensor
@@ -98,8 +99,9 @@ def test_channels_last_activations_are_read_by_pixel_rows(shape):
     h = h.contiguous(memory_format=torch.channels_last)
     rows = norm_rows(h)
     c, pixels = shape[1], shape[2] * shape[3]
-    if c > 1:  # a view of h's memory, pixel by pixel
-        assert rows.shape == (shape[0], pixels, c) and rows.data_ptr() == h.data_ptr()
+    if c > 1:  # a view of h's memory, in its order
+        assert rows.shape == (shape[0], min(c, pixels), max(c, pixels)) and rows.data_ptr() == h.data_ptr()
+        assert torch.equal(rows.flatten(1), h.permute(0, 2, 3, 1).flatten(1))
     factor, offset = sample_norm_constants(shape[1:], h.dtype)
     for grouping in ((c, pixels), (pixels, c)):
         f, o = activation_norm_constants(grouping, h.dtype)

@@ -194,6 +194,33 @@ def test_compiled_certification_overwrites_too():
 
 
 @needs_minmax_kernel
+@pytest.mark.parametrize("where", ["layer", "global"])
+def test_a_hooked_layer_keeps_its_output(where):
+    """A forward hook may keep the output it sees (feature extraction): the MinMax after a
+    layer with hooks, its own or global ones, writes a new tensor, and the kept output is the
+    convolution's."""
+    model = _net(3).eval()
+    x = torch.rand(8, 3, 12, 12, generator=torch.Generator().manual_seed(8))
+    conv = model.body[0]
+    kept = []
+    hook = (conv.register_forward_hook(lambda mod, args, out: kept.append(out)) if where == "layer"
+            else torch.nn.modules.module.register_module_forward_hook(
+                lambda mod, args, out: kept.append(out) if mod is conv else None))
+    calls = []
+    try:
+        with gf.ops.use_backend("cpp"), torch.no_grad(), _record_overwrites(calls):
+            model.certify(x)
+    finally:
+        hook.remove()
+    assert calls == ([2] if where == "layer" else [])  # the dense layer's output only, unhooked
+    with torch.no_grad():
+        want = conv(channels_last(x))  # the hook is gone: the convolution's output, fresh
+    assert len(kept) == 1
+    torch.testing.assert_close(kept[0], want, rtol=1e-5, atol=1e-6)
+    assert not (kept[0] >= 0).all() or not (kept[0] <= 0).all()
+
+
+@needs_minmax_kernel
 def test_no_overwrite_of_the_input_or_under_autograd():
     """A MinMax opening the body gets the caller's x: never overwritten. With grad mode on,
     the eval forward's activations are in the autograd graph (the weights require grad):

@@ -222,22 +222,27 @@ void check_minmax_input(const at::Tensor& x, const char* op) {
   TORCH_CHECK(at::isFloatingType(x.scalar_type()), op, ": x must be floating point, got ", x.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor> minmax_norm_cpu(const at::Tensor& x_in, bool contiguous_out) {
-  check_minmax_input(x_in, "minmax_norm");
-  kernel_device(x_in, at::kCPU, "minmax_norm", "x");
-  const at::MemoryFormat format = layout_of(x_in);
-  const at::Tensor x = x_in.contiguous(format);
+// The pass of both ops over x (already in `format`) into out: the per-sample sums.
+at::Tensor minmax_pass(const at::Tensor& x, const at::Tensor& out, at::MemoryFormat format, bool to_contiguous) {
   const int64_t N = x.size(0);
-  // out in x's layout, or contiguous when asked (the same for a contiguous x)
-  const bool to_contiguous = contiguous_out && format == at::MemoryFormat::ChannelsLast;
-  at::Tensor out = at::empty_like(x, contiguous_out ? at::MemoryFormat::Contiguous : format);
   at::Tensor sumsq = at::empty({N}, x.options().dtype(at::kDouble));
-  if (N == 0 || x.numel() == 0) return {out, sumsq.zero_()};
+  if (N == 0 || x.numel() == 0) return sumsq.zero_();
   const auto [rows, half] = row_shape(x, format);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "minmax_norm", [&] {
     minmax_norm_kernel<scalar_t>(x.const_data_ptr<scalar_t>(), out.mutable_data_ptr<scalar_t>(),
                                  sumsq.mutable_data_ptr<double>(), N, rows, half, to_contiguous);
   });
+  return sumsq;
+}
+
+std::tuple<at::Tensor, at::Tensor> minmax_norm_cpu(const at::Tensor& x_in, bool contiguous_out) {
+  check_minmax_input(x_in, "minmax_norm");
+  kernel_device(x_in, at::kCPU, "minmax_norm", "x");
+  const at::MemoryFormat format = layout_of(x_in);
+  const at::Tensor x = x_in.contiguous(format);
+  // out in x's layout, or contiguous when asked (the same for a contiguous x)
+  at::Tensor out = at::empty_like(x, contiguous_out ? at::MemoryFormat::Contiguous : format);
+  at::Tensor sumsq = minmax_pass(x, out, format, contiguous_out && format == at::MemoryFormat::ChannelsLast);
   return {out, sumsq};
 }
 
@@ -251,15 +256,7 @@ at::Tensor minmax_norm_inplace_cpu(const at::Tensor& x) {
   const at::MemoryFormat format = layout_of(x);
   TORCH_CHECK(x.is_contiguous(format), "minmax_norm_: x must be contiguous or channels_last, got strides ",
               x.strides());
-  const int64_t N = x.size(0);
-  at::Tensor sumsq = at::empty({N}, x.options().dtype(at::kDouble));
-  if (N == 0 || x.numel() == 0) return sumsq.zero_();
-  const auto [rows, half] = row_shape(x, format);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "minmax_norm_", [&] {
-    scalar_t* data = x.mutable_data_ptr<scalar_t>();
-    minmax_norm_kernel<scalar_t>(data, data, sumsq.mutable_data_ptr<double>(), N, rows, half, false);
-  });
-  return sumsq;
+  return minmax_pass(x, x, format, false);
 }
 
 at::Tensor minmax_norm_backward_cpu(const at::Tensor& grad_out_in, const at::Tensor& grad_sumsq_in,

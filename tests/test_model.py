@@ -3,7 +3,9 @@ per-sample brute-force ⊥ / certificate / radius loop, and the power-iteration 
 from __future__ import annotations
 
 import copy
+import io
 import math
+import pickle
 
 import pytest
 import torch
@@ -626,6 +628,30 @@ def test_a_layer_setting_edited_in_place_never_meets_the_old_bound():
     net.train(), net.eval()
     net.epsilon = 0.2
     assert net.sound_bounds() is sb
+
+
+def test_copies_of_a_network_start_with_an_empty_cache():
+    """deepcopy, pickling and torch.save carry no cached bound and no weight snapshot: the
+    copy's parameters live elsewhere (the key could not match) and the snapshot would double
+    what is saved. The copy certifies as the original does."""
+    net = dense_net(seed=4, eps=0.05).eval()
+    x = torch.randn(50, 6, dtype=DT)
+    expected = net.certify(x)
+    assert net.__dict__["_bound_cache"].values
+    buf = io.BytesIO()
+    torch.save(net, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    for copied in (copy.deepcopy(net), pickle.loads(pickle.dumps(net)), loaded):
+        cache = copied.__dict__["_bound_cache"]
+        assert cache.values == {} and cache._snapshot == [] and cache._key is None
+        assert torch.equal(copied.certify(x), expected)
+    # what remains is the parameters and the pickled structure, not a second copy of them
+    big = GloroNet(gnn.Sequential(gnn.Linear(512, 512), gnn.MinMax()), gnn.Linear(512, 10), epsilon=0.1)
+    big.sound_bounds()
+    buf = io.BytesIO()
+    torch.save(big, buf)
+    assert buf.tell() < 1.2 * sum(p.numel() * p.element_size() for p in big.parameters())
 
 
 def test_cache_refreshes_after_double():

@@ -4,8 +4,9 @@
 // were computed from, on every certify call; at::equal walks floating-point elements one by
 // one (2.2 M float32 weights of 6C2F: about 1 ms on two cores). Bit equality is a byte
 // comparison: memcmp over contiguous storage, the bytes split between threads, and every
-// thread stops as soon as any difference is found. Pairs that differ in dtype, shape or
-// strides compare unequal or fall back to at::equal on integer views (bit equality too).
+// thread stops as soon as any difference is found. Pairs that differ in dtype or shape
+// compare unequal; pairs laid out differently, or not dense, fall back to at::equal on
+// integer views (bit equality too).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -47,7 +48,9 @@ bool same_bits_cpu(at::TensorList a, at::TensorList b) {
                 "] must be CPU tensors, got ", x.device(), " and ", y.device());
     if (x.scalar_type() != y.scalar_type() || x.sizes() != y.sizes()) return false;
     if (x.numel() == 0) continue;
-    if (x.is_contiguous() && y.is_contiguous()) {
+    // one span of numel elements from the data pointer on, laid out alike in both (contiguous
+    // or channels_last weights and their snapshot): the bits are the bytes
+    if (x.strides() == y.strides() && x.is_non_overlapping_and_dense()) {
       const int64_t bytes = x.numel() * static_cast<int64_t>(x.element_size());
       spans.push_back({static_cast<const char*>(x.const_data_ptr()), static_cast<const char*>(y.const_data_ptr()),
                        bytes});

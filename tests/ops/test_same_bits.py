@@ -74,6 +74,22 @@ def test_mismatched_dtypes_shapes_and_layouts(backend):
         assert same_bits([], [])
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("position", [0, 1, 300, 8 * 2 * 5 * 7 - 1])
+def test_channels_last_pairs(backend, position):
+    """Convolution weights in channels_last and their snapshot compare as one byte span each
+    (the CPU kernel's memcmp path); an edit at any memory position is found, and the same
+    values in another layout still compare equal."""
+    x = torch.randn(8, 2, 5, 7).contiguous(memory_format=torch.channels_last)
+    y = x.clone()
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    with use_backend(backend):
+        assert same_bits([x], [y]) and same_bits([x], [x.contiguous()])
+        y.as_strided((y.numel(),), (1,))[position] += 1
+        assert not same_bits([x], [y]) and not independent([x], [y])
+        assert not same_bits([x.contiguous()], [y])
+
+
 @needs_cpp
 @pytest.mark.parametrize("position", [0, 1, 16383, 16384, (1 << 20) - 1, 1 << 20, 1_500_000, 2_999_999])
 def test_cpp_finds_a_difference_anywhere_in_a_parallel_split(position):
@@ -133,6 +149,65 @@ def test_unchecked_form_agrees_on_parameters_that_require_grad(backend):
     assert all(p.grad is None and p.grad_fn is None for p in params)
 
 
+def test_snapshot_copies_bits_strides_and_dtypes():
+    """Large CPU snapshots share one mapping that starts on a huge-page boundary; small ones,
+    and tensors that are not dense, are plain clones. Every copy holds the original's dtype,
+    shape and bits (and strides, where the original is dense), owns its memory and records
+    nothing for autograd."""
+    from gloro_fast.ops.same_bits import snapshot
+
+    g = torch.Generator().manual_seed(0)
+    big = [torch.nn.Parameter(torch.randn(300, 700, generator=g)),           # 840 kB
+           torch.randn(3, generator=g).to(torch.bfloat16),                    # odd byte count
+           torch.randn(16, 3, 5, 5, generator=g).contiguous(memory_format=torch.channels_last),
+           torch.randn(7, dtype=torch.float64, generator=g),
+           torch.randn(6, 8, generator=g)[:, ::2],                           # not dense
+           torch.empty(0, 4),
+           torch.arange(9) % 2 == 0]
+    small = [torch.randn(5, 5, generator=g), torch.randn(5, generator=g)]
+    for tensors, packed in ((big, True), (small, False)):
+        copies = snapshot(tensors)
+        assert len(copies) == len(tensors)
+        for t, c in zip(tensors, copies):
+            assert (c.dtype, c.shape, c.requires_grad) == (t.dtype, t.shape, False)
+            assert c.stride() == (t.stride() if t is not big[4] else (4, 1))   # dense: its layout
+            assert independent([t.detach()], [c])
+            assert t.numel() == 0 or c.data_ptr() != t.data_ptr()
+        storages = [c.untyped_storage().data_ptr() for c in copies]
+        if packed:   # the non-empty dense ones in one mapping, the strided view on its own
+            arena = {storages[i] for i in (0, 1, 2, 3, 6)}
+            assert len(arena) == 1 and storages[4] not in arena
+            assert copies[0].data_ptr() % (1 << 21) == 0
+        else:
+            assert len(set(storages)) == len(small)
+        with torch.no_grad():
+            tensors[0].add_(1.0)
+        assert not same_bits([tensors[0]], [copies[0]])
+
+
+def test_guarded_state_lists_the_parameters_in_their_order():
+    """The guard's one walk gives exactly ``list(net.parameters())`` (a parameter of the
+    network itself, a shared module and a shared parameter each once, in order), and a
+    structure that changes with a layer's setting but not with its mode."""
+    from gloro_fast import GloroNet
+    from gloro_fast import nn as gnn
+    from gloro_fast.bound_cache import guarded_state
+
+    torch.manual_seed(0)
+    shared = gnn.Linear(4, 4)
+    body = gnn.Sequential(gnn.Linear(6, 4), gnn.MinMax(), shared, gnn.MinMax(), shared)
+    net = GloroNet(body, gnn.Linear(4, 3), epsilon=0.1)
+    net.body[0].weight2 = net.body[0].weight     # a parameter registered twice
+    net.extra = torch.nn.Parameter(torch.ones(2))
+    structure, params = guarded_state(net)
+    expected = list(net.parameters())
+    assert len(params) == len(expected) and all(p is q for p, q in zip(params, expected))
+    net.eval()
+    assert guarded_state(net)[0] == structure
+    net.body[1].some_setting = 2
+    assert guarded_state(net)[0] != structure
+
+
 def test_guard_recomputes_after_a_data_edit():
     """The CPU stale-bound guard uses same_bits: an edit through ``.data`` (invisible to the
     version counter) empties the cached values."""
@@ -140,8 +215,8 @@ def test_guard_recomputes_after_a_data_edit():
 
     net = torch.nn.Linear(3, 2)
     cache = BoundCache()
-    values, same = cache.current(net)
+    values, same = cache.current(list(net.parameters()))
     values["k"] = 1.0
-    assert cache.current(net)[0] == {"k": 1.0}
+    assert cache.current(list(net.parameters()))[0] == {"k": 1.0}
     net.weight.data[0, 0] += 1.0
-    assert cache.current(net) == ({}, None)
+    assert cache.current(list(net.parameters())) == ({}, None)

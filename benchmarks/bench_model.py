@@ -432,6 +432,32 @@ CERT_BASELINES = (pytest.param(False, "nchw", id="eager"), pytest.param(True, "n
 @pytest.mark.parametrize("compile_,layout", CERT_BASELINES)
 @pytest.mark.parametrize("arch,batch", CERT_PAIRED)
 def test_certify_paired(benchmark, arch, batch, compile_, layout):
+    where = "compile" if compile_ else "eager"
+    if layout == "nchw":
+        case, op = f"certify vs plain forward, paired, {arch} B={batch} {where}", "certify_paired"
+    else:
+        case, op = f"certify vs plain forward in channels_last, paired, {arch} B={batch} {where}", "certify_paired_cl"
+    run_certify_pair(benchmark, arch, batch, compile_, layout, case, op)
+
+
+# small and mid-size batches (one request, a few, a common evaluation batch of the small
+# model): the issue's targets name 6C2F B=256 and 2C2F B=1024; these record what the
+# per-call work of the sound certificate costs where the forward is short (info rows)
+CERT_SMALL = pick((("2C2F", 1), ("2C2F", 16), ("2C2F", 256), ("6C2F", 1), ("6C2F", 16)), (("2C2F", 1),))
+
+
+@pytest.mark.parametrize("compile_", (False, True), ids=("eager", "compile"))
+@pytest.mark.parametrize("arch,batch", CERT_SMALL)
+def test_certify_small_batch_paired(benchmark, arch, batch, compile_):
+    where = "compile" if compile_ else "eager"
+    run_certify_pair(benchmark, arch, batch, compile_, "nchw",
+                     f"certify vs plain forward, small batch, paired, {arch} B={batch} {where}",
+                     "certify_small_paired")
+
+
+def run_certify_pair(benchmark, arch, batch, compile_, layout, case, op):
+    """Paired rounds of ``certify`` (sound, bounds cached) against the plain network's
+    forward and argmax, eager or both compiled, the plain network in ``layout``."""
     model, plain, shape = build_pair(arch)
     model.eval()
     plain.eval()
@@ -458,10 +484,6 @@ def test_certify_paired(benchmark, arch, batch, compile_, layout):
             return plain_fn(x_plain)
 
     where = "compile" if compile_ else "eager"
-    if layout == "nchw":
-        case, op = f"certify vs plain forward, paired, {arch} B={batch} {where}", "certify_paired"
-    else:
-        case, op = f"certify vs plain forward in channels_last, paired, {arch} B={batch} {where}", "certify_paired_cl"
     run_paired(benchmark, ours, theirs, case=case, contender=f"gloro_fast sound [{where}]",
                params={"model": arch, "B": batch, "compiled": compile_, "layout": layout},
                size=batch, pairs=PAIRS, extra={"op": op, "mode": "fwd"})

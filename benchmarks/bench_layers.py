@@ -20,7 +20,9 @@ from torch import nn
 from benchmarks.harness import DEVICE, DTYPE, pick, run_paired
 from gloro_fast import nn as gnn
 
-BATCH = pick(128, 32)
+# 128: the work dominates; 1: one sample, where a layer's per-call Python shows (a
+# convolution's input-size check was a tenth of a one-sample convolution)
+BATCHES = pick((128, 1), (32,))
 PAIRS = pick(21, 7)
 CH, HW, FEATURES = 32, 32, 1024
 
@@ -103,15 +105,16 @@ def _runner(module, x, mode, grad):
     return fn
 
 
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"B{b}")
 @pytest.mark.parametrize("compile_", (False, True), ids=("eager", "compile"))
 @pytest.mark.parametrize("mode", ("fwd", "fwd+bwd"))
 @pytest.mark.parametrize("layer", list(LAYERS))
-def test_layer(benchmark, layer, mode, compile_):
+def test_layer(benchmark, layer, mode, compile_, batch):
     torch.manual_seed(0)
     make, shape = LAYERS[layer]
     ours, theirs = (m.to(DEVICE, DTYPE) for m in make())
     g = torch.Generator().manual_seed(1)
-    x = torch.randn((BATCH,) + shape, generator=g).to(DEVICE, DTYPE)
+    x = torch.randn((batch,) + shape, generator=g).to(DEVICE, DTYPE)
     with torch.no_grad():
         expected = theirs(x)
         torch.testing.assert_close(ours(x), expected, rtol=1e-5, atol=1e-5)
@@ -122,6 +125,6 @@ def test_layer(benchmark, layer, mode, compile_):
         ours, theirs = torch.compile(ours), torch.compile(theirs)
     where = "compile" if compile_ else "eager"
     run_paired(benchmark, _runner(ours, x, mode, grad), _runner(theirs, x, mode, grad),
-               case=f"layer {layer} {mode} {where} B={BATCH}", contender=f"gloro_fast vs torch.nn [{where}]",
-               params={"layer": layer, "B": BATCH, "compiled": compile_}, size=BATCH, pairs=PAIRS,
+               case=f"layer {layer} {mode} {where} B={batch}", contender=f"gloro_fast vs torch.nn [{where}]",
+               params={"layer": layer, "B": batch, "compiled": compile_}, size=batch, pairs=PAIRS,
                extra={"op": "layer_paired", "mode": mode})

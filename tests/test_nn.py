@@ -262,6 +262,25 @@ def test_conv_rejects_another_input_size(gen):
         gnn.Conv2d(2, 3, 3, input_shape=(3, 5, 5))
 
 
+def test_conv_follows_settings_edited_after_a_forward(gen):
+    """The forward's memoised paddings are keyed by the settings' values: a padding or a
+    stride edited after a forward is the one the next forward uses (torch.nn.Conv2d's
+    semantics), for "same", "valid" and explicit paddings."""
+    x = torch.randn(2, 2, 9, 9, generator=gen, dtype=F64)
+    layer = gnn.Conv2d(2, 3, 3, padding="same", dtype=F64)
+    w, b = layer.weight, layer.bias
+    torch.testing.assert_close(layer(x), F.conv2d(x, w, b, padding=1), rtol=0, atol=0)
+    layer.stride = (2, 2)   # "same" at stride 2 on 9x9: 5x5 outputs, (1, 1, 1, 1)
+    torch.testing.assert_close(layer(x), F.conv2d(x, w, b, stride=2, padding=1), rtol=0, atol=0)
+    layer.padding = "valid"
+    torch.testing.assert_close(layer(x), F.conv2d(x, w, b, stride=2), rtol=0, atol=0)
+    layer.padding = (2, 0)
+    torch.testing.assert_close(layer(x), F.conv2d(x, w, b, stride=2, padding=(2, 0)), rtol=0, atol=0)
+    layer.stride, layer.dilation = (1, 1), (2, 2)
+    layer.padding = "same"
+    torch.testing.assert_close(layer(x), F.conv2d(x, w, b, padding=2, dilation=2), rtol=0, atol=0)
+
+
 def test_conv_rejects_unsupported_options():
     with pytest.raises(ValueError, match="padding_mode"):
         gnn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")
@@ -442,6 +461,27 @@ def test_minmax_gradient_routes_like_a_permutation(gen):
     out.backward(g)
     assert torch.equal(compiled.grad, expect)
     assert torch.autograd.gradcheck(mm, (torch.randn(2, 4, 3, generator=gen, dtype=F64).requires_grad_(),))
+
+
+def test_compiled_minmax_without_autograd_has_the_eager_bits(gen):
+    """Inference under torch.compile computes what the eager kernel does, bit for bit:
+    NaN, signed zeros and ties included (the select form of the autograd path would give b
+    where a is NaN)."""
+    mm = gnn.MinMax()
+    x = torch.randn(3, 8, 4, 5, generator=gen)
+    x[0, 0, 0, 0], x[0, 4, 0, 1] = float("nan"), float("nan")
+    x[1, 1, 2, 2], x[1, 5, 2, 2] = -0.0, 0.0
+    x[2, 2] = x[2, 6]
+    compiled = torch.compile(mm, fullgraph=True)
+    with torch.no_grad():
+        expect = mm(x)
+        out = compiled(x)
+    assert out.isnan().sum() == 4   # each NaN reaches its pair's min and max
+    assert torch.equal(out.view(torch.int32), expect.view(torch.int32))
+    # and the same as torch's minimum / maximum of the halves
+    assert torch.equal(expect.view(torch.int32),
+                       torch.cat([torch.minimum(x[:, :4], x[:, 4:]), torch.maximum(x[:, :4], x[:, 4:])], 1)
+                       .view(torch.int32))
 
 
 def test_relu_flatten_bounds(gen):

@@ -57,9 +57,14 @@ def minmax(x: torch.Tensor) -> torch.Tensor:
             f"MinMax needs an input (N, C, ...) with an even channel count C, got {tuple(x.shape)}"
         )
     if torch.compiler.is_compiling():
-        # Dynamo cannot trace out= into a slice; Inductor fuses this form into one kernel,
-        # with the same values and the same gradient routing as _MinMax
+        # Dynamo cannot trace out= into a slice; Inductor fuses either form into one kernel
         a, b = x.chunk(2, dim=1)
+        if not (x.requires_grad and torch.is_grad_enabled()):
+            # no autograd record: the eager kernel's minimum and maximum, the same bits
+            # (NaN and signed zeros included), and the select form's compiled kernel was
+            # 1.11x the compiled minimum/maximum at one (32, 32, 32) sample
+            return torch.cat([torch.minimum(a, b), torch.maximum(a, b)], dim=1)
+        # with autograd: the same values and the same gradient routing as _MinMax
         low = a <= b
         return torch.cat([torch.where(low, a, b), torch.where(low, b, a)], dim=1)
     if not (x.requires_grad and torch.is_grad_enabled()):

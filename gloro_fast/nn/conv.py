@@ -1,6 +1,7 @@
 """Convolutions with power-iterated operator-norm bounds: Conv2d and LiResBlock."""
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional, Sequence, Tuple
 
@@ -40,12 +41,22 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 def same_padding(input_hw, kernel_size, stride, dilation) -> Tuple[int, int, int, int]:
     """TensorFlow "same" zero padding (top, bottom, left, right): output size ⌈H/s⌉,
     the odd pixel of an uneven total on the bottom/right (as torch does for stride 1)."""
+    return _same_padding(tuple(input_hw), tuple(kernel_size), tuple(stride), tuple(dilation))
+
+
+@functools.lru_cache(maxsize=256)
+def _same_padding(input_hw, kernel_size, stride, dilation) -> Tuple[int, int, int, int]:
+    # memoised: a layer's forward asks for the same few sizes on every call
     pads = []
     for size, k, s, d in zip(input_hw, kernel_size, stride, dilation):
         out = -(-size // s)
         total = max((out - 1) * s + d * (k - 1) + 1 - size, 0)
         pads += [total // 2, total - total // 2]
     return tuple(pads)
+
+
+# memoised: a layer's forward asks for its own padding on every call (a tuple: hashable)
+_normalized_padding = functools.lru_cache(maxsize=256)(normalize_padding)
 
 
 class Conv2d(WeightInit, nn.Conv2d, PowerIterationModule):
@@ -91,7 +102,7 @@ class Conv2d(WeightInit, nn.Conv2d, PowerIterationModule):
             return same_padding(input_hw, self.kernel_size, self.stride, self.dilation)
         if self.padding == "valid":
             return (0, 0, 0, 0)
-        return normalize_padding(tuple(self.padding))
+        return _normalized_padding(tuple(self.padding))
 
     @property
     def input_shape(self) -> Optional[Tuple[int, int, int]]:
@@ -110,12 +121,19 @@ class Conv2d(WeightInit, nn.Conv2d, PowerIterationModule):
 
     # -- forward and bound --------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4:
+        shape = x.shape
+        if len(shape) != 4:
             raise ValueError(
-                f"input must have shape (N, {self.in_channels}, H, W), got {tuple(x.shape)}"
+                f"input must have shape (N, {self.in_channels}, H, W), got {tuple(shape)}"
             )
-        self.set_input_shape(x.shape[1:])
-        top, bottom, left, right = self.pads_for(x.shape[2:])
+        # the operator's input size is fixed at the first forward: the full check (6 µs, a
+        # tenth of a one-sample convolution) runs only when the stored iterate (1, C, H, W)
+        # does not already have x's sample shape and this layer's channels (an iterate not
+        # initialised yet has no such shape)
+        iterate = self._buffers.get("power_iterate")
+        if iterate is None or iterate.shape[1:] != shape[1:] or shape[1] != self.in_channels:
+            self.set_input_shape(shape[1:])
+        top, bottom, left, right = self.pads_for(shape[2:])
         # the bias goes into the convolution's epilogue, as torch.nn.Conv2d does (a separate
         # add is one more pass over the output); zero padding into its own argument when it
         # is symmetric

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -279,6 +280,21 @@ def test_conv_follows_settings_edited_after_a_forward(gen):
     layer.stride, layer.dilation = (1, 1), (2, 2)
     layer.padding = "same"
     torch.testing.assert_close(layer(x), F.conv2d(x, w, b, padding=2, dilation=2), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("padding", ["same", 1, (1, 0, 2, 1)])
+def test_compiled_conv_warns_nothing(padding, gen):
+    """The forward's memoised paddings are traced as plain functions under torch.compile:
+    no warning reaches the user (Dynamo warns about functools.lru_cache wrappers)."""
+    layer = gnn.Conv2d(2, 3, 3, padding=padding, stride=2, input_shape=(2, 9, 9))
+    x = torch.randn(2, 2, 9, 9, generator=gen)
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = torch.compile(layer, fullgraph=True)(x)
+    assert [str(w.message) for w in caught if "gloro_fast" in str(w.filename) or "lru_cache" in str(w.message)] == []
+    with torch.no_grad():
+        torch.testing.assert_close(out, layer(x), rtol=1e-6, atol=1e-6)
 
 
 def test_conv_rejects_unsupported_options():

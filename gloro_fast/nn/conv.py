@@ -41,7 +41,10 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 def same_padding(input_hw, kernel_size, stride, dilation) -> Tuple[int, int, int, int]:
     """TensorFlow "same" zero padding (top, bottom, left, right): output size ⌈H/s⌉,
     the odd pixel of an uneven total on the bottom/right (as torch does for stride 1)."""
-    return _same_padding(tuple(input_hw), tuple(kernel_size), tuple(stride), tuple(dilation))
+    args = (tuple(input_hw), tuple(kernel_size), tuple(stride), tuple(dilation))
+    if torch.compiler.is_compiling():  # traced once: Dynamo warns about a cache wrapper
+        return _same_padding.__wrapped__(*args)
+    return _same_padding(*args)
 
 
 @functools.lru_cache(maxsize=256)
@@ -102,6 +105,8 @@ class Conv2d(WeightInit, nn.Conv2d, PowerIterationModule):
             return same_padding(input_hw, self.kernel_size, self.stride, self.dilation)
         if self.padding == "valid":
             return (0, 0, 0, 0)
+        if torch.compiler.is_compiling():  # traced once: Dynamo warns about a cache wrapper
+            return normalize_padding(tuple(self.padding))
         return _normalized_padding(tuple(self.padding))
 
     @property

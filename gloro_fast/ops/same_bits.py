@@ -113,7 +113,7 @@ def snapshot(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     packed = [i for i, t in enumerate(tensors) if t.device.type == "cpu" and t.numel() > 0 and _dense(t)]
     sizes = [tensors[i].numel() * tensors[i].element_size() for i in packed]
     total = sum(-(-n // _ALIGN) * _ALIGN for n in sizes)
-    if total < _ARENA_MIN_BYTES:
+    if total < _ARENA_MIN_BYTES or not hasattr(mmap, "MAP_PRIVATE"):  # small, or not a POSIX mmap
         return [t.clone() for t in tensors]
     # room to start on a huge-page boundary and to end on one (the kernel backs a 2 MiB
     # range with a huge page only when the mapping holds all of it)
@@ -121,7 +121,7 @@ def snapshot(tensors: Sequence[torch.Tensor]) -> List[torch.Tensor]:
     area = mmap.mmap(-1, -(-total // _HUGE_PAGE) * _HUGE_PAGE + _HUGE_PAGE, flags=mmap.MAP_PRIVATE)
     try:
         area.madvise(mmap.MADV_HUGEPAGE)
-    except (AttributeError, OSError):  # no such advice here: only the page walks are lost
+    except (AttributeError, OSError):  # no such advice here (not Linux): only page walks are lost
         pass
     raw = torch.frombuffer(area, dtype=torch.uint8)   # the tensors keep the mapping alive
     pos = -raw.data_ptr() % _HUGE_PAGE

@@ -41,15 +41,6 @@ def channels_last(x: torch.Tensor) -> torch.Tensor:
 def same_padding(input_hw, kernel_size, stride, dilation) -> Tuple[int, int, int, int]:
     """TensorFlow "same" zero padding (top, bottom, left, right): output size ⌈H/s⌉,
     the odd pixel of an uneven total on the bottom/right (as torch does for stride 1)."""
-    args = (tuple(input_hw), tuple(kernel_size), tuple(stride), tuple(dilation))
-    if torch.compiler.is_compiling():  # traced once: Dynamo warns about a cache wrapper
-        return _same_padding.__wrapped__(*args)
-    return _same_padding(*args)
-
-
-@functools.lru_cache(maxsize=256)
-def _same_padding(input_hw, kernel_size, stride, dilation) -> Tuple[int, int, int, int]:
-    # memoised: a layer's forward asks for the same few sizes on every call
     pads = []
     for size, k, s, d in zip(input_hw, kernel_size, stride, dilation):
         out = -(-size // s)
@@ -58,8 +49,16 @@ def _same_padding(input_hw, kernel_size, stride, dilation) -> Tuple[int, int, in
     return tuple(pads)
 
 
-# memoised: a layer's forward asks for its own padding on every call (a tuple: hashable)
-_normalized_padding = functools.lru_cache(maxsize=256)(normalize_padding)
+@functools.lru_cache(maxsize=256)
+def _pads(padding, input_hw, kernel_size, stride, dilation) -> Tuple[int, int, int, int]:
+    """(top, bottom, left, right) of a layer's ``padding`` setting for inputs of size
+    ``input_hw``, memoised by the settings' values: a forward asks for the same few on
+    every call."""
+    if padding == "same":
+        return same_padding(input_hw, kernel_size, stride, dilation)
+    if padding == "valid":
+        return (0, 0, 0, 0)
+    return normalize_padding(padding)
 
 
 class Conv2d(WeightInit, nn.Conv2d, PowerIterationModule):
@@ -101,13 +100,11 @@ class Conv2d(WeightInit, nn.Conv2d, PowerIterationModule):
     # -- geometry -----------------------------------------------------------------
     def pads_for(self, input_hw) -> Tuple[int, int, int, int]:
         """Zero padding (top, bottom, left, right) applied to inputs of size input_hw."""
-        if self.padding == "same":
-            return same_padding(input_hw, self.kernel_size, self.stride, self.dilation)
-        if self.padding == "valid":
-            return (0, 0, 0, 0)
+        padding = self.padding if isinstance(self.padding, str) else tuple(self.padding)
+        args = (padding, tuple(input_hw), tuple(self.kernel_size), tuple(self.stride), tuple(self.dilation))
         if torch.compiler.is_compiling():  # traced once: Dynamo warns about a cache wrapper
-            return normalize_padding(tuple(self.padding))
-        return _normalized_padding(tuple(self.padding))
+            return _pads.__wrapped__(*args)
+        return _pads(*args)
 
     @property
     def input_shape(self) -> Optional[Tuple[int, int, int]]:
